@@ -1,0 +1,24 @@
+# r1flow: the DeepSeek-R1 pipeline (arXiv 2501.12948) as a Snakemake workflow.
+# Default target: R1-Zero (section 2.2) end to end on the embedded tiny default:
+#   tasks -> base model -> R1-Zero GRPO -> evaluation -> tables and plots.
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/base.smk"
+include: "workflow/rules/zero.smk"
+include: "workflow/rules/eval.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        rules.r1_zero_report.output,

@@ -1,0 +1,85 @@
+"""Pandera schemas for every table that passes between rules.
+
+A table is only ever read or written through `r1flow.data.artifacts`, which validates it against
+one of these, so a malformed file stops the rule that meets it.
+"""
+
+import pandera.pandas as pa
+from pandera.pandas import Check, Column, DataFrameSchema
+
+# Prompts with a verifiable answer: synthetic tasks or a real dataset mapped to these columns.
+TASKS = DataFrameSchema(
+    {
+        "prompt_id": Column(str, unique=True),
+        "task": Column(str),
+        "question": Column(str, Check.str_length(min_value=1)),
+        "answer": Column(str, Check.str_length(min_value=1)),
+        "difficulty": Column(int, Check.ge(0)),
+    },
+    name="tasks",
+    strict=False,  # extra columns (subject, level, ...) ride along
+    coerce=True,
+)
+
+# One row per sampled completion during evaluation.
+SAMPLES = DataFrameSchema(
+    {
+        "prompt_id": Column(str),
+        "sample": Column(int, Check.ge(0)),
+        "completion": Column(str),
+        "extracted": Column(str, nullable=True),
+        "accuracy": Column(float, Check.in_range(0.0, 1.0)),
+        "format": Column(float, Check.in_range(0.0, 1.0)),
+        "reason": Column(str),
+        "num_tokens": Column(int, Check.ge(0)),
+        "truncated": Column(bool),
+    },
+    name="samples",
+    coerce=True,
+)
+
+# One row per evaluated model: pass@1 over k samples and cons@k (section 3).
+EVAL_SUMMARY = DataFrameSchema(
+    {
+        "model": Column(str),
+        "benchmark": Column(str),
+        "k": Column(int, Check.ge(1)),
+        "num_prompts": Column(int, Check.ge(1)),
+        "pass@1": Column(float, Check.in_range(0.0, 1.0)),
+        "cons@k": Column(float, Check.in_range(0.0, 1.0)),
+        "format_rate": Column(float, Check.in_range(0.0, 1.0)),
+        "mean_length": Column(float, Check.ge(0.0)),
+        "temperature": Column(float, Check.ge(0.0)),
+        "top_p": Column(float, Check.in_range(0.0, 1.0, include_min=False)),
+    },
+    name="eval_summary",
+    coerce=True,
+)
+
+# Per-step GRPO metrics. Validation columns are empty on steps without an evaluation.
+GRPO_METRICS = DataFrameSchema(
+    {
+        "step": Column(int, Check.ge(1), unique=True),
+        "reward_mean": Column(float),
+        "reward_std": Column(float, Check.ge(0.0)),
+        "accuracy": Column(float, Check.in_range(0.0, 1.0)),
+        "format_rate": Column(float, Check.in_range(0.0, 1.0)),
+        "kl": Column(float, nullable=True),
+        "clip_fraction": Column(float, Check.in_range(0.0, 1.0)),
+        "entropy": Column(float, Check.ge(0.0)),
+        "completion_length": Column(float, Check.ge(0.0)),
+        "truncated_fraction": Column(float, Check.in_range(0.0, 1.0)),
+        "learning_rate": Column(float, Check.ge(0.0)),
+        "loss": Column(float),
+        "time_generation": Column(float, Check.ge(0.0)),
+        "time_training": Column(float, Check.ge(0.0)),
+        "val_pass@1": Column(float, Check.in_range(0.0, 1.0), nullable=True),
+        "val_format_rate": Column(float, Check.in_range(0.0, 1.0), nullable=True),
+        "val_length": Column(float, Check.ge(0.0), nullable=True),
+    },
+    name="grpo_metrics",
+    strict=False,  # per-reward columns reward/<name>_mean and _std are added by name
+    coerce=True,
+)
+
+SCHEMAS = {s.name: s for s in (TASKS, SAMPLES, EVAL_SUMMARY, GRPO_METRICS)}

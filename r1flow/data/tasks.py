@@ -1,0 +1,235 @@
+"""Synthetic verifiable reasoning tasks for the embedded default, and a loader for real prompt sets.
+
+Each family yields (question, answer, difficulty) and can write a worked solution, so the same code
+builds RL prompts and the tiny base model's pretraining corpus. Worked solutions get longer with the
+difficulty, so a policy that learns to reason step by step writes longer answers on harder prompts
+(the growth of Figure 3 in miniature).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import pandas as pd
+
+
+@dataclass
+class Task:
+    task: str
+    question: str
+    answer: str
+    difficulty: int
+    # (a, b) for addition; (a, b, c) for a*x + b = c
+    operands: tuple
+
+
+def make_addition(rng: random.Random, digits: int) -> Task:
+    lo, hi = 10 ** (digits - 1), 10**digits - 1
+    a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+    return Task("addition", f"Compute {a} + {b}", str(a + b), digits, (a, b))
+
+
+def make_linear(rng: random.Random, digits: int) -> Task:
+    # a*x + b = c with an integer solution; larger x and b for higher difficulty.
+    a = rng.randint(2, 9)
+    x = rng.randint(1, 10**digits - 1)
+    b = rng.randint(1, 10**digits - 1)
+    return Task("linear", f"Solve {a}*x + {b} = {a * x + b} for x", str(x), digits, (a, b, a * x + b))
+
+
+def make_sum(rng: random.Random, terms: int) -> Task:
+    # The sum of `terms` single digits: hopeless "in the head" for a tiny model, easy step by step with a
+    # running total, and the worked solution grows with the number of terms.
+    xs = [rng.randint(1, 9) for _ in range(terms)]
+    return Task("sum", "Compute " + "+".join(map(str, xs)), str(sum(xs)), terms, tuple(xs))
+
+
+MAX_CHAIN_VALUE = 50
+
+
+def make_chain(rng: random.Random, ops: int) -> Task:
+    # An expression evaluated left to right, e.g. (7+5)*2-3: order matters, so unlike a plain sum it cannot
+    # be answered by pooling the digits in one glance; one step per operation, values kept within 0..MAX_CHAIN_VALUE.
+    value = rng.randint(2, 9)
+    expr, steps, flat = str(value), [], True  # flat: no + or - at the top level of expr yet
+    for _ in range(ops):
+        choices = ["+", "-"] + (["*"] if value * 2 <= MAX_CHAIN_VALUE else [])
+        op = rng.choice(choices)
+        if op == "*":
+            k = rng.choice([k for k in (2, 3) if value * k <= MAX_CHAIN_VALUE])
+            if not flat:
+                expr = f"({expr})"
+            new, expr, flat = value * k, f"{expr}*{k}", True
+        elif op == "+":
+            k = rng.randint(1, min(9, MAX_CHAIN_VALUE - value)) if value < MAX_CHAIN_VALUE else 0
+            if k == 0:
+                op, k = "-", rng.randint(1, 9)
+                new = value - k
+            else:
+                new = value + k
+            expr, flat = f"{expr}{op}{k}", False
+        else:
+            k = rng.randint(1, min(9, value)) if value > 0 else 0
+            if k == 0:
+                op, k = "+", rng.randint(1, 9)
+                new = value + k
+            else:
+                new = value - k
+            expr, flat = f"{expr}{op}{k}", False
+        steps.append((value, op, k, new))
+        value = new
+    return Task("chain", f"Compute {expr}", str(value), ops, tuple(steps))
+
+
+FAMILIES = {"chain": make_chain, "sum": make_sum, "addition": make_addition, "linear": make_linear}
+
+
+def addition_columns(a: int, b: int, wrong_column: int | None = None, rng: random.Random | None = None):
+    """Column-by-column addition from the units up. Returns (steps, answer string).
+
+    With `wrong_column`, that column's sum is off by a small amount and the rest stays consistent with
+    it, which plants a plausible-looking mistake in the base model's corpus.
+    """
+    da, db = str(a)[::-1], str(b)[::-1]
+    carry, steps, digits_out = 0, [], []
+    for i in range(max(len(da), len(db))):
+        x = int(da[i]) if i < len(da) else 0
+        y = int(db[i]) if i < len(db) else 0
+        s = x + y + carry
+        if i == wrong_column:
+            s = max(0, s + rng.choice([-2, -1, 1, 2]))
+        terms = f"{x}+{y}" + (f"+{carry}" if carry else "")
+        steps.append(f"{terms}={s}")
+        digits_out.append(s % 10)
+        carry = s // 10
+    if carry:
+        digits_out.append(carry)
+    answer = "".join(str(d) for d in reversed(digits_out)).lstrip("0") or "0"
+    return steps, answer
+
+
+def worked_solution(t: Task, rng: random.Random, wrong: bool = False) -> tuple[str, str]:
+    """A reasoning trace and the answer it reaches (wrong on purpose when `wrong`)."""
+    if t.task == "chain":
+        # one line per operation, "7+5=12 12*2=24 24-3=21"; a planted mistake propagates onwards
+        bad = rng.randrange(len(t.operands)) if wrong else None
+        value, out = t.operands[0][0], []
+        for i, (_, op, k, _) in enumerate(t.operands):
+            new = value + k if op == "+" else value - k if op == "-" else value * k
+            if i == bad:
+                d = rng.choice([-2, -1, 1, 2])
+                new = new + d if new + d >= 0 else new - d
+            out.append(f"{value}{op}{k}={new}")
+            value = new
+        return " ".join(out), str(value)
+    if t.task == "sum":
+        # running total: "+5=8 +8=16 ..." after the first term; a planted mistake propagates onwards
+        xs, total, steps = t.operands, t.operands[0], []
+        bad = rng.randrange(1, len(t.operands)) if wrong else None
+        for i, x in enumerate(xs[1:], start=1):
+            total += x + (rng.choice([-2, -1, 1, 2]) if i == bad else 0)
+            steps.append(f"+{x}={total}")
+        return f"{xs[0]} " + " ".join(steps), str(total)
+    if t.task == "addition":
+        a, b = t.operands
+        col = rng.randrange(len(str(max(a, b)))) if wrong else None
+        steps, answer = addition_columns(a, b, col, rng)
+        return " ".join(steps), answer
+    if t.task == "linear":
+        a, b, c = t.operands
+        d = c - b
+        x = d // a
+        if wrong:
+            x += rng.choice([-2, -1, 1, 2])
+        return f"{c}-{b}={d} {d}/{a}={x}", str(x)
+    raise ValueError(f"no worked solution for task family {t.task!r}")
+
+
+def generate_tasks(seed: int, families: dict[str, dict], sizes: dict[str, int]) -> dict[str, pd.DataFrame]:
+    """Draw disjoint splits of unique questions.
+
+    families: {name: {"weight": w, "difficulties": [d, ...]}}; sizes: {split: number of prompts}.
+    """
+    unknown = set(families) - set(FAMILIES)
+    if unknown:
+        raise ValueError(f"unknown task families {sorted(unknown)}; known: {sorted(FAMILIES)}")
+    rng = random.Random(seed)
+    names = list(families)
+    weights = [families[n].get("weight", 1.0) for n in names]
+    seen: set[str] = set()
+    out = {}
+    for split, n in sizes.items():
+        rows = []
+        attempts = 0
+        while len(rows) < n:
+            attempts += 1
+            if attempts > 50 * n + 1000:
+                raise ValueError(f"cannot draw {n} unique '{split}' prompts from {families}; widen the difficulties")
+            name = rng.choices(names, weights)[0]
+            t = FAMILIES[name](rng, rng.choice(families[name]["difficulties"]))
+            if t.question in seen:
+                continue
+            seen.add(t.question)
+            rows.append(
+                {"prompt_id": f"{split}-{len(rows):06d}", "task": t.task, "question": t.question,
+                 "answer": t.answer, "difficulty": t.difficulty}
+            )
+        out[split] = pd.DataFrame(rows)
+    return out
+
+
+def load_prompts(source: str, question_field: str = "question", answer_field: str = "answer",
+                 split: str = "train", limit: int | None = None) -> pd.DataFrame:
+    """Load a real prompt set (local parquet/jsonl/csv, or a `datasets` hub id when online) into the
+    TASKS columns, so a cluster run swaps in real math prompts without code changes."""
+    import os
+
+    if os.path.exists(source):
+        if source.endswith(".parquet"):
+            df = pd.read_parquet(source)
+        elif source.endswith(".csv"):
+            df = pd.read_csv(source)
+        else:
+            df = pd.read_json(source, lines=True, dtype=False)
+    else:
+        try:
+            import datasets
+        except ImportError as e:  # pragma: no cover - depends on the install
+            raise ImportError(f"'{source}' is not a local file and the 'datasets' package is not installed") from e
+        df = datasets.load_dataset(source, split=split).to_pandas()
+    for f in (question_field, answer_field):
+        if f not in df.columns:
+            raise KeyError(f"{source}: no field '{f}' (fields: {list(df.columns)})")
+    if limit:
+        df = df.head(limit)
+    out = pd.DataFrame({
+        "prompt_id": [f"{split}-{i:06d}" for i in range(len(df))],
+        "task": "math",
+        "question": df[question_field].astype(str),
+        "answer": df[answer_field].astype(str),
+        "difficulty": 0,
+    })
+    return out
+
+
+def prepare_splits(data_cfg: dict) -> dict[str, pd.DataFrame]:
+    """The three splits from the config's `data` section: synthetic, or real files (a missing
+    validation file is carved from the end of the training set)."""
+    if data_cfg["source"] == "synthetic":
+        syn = data_cfg["synthetic"]
+        return generate_tasks(syn["seed"], syn["families"], syn["sizes"])
+    files = data_cfg["files"]
+    for split in ("train", "test"):
+        if not files.get(split):
+            raise ValueError(f"data.source is 'files' but data.files.{split} is not set")
+    kw = dict(question_field=files["question_field"], answer_field=files["answer_field"], limit=files["limit"])
+    train = load_prompts(files["train"], split="train", **kw)
+    if files.get("validation"):
+        validation = load_prompts(files["validation"], split="validation", **kw)
+    else:
+        n_val = min(128, max(1, len(train) // 10))
+        validation = train.tail(n_val).assign(prompt_id=lambda d: d.prompt_id.str.replace("train-", "validation-"))
+        train = train.head(len(train) - n_val)
+    test = load_prompts(files["test"], split="test", **kw)
+    return {"train": train, "validation": validation, "test": test}

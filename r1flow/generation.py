@@ -1,0 +1,133 @@
+"""The one generation interface: prompts in, n sampled completions per prompt out.
+
+GRPO (sampling from the old policy), evaluation (pass@1 over k samples at temperature 0.6, top-p 0.95)
+and, later, rejection sampling all call `Generator.generate`. This backend runs a transformers causal
+LM with a hand-rolled KV-cached sampling loop: for small models on CPU, `model.generate` spends most of
+its time in per-token bookkeeping, and the loop below is all that R1 sampling needs. A vLLM backend
+for clusters implements the same method (not in this version).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1  # completions per prompt (G in GRPO, k in pass@1)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+
+
+@dataclass
+class Completions:
+    """Completions in prompt-major order: rows i*n .. i*n+n-1 belong to prompt i."""
+
+    prompt_ids: torch.Tensor  # (N, P) left-padded
+    prompt_mask: torch.Tensor  # (N, P)
+    completion_ids: torch.Tensor  # (N, C) right-padded with pad; includes the EOS token when emitted
+    completion_mask: torch.Tensor  # (N, C) 1 on generated tokens up to and including EOS
+    truncated: torch.Tensor  # (N,) bool: no EOS within max_new_tokens
+    texts: list[str]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(1)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
+    """One token per row: greedy at temperature 0, else nucleus sampling (top-p) at the temperature."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the top token is always kept)
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class Generator:
+    """Transformers backend. `batch_size` bounds how many sequences are decoded together."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 256, seed: int = 0):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.rng = torch.Generator().manual_seed(seed)
+        stop = {tokenizer.eos_token_id}
+        gen_cfg = getattr(model, "generation_config", None)
+        eos = getattr(gen_cfg, "eos_token_id", None)
+        stop |= set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+        self.stop_ids = torch.tensor(sorted(i for i in stop if i is not None))
+
+    def state_dict(self):
+        return {"rng": self.rng.get_state()}
+
+    def load_state_dict(self, state):
+        self.rng.set_state(state["rng"])
+
+    @torch.no_grad()  # not inference_mode: the outputs are reused as inputs of the training forward
+    def generate(self, prompts: list[str], params: SamplingParams) -> Completions:
+        tok = self.tokenizer
+        enc = tok(prompts, add_special_tokens=False)["input_ids"]
+        rows = [ids for ids in enc for _ in range(params.n)]
+        parts = [self._decode(rows[i : i + self.batch_size], params) for i in range(0, len(rows), self.batch_size)]
+        P = max(p[0].shape[1] for p in parts)
+        C = max(p[2].shape[1] for p in parts)
+        pad = tok.pad_token_id
+
+        def cat(idx, width, value, left):
+            out = []
+            for p in parts:
+                t = p[idx]
+                extra = width - t.shape[1]
+                padding = (extra, 0) if left else (0, extra)
+                out.append(torch.nn.functional.pad(t, padding, value=value))
+            return torch.cat(out)
+
+        prompt_ids, prompt_mask = cat(0, P, pad, True), cat(1, P, 0, True)
+        completion_ids, completion_mask = cat(2, C, pad, False), cat(3, C, 0, False)
+        truncated = torch.cat([p[4] for p in parts])
+        texts = tok.batch_decode(completion_ids.masked_fill(completion_mask == 0, pad), skip_special_tokens=True)
+        return Completions(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, texts)
+
+    def _decode(self, rows: list[list[int]], params: SamplingParams):
+        model, pad = self.model, self.tokenizer.pad_token_id
+        was_training = model.training
+        model.eval()
+        B, P = len(rows), max(map(len, rows))
+        ids = torch.full((B, P), pad, dtype=torch.long)
+        mask = torch.zeros((B, P), dtype=torch.long)
+        for r, s in enumerate(rows):  # left padding, so every row's next token is at the end
+            ids[r, P - len(s) :] = torch.tensor(s)
+            mask[r, P - len(s) :] = 1
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        past, next_pos = out.past_key_values, pos[:, -1:] + 1
+        logits = out.logits[:, -1]
+        new, done = [], torch.zeros(B, dtype=torch.bool)
+        attn = mask
+        for t in range(params.max_new_tokens):
+            nxt = sample_next(logits, params.temperature, params.top_p, self.rng)
+            nxt = nxt.masked_fill(done, pad)
+            new.append(nxt)
+            done = done | torch.isin(nxt, self.stop_ids)
+            if bool(done.all()) or t == params.max_new_tokens - 1:
+                break
+            attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype)], 1)
+            out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos,
+                        past_key_values=past, use_cache=True)
+            past, next_pos, logits = out.past_key_values, next_pos + 1, out.logits[:, -1]
+        comp = torch.stack(new, 1)
+        # a token belongs to the completion until (and including) the first stop token
+        is_stop = torch.isin(comp, self.stop_ids)
+        after_stop = (is_stop.cumsum(1) - is_stop.long()) > 0
+        cmask = (~after_stop).long()
+        model.train(was_training)
+        return ids, mask, comp, cmask, ~is_stop.any(1)

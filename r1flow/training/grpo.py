@@ -1,0 +1,322 @@
+"""The GRPO training loop of R1-Zero (section 2.2), top to bottom:
+
+    for each step:
+        draw `prompts_per_step` questions q and sample G = num_generations outputs each from pi_theta_old
+        score every output with the configured rule-based rewards (weighted sum)
+        A_i = group-normalised rewards (eq. 3)
+        log-probs under pi_theta_old (the sampling policy) and pi_ref (frozen base model, for eq. 2)
+        mu = num_iterations times: minimise the negative of eq. 1 over the batch (micro-batched)
+        every eval_every steps: pass@1 on held-out validation prompts (Figure 2); keep the best
+        every save_every steps: checkpoint to the state folder, from which a killed run resumes
+
+The state folder lies outside the rule's declared outputs: Snakemake deletes the outputs of a failed
+job, and the checkpoint must survive that for the rerun to resume from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from r1flow import rewards as R
+from r1flow.data.prompts import render
+from r1flow.evaluation import sample_and_score, summarize
+from r1flow.generation import Generator, SamplingParams
+from r1flow.models import save_policy
+from r1flow.training.grpo_loss import Normalizer, group_advantages, grpo_loss, loss_mask
+from r1flow.training.logprobs import completion_logprobs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GRPOConfig:
+    # sampling from pi_theta_old
+    prompts_per_step: int = 16
+    num_generations: int = 8  # G
+    max_completion_length: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    template: str = "table1"
+    # eq. 1-3
+    epsilon: float = 0.2
+    epsilon_high: float | None = None  # DAPO clip-higher when > epsilon
+    beta: float = 0.04
+    num_iterations: int = 1  # mu
+    loss_type: str = "grpo"
+    scale_rewards: str = "group"
+    importance_sampling_level: str = "token"
+    mask_truncated_completions: bool = False
+    rewards: dict = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.5})
+    # optimisation
+    steps: int = 300
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant"  # constant | cosine (after warm-up)
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    micro_batch_size: int = 0  # outputs per forward/backward; 0 = the whole batch
+    # held-out validation during training (Figure 2) and checkpoint choice
+    eval_every: int = 25
+    eval_prompts: int = 128
+    eval_k: int = 4
+    eval_temperature: float = 0.6
+    eval_top_p: float = 0.95
+    select_checkpoint: str = "best"  # best (by validation pass@1) | last
+    save_every: int = 50
+    seed: int = 0
+    fast_path: bool = True
+    generation_batch_size: int = 512
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GRPOConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown GRPO settings {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class GRPOTrainer:
+    def __init__(self, model, ref_model, tokenizer, cfg: GRPOConfig, train: pd.DataFrame,
+                 validation: pd.DataFrame | None, state_dir: str | os.PathLike):
+        self.model, self.ref_model, self.tok, self.cfg = model, ref_model, tokenizer, cfg
+        self.train_df = train.reset_index(drop=True)
+        self.val_df = None if validation is None else validation.head(cfg.eval_prompts).reset_index(drop=True)
+        self.state_dir = Path(state_dir)
+        G = cfg.num_generations
+        if cfg.micro_batch_size and cfg.micro_batch_size % G:
+            raise ValueError(f"micro_batch_size ({cfg.micro_batch_size}) must be a multiple of num_generations ({G})")
+        if ref_model is not None:
+            ref_model.eval().requires_grad_(False)
+        torch.manual_seed(cfg.seed)
+        self.generator = Generator(model, tokenizer, batch_size=cfg.generation_batch_size, seed=cfg.seed)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                     betas=(0.9, 0.99))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
+        self.step_no = 0
+        self.best = {"step": 0, "val_pass@1": -1.0}
+        self.history: list[dict] = []
+        self.weights = {name: float(w) for name, w in cfg.rewards.items()}
+        for name in self.weights:
+            R.get(name)  # fail now, not after the first sampling, on an unknown reward
+
+    # -- schedule and data -------------------------------------------------------------------------
+    def _lr_factor(self, s: int) -> float:
+        c = self.cfg
+        warm = min(1.0, (s + 1) / c.warmup_steps) if c.warmup_steps else 1.0
+        if c.lr_scheduler == "cosine":
+            progress = min(1.0, s / max(1, c.steps))
+            return warm * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        return warm
+
+    def _batch(self, step: int) -> pd.DataFrame:
+        """Prompts of a step: a fixed shuffle per epoch, derived from the seed, so a resumed run sees
+        exactly the prompts an uninterrupted one would."""
+        n, B = len(self.train_df), self.cfg.prompts_per_step
+        start = (step - 1) * B
+        idx = []
+        while len(idx) < B:
+            epoch, offset = divmod(start + len(idx), n)
+            perm = np.random.RandomState(self.cfg.seed * 100003 + epoch).permutation(n)
+            idx.extend(perm[offset : offset + B - len(idx)].tolist())
+        return self.train_df.iloc[idx]
+
+    # -- one step --------------------------------------------------------------------------------
+    def step(self) -> dict:
+        c, G = self.cfg, self.cfg.num_generations
+        self.step_no += 1
+        batch = self._batch(self.step_no)
+        prompts = [render(q, c.template) for q in batch["question"]]
+
+        t0 = time.perf_counter()
+        out = self.generator.generate(prompts, SamplingParams(G, c.temperature, c.top_p, c.max_completion_length))
+        t_gen = time.perf_counter() - t0
+
+        golds = [a for a in batch["answer"] for _ in range(G)]
+        total, per = R.score_batch(out.texts, golds, self.weights)
+        rewards = torch.tensor(total, dtype=torch.float32)
+        advantages = group_advantages(rewards, G, c.scale_rewards)
+        mask = loss_mask(out.completion_mask, out.truncated, c.mask_truncated_completions)
+        norm = Normalizer.of(mask, c.max_completion_length)
+        N = len(out.texts)
+        mb = c.micro_batch_size or N
+        chunks = [slice(i, min(i + mb, N)) for i in range(0, N, mb)]
+
+        def logps(model, sl, with_entropy=False):
+            return completion_logprobs(model, out.prompt_ids[sl], out.prompt_mask[sl], out.completion_ids[sl],
+                                       out.completion_mask[sl], G, c.temperature, with_entropy, c.fast_path)
+
+        with torch.no_grad():
+            ref = [logps(self.ref_model, sl)[0] for sl in chunks] if (c.beta and self.ref_model is not None) else None
+            # with mu = 1 the old policy is the current one: its log-probs are the detached current ones
+            old = [logps(self.model, sl)[0] for sl in chunks] if c.num_iterations > 1 else None
+
+        self.model.train()
+        stats = {"tokens": 0.0, "clipped_tokens": 0.0, "kl_sum": 0.0}
+        entropy_sum, loss_sum = 0.0, 0.0
+        for it in range(c.num_iterations):
+            self.opt.zero_grad(set_to_none=True)
+            for j, sl in enumerate(chunks):
+                lp, ent = logps(self.model, sl, with_entropy=it == 0)
+                loss, st = grpo_loss(
+                    lp, old[j] if old is not None else lp.detach(), ref[j] if ref is not None else None,
+                    advantages[sl], mask[sl], epsilon=c.epsilon, epsilon_high=c.epsilon_high, beta=c.beta,
+                    loss_type=c.loss_type, importance_sampling_level=c.importance_sampling_level, normalizer=norm)
+                loss.backward()
+                loss_sum += loss.item() / c.num_iterations
+                for k in stats:
+                    stats[k] += st[k]
+                if ent is not None:
+                    entropy_sum += (ent * out.completion_mask[sl]).sum().item()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
+            self.opt.step()
+        lr = self.sched.get_last_lr()[0]
+        self.sched.step()
+        self.model.eval()
+        t_train = time.perf_counter() - t0 - t_gen
+
+        n_tok = max(1.0, float(out.completion_mask.sum()))
+        row = {
+            "step": self.step_no,
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std(unbiased=False)),
+            "accuracy": float(np.mean([r.score for r in per["accuracy"]])) if "accuracy" in per else float("nan"),
+            "format_rate": float(np.mean([r.score for r in per["format"]])) if "format" in per else float("nan"),
+            "kl": stats["kl_sum"] / max(1.0, stats["tokens"]) if ref is not None else None,
+            "clip_fraction": stats["clipped_tokens"] / max(1.0, stats["tokens"]),
+            "entropy": entropy_sum / n_tok,
+            "completion_length": float(out.lengths.float().mean()),
+            "truncated_fraction": float(out.truncated.float().mean()),
+            "learning_rate": lr,
+            "loss": loss_sum,
+            "time_generation": t_gen,
+            "time_training": t_train,
+        }
+        for name, rs in per.items():
+            s = np.array([r.score for r in rs])
+            row[f"reward/{name}_mean"], row[f"reward/{name}_std"] = float(s.mean()), float(s.std())
+        return row
+
+    # -- validation --------------------------------------------------------------------------------
+    def validate(self) -> dict:
+        c = self.cfg
+        params = SamplingParams(c.eval_k, c.eval_temperature, c.eval_top_p, c.max_completion_length)
+        s = summarize(sample_and_score(self.generator, self.val_df, params, c.template), c.eval_k)
+        return {"val_pass@1": s["pass@1"], "val_format_rate": s["format_rate"], "val_length": s["mean_length"]}
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def _save_checkpoint(self):
+        tmp, final = self.state_dir / "checkpoint.tmp", self.state_dir / "checkpoint"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        save_policy(self.model, self.tok, tmp / "model")
+        torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                    "generator": self.generator.state_dict(), "torch_rng": torch.get_rng_state(),
+                    "python_rng": random.getstate()}, tmp / "trainer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": self.step_no, "best": self.best,
+                                                    "history": self.history, "config": self.cfg.fingerprint()}))
+        old = self.state_dir / "checkpoint.old"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old.exists():
+            shutil.rmtree(old)
+
+    def _try_resume(self) -> bool:
+        ck = self.state_dir / "checkpoint"
+        if not (ck / "state.json").exists():
+            return False
+        state = json.loads((ck / "state.json").read_text())
+        if state["config"] != self.cfg.fingerprint():
+            log.warning("checkpoint in %s was made with other settings; starting over", ck)
+            return False
+        from safetensors.torch import load_file
+
+        weights = load_file(str(ck / "model" / "model.safetensors"))
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        if unexpected or any("lm_head" not in m for m in missing):  # a tied lm_head is not stored
+            raise RuntimeError(f"checkpoint {ck} does not fit the model: missing {missing}, unexpected {unexpected}")
+        tr = torch.load(ck / "trainer.pt", weights_only=False)
+        self.opt.load_state_dict(tr["optimizer"])
+        self.sched.load_state_dict(tr["scheduler"])
+        self.generator.load_state_dict(tr["generator"])
+        torch.set_rng_state(tr["torch_rng"])
+        random.setstate(tr["python_rng"])
+        self.step_no, self.best, self.history = state["step"], state["best"], state["history"]
+        return True
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def train(self, progress: bool = True, stop_after: int | None = None) -> pd.DataFrame:
+        """Run to `cfg.steps` (resuming if a checkpoint exists). `stop_after` ends early, for tests
+        of resumption."""
+        c = self.cfg
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        resumed = self._try_resume()
+        if resumed:
+            log.info("resuming from step %d", self.step_no)
+        elif self.val_df is not None and c.eval_every:
+            self.history.append({"step": 0, **self.validate()})  # the base model's point on Figure 2
+        bar = tqdm(total=c.steps, initial=self.step_no, desc="R1-Zero GRPO", disable=not progress, mininterval=1.0)
+        live = self.state_dir / "metrics_live.csv"
+        done_now = 0
+        while self.step_no < c.steps:
+            row = self.step()
+            if self.val_df is not None and c.eval_every and (self.step_no % c.eval_every == 0 or self.step_no == c.steps):
+                row.update(self.validate())
+                if row["val_pass@1"] > self.best["val_pass@1"]:
+                    self.best = {"step": self.step_no, "val_pass@1": row["val_pass@1"]}
+                    save_policy(self.model, self.tok, self.state_dir / "best")
+            self.history.append(row)
+            pd.DataFrame(self.history).to_csv(live, index=False)  # for watching a run; not an artifact
+            bar.update(1)
+            bar.set_postfix(reward=f"{row['reward_mean']:.2f}", acc=f"{row['accuracy']:.2f}",
+                            len=f"{row['completion_length']:.0f}",
+                            val=f"{self.best['val_pass@1']:.2f}" if self.best["step"] else "-")
+            done_now += 1
+            if self.step_no % c.save_every == 0 or self.step_no == c.steps:
+                self._save_checkpoint()
+            if stop_after is not None and done_now >= stop_after:
+                break
+        bar.close()
+        return self.metrics()
+
+    def metrics(self) -> pd.DataFrame:
+        return pd.DataFrame([h for h in self.history if h["step"] >= 1])
+
+    def validation_curve(self) -> pd.DataFrame:
+        return pd.DataFrame([h for h in self.history if "val_pass@1" in h])[
+            ["step", "val_pass@1", "val_format_rate", "val_length"]]
+
+    def export(self, out_dir: str | os.PathLike) -> int:
+        """Write the selected policy (best validation checkpoint or the last) as a HF model folder.
+        Returns the step it comes from."""
+        if self.cfg.select_checkpoint == "best" and (self.state_dir / "best").exists() and self.best["step"] > 0:
+            src, step = self.state_dir / "best", self.best["step"]
+            tmp = Path(out_dir).with_name(f".{Path(out_dir).name}.tmp")
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            shutil.copytree(src, tmp)
+            if Path(out_dir).exists():
+                shutil.rmtree(out_dir)
+            os.replace(tmp, out_dir)
+            return step
+        save_policy(self.model, self.tok, out_dir)
+        return self.step_no

@@ -1,0 +1,33 @@
+"""Rule `base_model`: build the embedded stand-in for DeepSeek-V3-Base (a tiny Llama, pretrained briefly)."""
+
+import argparse
+
+import pandas as pd
+from _common import json_arg, setup
+
+from r1flow.data.artifacts import read_table
+from r1flow.data.schemas import TASKS
+from r1flow.models.tiny import build_base_model
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--tiny", type=json_arg, required=True, help="the config's base_model.tiny section")
+    ap.add_argument("--families", type=json_arg, required=True, help="task families of the corpus")
+    ap.add_argument("--template", default="table1")
+    ap.add_argument("--exclude", nargs="*", default=[], help="task tables whose questions must not be pretrained on")
+    ap.add_argument("--out", required=True, help="output model folder (save_pretrained)")
+    ap.add_argument("--loss", required=True, help="output CSV of the pretraining loss")
+    ap.add_argument("--threads", type=int, default=None)
+    a = ap.parse_args()
+    setup(a.threads)
+    exclude = set()
+    for path in a.exclude:
+        exclude |= set(read_table(path, TASKS)["question"])
+    log = build_base_model(a.tiny, a.families, a.template, a.out, exclude)
+    pd.DataFrame(log).to_csv(a.loss, index=False)
+    print(f"base model -> {a.out} (final pretraining loss {log[-1]['loss']:.3f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Rule `r1_zero`: GRPO on the base model with rule-based rewards (section 2.2). Resumes from --state."""
+
+import argparse
+import shutil
+
+from _common import json_arg, setup
+
+from r1flow.data.artifacts import read_table, write_table
+from r1flow.data.schemas import GRPO_METRICS, TASKS
+from r1flow.models import load_policy
+from r1flow.training.grpo import GRPOConfig, GRPOTrainer
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", required=True, help="base model: local folder or hub id")
+    ap.add_argument("--train", required=True)
+    ap.add_argument("--validation", required=True)
+    ap.add_argument("--grpo", type=json_arg, required=True, help="the config's r1_zero.grpo section")
+    ap.add_argument("--template", default="table1")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--state", required=True, help="folder for resumable state (outside the outputs)")
+    ap.add_argument("--out-model", required=True)
+    ap.add_argument("--metrics", required=True)
+    ap.add_argument("--validation-curve", required=True)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--keep-state", action="store_true", help="keep the state folder after success")
+    a = ap.parse_args()
+    setup(a.threads)
+
+    cfg = GRPOConfig.from_dict({**a.grpo, "template": a.template})
+    train, validation = read_table(a.train, TASKS), read_table(a.validation, TASKS)
+    policy, tok = load_policy(a.model, a.dtype)
+    # pi_ref: the frozen initial policy of eq. 2, loaded afresh so that a resumed run keeps the true base
+    ref = load_policy(a.model, a.dtype)[0] if cfg.beta > 0 else None
+    trainer = GRPOTrainer(policy, ref, tok, cfg, train, validation, a.state)
+    metrics = trainer.train()
+    write_table(metrics, a.metrics, GRPO_METRICS)
+    trainer.validation_curve().to_csv(a.validation_curve, index=False)
+    step = trainer.export(a.out_model)
+    print(f"R1-Zero: {cfg.steps} steps; exported the {cfg.select_checkpoint} checkpoint (step {step}) -> {a.out_model}")
+    if not a.keep_state:
+        shutil.rmtree(a.state, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""GRPO (eq. 1-3) against values computed by hand."""
+
+import math
+
+import pytest
+import torch
+
+from r1flow.training.grpo_loss import Normalizer, group_advantages, grpo_loss, kl_k3, loss_mask
+
+
+def test_advantages_eq3_population_std():
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.0])
+    a = group_advantages(r, 4)
+    # group 1: mean 0.25, std sqrt(0.1875) = 0.4330127
+    assert a[:4].tolist() == pytest.approx([1.7320508, -0.5773503, -0.5773503, -0.5773503], abs=1e-6)
+    # group 2: all rewards equal -> no signal, exactly zero, not NaN
+    assert a[4:].tolist() == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_advantages_dr_grpo_and_batch_scaling():
+    r = torch.tensor([1.0, 0.0, 3.0, 3.0])
+    assert group_advantages(r, 2, "none").tolist() == pytest.approx([0.5, -0.5, 0.0, 0.0])
+    std = torch.tensor([1.0, 0.0, 3.0, 3.0]).std(unbiased=False).item()  # 1.299038
+    assert std == pytest.approx(1.2990381)
+    assert group_advantages(r, 2, "batch").tolist() == pytest.approx([0.5 / std, -0.5 / std, 0.0, 0.0])
+    with pytest.raises(ValueError, match="scale_rewards"):
+        group_advantages(r, 2, "bogus")
+
+
+def test_kl_estimator_eq2():
+    # pi = 0.5, pi_ref = 0.25: 0.5 - ln 0.5 - 1 = 0.1931472
+    v = kl_k3(torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)]))
+    assert v.item() == pytest.approx(0.5 + math.log(2) - 1, abs=1e-6)
+    assert kl_k3(torch.tensor([-1.3]), torch.tensor([-1.3])).item() == 0.0
+
+
+def _loss(ratio, adv, **kw):
+    logp = torch.log(torch.tensor([[ratio]]))
+    old = torch.zeros(1, 1)
+    return grpo_loss(logp, old, None, torch.tensor([adv]), torch.ones(1, 1), **kw)
+
+
+@pytest.mark.parametrize(
+    "ratio,adv,expected_objective,clipped",
+    [
+        (1.5, 1.0, 1.2, True),  # above 1 + epsilon with A > 0: clipped
+        (0.5, 1.0, 0.5, False),  # below 1 - epsilon with A > 0: min takes the unclipped term
+        (0.5, -1.0, -0.8, True),  # below 1 - epsilon with A < 0: clipped
+        (1.5, -1.0, -1.5, False),  # above 1 + epsilon with A < 0: unclipped (pessimistic bound)
+        (1.1, 2.0, 2.2, False),  # inside the trust region
+    ],
+)
+def test_clipped_objective(ratio, adv, expected_objective, clipped):
+    loss, st = _loss(ratio, adv, epsilon=0.2)
+    assert loss.item() == pytest.approx(-expected_objective, abs=1e-6)
+    assert st["clipped_tokens"] == (1.0 if clipped else 0.0)
+
+
+def test_dapo_clip_higher():
+    loss, _ = _loss(1.5, 1.0, epsilon=0.2, epsilon_high=0.28)
+    assert loss.item() == pytest.approx(-1.28, abs=1e-6)
+    loss, _ = _loss(0.5, -1.0, epsilon=0.2, epsilon_high=0.28)  # lower bound unchanged
+    assert loss.item() == pytest.approx(0.8, abs=1e-6)
+
+
+def _two_rows():
+    logp = torch.zeros(2, 3, requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    adv = torch.tensor([1.0, -3.0])
+    return logp, mask, adv
+
+
+@pytest.mark.parametrize("loss_type,expected", [("grpo", 1.0), ("dapo", 1 / 3), ("dr_grpo", 1 / 6)])
+def test_aggregation_variants(loss_type, expected):
+    # ratio 1 everywhere, beta 0: per-token loss = -A; row 0 has tokens (-1, -1), row 1 has (3)
+    logp, mask, adv = _two_rows()
+    loss, _ = grpo_loss(logp, logp.detach(), None, adv, mask, loss_type=loss_type)
+    # grpo: mean(-1, 3) = 1; dapo: (-2 + 3) / 3 tokens; dr_grpo: 1 / (2 outputs x 3 max length)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_gradient_of_grpo_aggregation():
+    logp, mask, adv = _two_rows()
+    loss, _ = grpo_loss(logp, logp.detach(), None, adv, mask, loss_type="grpo")
+    loss.backward()
+    # d loss / d logp_{i,t} = -A_i / |o_i| / rows at ratio 1
+    assert logp.grad.flatten().tolist() == pytest.approx([-0.25, -0.25, 0.0, 1.5, 0.0, 0.0])
+
+
+def test_truncated_completions_masked():
+    logp, mask, adv = _two_rows()
+    m = loss_mask(mask, torch.tensor([False, True]), mask_truncated=True)
+    assert m.tolist() == [[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
+    loss, _ = grpo_loss(logp, logp.detach(), None, adv, m, loss_type="grpo")
+    assert loss.item() == pytest.approx(-1.0)  # the masked row is not averaged in
+    loss, _ = grpo_loss(logp, logp.detach(), None, adv, m, loss_type="dapo")
+    assert loss.item() == pytest.approx(-1.0)
+    assert loss_mask(mask, torch.tensor([False, True]), mask_truncated=False).tolist() == mask.tolist()
+
+
+def test_kl_penalty_weighted_by_beta():
+    logp = torch.full((1, 2), math.log(0.5))
+    ref = torch.full((1, 2), math.log(0.25))
+    loss, st = grpo_loss(logp, logp, ref, torch.tensor([0.0]), torch.ones(1, 2), beta=0.1)
+    assert loss.item() == pytest.approx(0.1 * (0.5 + math.log(2) - 1), abs=1e-6)
+    assert st["kl_sum"] == pytest.approx(2 * (0.5 + math.log(2) - 1), abs=1e-6)
+
+
+def test_sequence_level_ratio():
+    # token log-ratios 0.1 and 0.3 -> sequence ratio exp(0.2) = 1.2214 for every token -> clipped at 1.2
+    logp = torch.tensor([[0.1, 0.3]], requires_grad=True)
+    loss, st = grpo_loss(logp, torch.zeros(1, 2), None, torch.tensor([1.0]), torch.ones(1, 2),
+                         importance_sampling_level="sequence")
+    assert loss.item() == pytest.approx(-1.2, abs=1e-6)
+    assert st["clipped_tokens"] == 2
+    loss, _ = grpo_loss(logp, torch.zeros(1, 2), None, torch.tensor([1.0]), torch.ones(1, 2),
+                        importance_sampling_level="token")
+    assert loss.item() == pytest.approx(-(math.exp(0.1) + 1.2) / 2, abs=1e-6)
+
+
+def test_all_equal_rewards_give_zero_loss_and_finite_grads():
+    rewards = torch.ones(8)
+    adv = group_advantages(rewards, 4)
+    logp = torch.randn(8, 5, requires_grad=True)
+    loss, _ = grpo_loss(logp, logp.detach(), None, adv, torch.ones(8, 5))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.isfinite(logp.grad).all()
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_micro_batches_sum_to_full_batch(loss_type):
+    torch.manual_seed(0)
+    logp = torch.randn(6, 4) * 0.1
+    old = logp + torch.randn(6, 4) * 0.1
+    ref = logp + torch.randn(6, 4) * 0.1
+    adv = torch.randn(6)
+    mask = (torch.rand(6, 4) > 0.3).float()
+    mask[:, 0] = 1
+    kw = dict(beta=0.04, loss_type=loss_type)
+    full, _ = grpo_loss(logp, old, ref, adv, mask, **kw)
+    norm = Normalizer.of(mask, 4)
+    parts = sum(grpo_loss(logp[s], old[s], ref[s], adv[s], mask[s], normalizer=norm, **kw)[0]
+                for s in (slice(0, 2), slice(2, 6)))
+    assert parts.item() == pytest.approx(full.item(), abs=1e-6)

@@ -1,0 +1,83 @@
+"""Synthetic tasks: answers are right, worked solutions reach them, splits are disjoint and seeded."""
+
+import random
+
+import pytest
+
+from r1flow.data import tasks as T
+from r1flow.data.prompts import TABLE1, render
+
+
+def _eval_question(q: str) -> int:
+    expr = q.removeprefix("Compute ")
+    assert set(expr) <= set("0123456789+-*() ")  # safe to eval: arithmetic only
+    return eval(expr)
+
+
+@pytest.mark.parametrize("family", ["chain", "sum"])
+def test_answers_and_worked_solutions(family):
+    rng = random.Random(0)
+    for _ in range(500):
+        t = T.FAMILIES[family](rng, rng.randint(2, 6))
+        assert _eval_question(t.question) == int(t.answer)
+        steps, ans = T.worked_solution(t, rng)
+        assert ans == t.answer
+        _, wrong = T.worked_solution(t, rng, wrong=True)
+        assert wrong != t.answer
+        if family == "chain":
+            assert 0 <= int(t.answer) <= T.MAX_CHAIN_VALUE
+            assert len(steps.split()) == t.difficulty  # one step per operation
+
+
+def test_chain_worked_solution_example():
+    t = T.Task("chain", "Compute (7+5)*2-3", "21", 3, ((7, "+", 5, 12), (12, "*", 2, 24), (24, "-", 3, 21)))
+    assert T.worked_solution(t, random.Random(0)) == ("7+5=12 12*2=24 24-3=21", "21")
+
+
+def test_addition_and_linear():
+    rng = random.Random(1)
+    for _ in range(200):
+        t = T.make_addition(rng, 3)
+        a, b = t.operands
+        assert T.worked_solution(t, rng)[1] == str(a + b) == t.answer
+        t = T.make_linear(rng, 2)
+        a, b, c = t.operands
+        assert a * int(t.answer) + b == c and T.worked_solution(t, rng)[1] == t.answer
+
+
+def test_splits_disjoint_and_deterministic():
+    fam = {"chain": {"difficulties": [2, 3]}, "sum": {"weight": 0.5, "difficulties": [3]}}
+    a = T.generate_tasks(7, fam, {"train": 300, "validation": 50, "test": 50})
+    b = T.generate_tasks(7, fam, {"train": 300, "validation": 50, "test": 50})
+    assert all(a[s].equals(b[s]) for s in a)
+    qs = [set(a[s]["question"]) for s in ("train", "validation", "test")]
+    assert not (qs[0] & qs[1]) and not (qs[0] & qs[2]) and not (qs[1] & qs[2])
+    assert set(a["train"]["task"]) == {"chain", "sum"}
+
+
+def test_too_many_prompts_for_the_space_fails_clearly():
+    with pytest.raises(ValueError, match="cannot draw"):
+        T.generate_tasks(0, {"sum": {"difficulties": [1]}}, {"train": 50})  # only 9 distinct questions
+    with pytest.raises(ValueError, match="unknown task families"):
+        T.generate_tasks(0, {"nope": {"difficulties": [1]}}, {"train": 5})
+
+
+def test_table1_template_word_for_word():
+    assert render("Compute 1+2") == (
+        "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+        "The assistant first thinks about the reasoning process in the mind and then provides the user with the "
+        "answer. The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> "
+        "tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>. "
+        "User: Compute 1+2. Assistant:")
+    assert TABLE1.count("{prompt}") == 1
+    with pytest.raises(ValueError):
+        render("x", "no placeholder")
+
+
+def test_load_prompts_from_jsonl(tmp_path):
+    p = tmp_path / "m.jsonl"
+    p.write_text('{"problem": "1+1?", "answer": "2"}\n{"problem": "2+2?", "answer": 4}\n')
+    df = T.load_prompts(str(p), "problem", "answer", split="test")
+    assert df["question"].tolist() == ["1+1?", "2+2?"] and df["answer"].tolist() == ["2", "4"]
+    with pytest.raises(KeyError, match="no field 'question'"):
+        T.load_prompts(str(p), "question", "answer")

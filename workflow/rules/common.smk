@@ -1,0 +1,49 @@
+# Helpers shared by the rules: config validation, result paths, settings passed to scripts, resources.
+import json
+import shlex
+import sys
+
+sys.path.insert(0, str(Path(workflow.basedir)))  # the r1flow package, when not pip-installed
+from r1flow.config import validate_config
+
+# Fails here, before any job runs, naming the key and what was expected.
+validate_config(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
+
+RESULTS = config["results"]
+SCRIPTS = str(Path(workflow.basedir) / "scripts")
+# Jobs run with Snakemake's own interpreter, unless conda envs are deployed (then the env's python).
+_sdm = {str(m).lower() for m in getattr(workflow.deployment_settings, "deployment_method", ())}
+PYTHON = "python" if any("conda" in m for m in _sdm) else sys.executable
+
+
+def res(*parts):
+    return str(Path(RESULTS, *parts))
+
+
+def settings(*keys):
+    """A config subtree as a shell-quoted JSON argument; as a param it also triggers reruns on change."""
+    node = config
+    for k in keys:
+        node = node[k]
+    return shlex.quote(json.dumps(node, sort_keys=True))
+
+
+def resource(rule_name, key, default):
+    return config["resources"].get(rule_name, {}).get(key, default)
+
+
+def base_is_tiny():
+    return config["base_model"]["path"] == "tiny"
+
+
+def model_input(name):
+    """A trained model is a folder produced by a rule; an external base model is a hub id or a path."""
+    if name == "base" and not base_is_tiny():
+        return []
+    return res("models", name)
+
+
+def model_arg(name):
+    if name == "base" and not base_is_tiny():
+        return config["base_model"]["path"]
+    return res("models", name)
