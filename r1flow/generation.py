@@ -9,6 +9,7 @@ for clusters implements the same method (not in this version).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -55,8 +56,13 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 class Generator:
     """Transformers backend. `batch_size` bounds how many sequences are decoded together."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 256, seed: int = 0):
+    def __init__(self, model, tokenizer, batch_size: int = 256, seed: int = 0, fast: bool = True):
+        from r1flow.models import fast_llama
+
         self.model = model
+        # Llama/Qwen2 models decode through r1flow.models.fast_llama: same tokens (tested), each prompt
+        # prefilled once for its n samples, no per-step cache reallocation
+        self.fast = fast and fast_llama.supports(model)
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.rng = torch.Generator().manual_seed(seed)
@@ -76,8 +82,8 @@ class Generator:
     def generate(self, prompts: list[str], params: SamplingParams) -> Completions:
         tok = self.tokenizer
         enc = tok(prompts, add_special_tokens=False)["input_ids"]
-        rows = [ids for ids in enc for _ in range(params.n)]
-        parts = [self._decode(rows[i : i + self.batch_size], params) for i in range(0, len(rows), self.batch_size)]
+        per_chunk = max(1, self.batch_size // params.n)  # prompts per decoding batch
+        parts = [self._decode(enc[i : i + per_chunk], params) for i in range(0, len(enc), per_chunk)]
         P = max(p[0].shape[1] for p in parts)
         C = max(p[2].shape[1] for p in parts)
         pad = tok.pad_token_id
@@ -97,19 +103,40 @@ class Generator:
         texts = tok.batch_decode(completion_ids.masked_fill(completion_mask == 0, pad), skip_special_tokens=True)
         return Completions(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, texts)
 
-    def _decode(self, rows: list[list[int]], params: SamplingParams):
+    def _decode(self, prompts: list[list[int]], params: SamplingParams):
+        """n completions for each tokenized prompt; returns per-row prompt ids/mask, completion ids/mask, truncated."""
         model, pad = self.model, self.tokenizer.pad_token_id
         was_training = model.training
         model.eval()
-        B, P = len(rows), max(map(len, rows))
-        ids = torch.full((B, P), pad, dtype=torch.long)
-        mask = torch.zeros((B, P), dtype=torch.long)
-        for r, s in enumerate(rows):  # left padding, so every row's next token is at the end
+        M, P = len(prompts), max(map(len, prompts))
+        ids = torch.full((M, P), pad, dtype=torch.long)
+        mask = torch.zeros((M, P), dtype=torch.long)
+        for r, s in enumerate(prompts):  # left padding, so every row's next token is at the end
             ids[r, P - len(s) :] = torch.tensor(s)
             mask[r, P - len(s) :] = 1
+        try:
+            if self.fast:
+                from r1flow.models import fast_llama
+
+                comp, cmask, truncated = fast_llama.sample(
+                    model, ids, mask, params.n, params.max_new_tokens, params.temperature, params.top_p,
+                    self.stop_ids, pad, self.rng)
+            else:
+                comp, cmask, truncated = self._decode_hf(ids.repeat_interleave(params.n, 0),
+                                                         mask.repeat_interleave(params.n, 0), params)
+        finally:
+            model.train(was_training)
+        return ids.repeat_interleave(params.n, 0), mask.repeat_interleave(params.n, 0), comp, cmask, truncated
+
+    def _decode_hf(self, ids, mask, params: SamplingParams):
+        """Reference decoding loop through the model's own forward and KV cache (any causal LM)."""
+        model, pad = self.model, self.tokenizer.pad_token_id
+        B = ids.shape[0]
         pos = (mask.cumsum(1) - 1).clamp(min=0)
+        # transformers 5.x calls the KV cache `cache`; 4.x called it `past_key_values`
+        kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        past, next_pos = out.past_key_values, pos[:, -1:] + 1
+        past, next_pos = getattr(out, kw), pos[:, -1:] + 1
         logits = out.logits[:, -1]
         new, done = [], torch.zeros(B, dtype=torch.bool)
         attn = mask
@@ -121,13 +148,11 @@ class Generator:
             if bool(done.all()) or t == params.max_new_tokens - 1:
                 break
             attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype)], 1)
-            out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos,
-                        past_key_values=past, use_cache=True)
-            past, next_pos, logits = out.past_key_values, next_pos + 1, out.logits[:, -1]
+            out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos, use_cache=True, **{kw: past})
+            past, next_pos, logits = getattr(out, kw), next_pos + 1, out.logits[:, -1]
         comp = torch.stack(new, 1)
         # a token belongs to the completion until (and including) the first stop token
         is_stop = torch.isin(comp, self.stop_ids)
         after_stop = (is_stop.cumsum(1) - is_stop.long()) > 0
         cmask = (~after_stop).long()
-        model.train(was_training)
-        return ids, mask, comp, cmask, ~is_stop.any(1)
+        return comp, cmask, ~is_stop.any(1)

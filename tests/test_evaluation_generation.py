@@ -41,3 +41,25 @@ def test_top_p_keeps_smallest_nucleus():
     seen = torch.bincount(sample_next(logits, 1.0, 0.95, g), minlength=4)
     assert seen[3] == 0 and seen[2] > 0
     assert sample_next(torch.tensor([[0.1, 3.0, 0.2]]), 0.0, 1.0).tolist() == [1]  # temperature 0: greedy
+
+
+def test_generator_fast_and_reference_paths_agree(tiny_policy):
+    from r1flow.data.prompts import render
+    from r1flow.generation import Generator, SamplingParams
+    from r1flow.models import load_policy
+
+    model, tok = load_policy(str(tiny_policy[0]))
+    prompts = [render(q) for q in ("Compute 3+4*2", "Compute (9-2)*3+1", "Compute 5")]
+    params = SamplingParams(n=2, temperature=0.0, max_new_tokens=24)
+    fast = Generator(model, tok, fast=True, batch_size=4).generate(prompts, params)
+    ref = Generator(model, tok, fast=False, batch_size=4).generate(prompts, params)
+    assert fast.texts == ref.texts
+    assert torch.equal(fast.completion_mask, ref.completion_mask) and torch.equal(fast.truncated, ref.truncated)
+    assert fast.prompt_ids.shape[0] == 6 and torch.equal(fast.prompt_ids, ref.prompt_ids)
+    # rows are prompt-major: the two samples of a prompt are adjacent and, greedy, identical
+    assert fast.texts[0] == fast.texts[1] and fast.texts[2] == fast.texts[3]
+    # completion mask ends at (and includes) the stop token
+    for row, m in zip(fast.completion_ids, fast.completion_mask):
+        n = int(m.sum())
+        if n < row.shape[0] and n > 0:
+            assert row[n - 1].item() == tok.eos_token_id

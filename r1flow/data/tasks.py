@@ -45,7 +45,7 @@ def make_sum(rng: random.Random, terms: int) -> Task:
     return Task("sum", "Compute " + "+".join(map(str, xs)), str(sum(xs)), terms, tuple(xs))
 
 
-MAX_CHAIN_VALUE = 50
+MAX_CHAIN_VALUE = 20
 
 
 def make_chain(rng: random.Random, ops: int) -> Task:
@@ -109,8 +109,12 @@ def addition_columns(a: int, b: int, wrong_column: int | None = None, rng: rando
     return steps, answer
 
 
-def worked_solution(t: Task, rng: random.Random, wrong: bool = False) -> tuple[str, str]:
-    """A reasoning trace and the answer it reaches (wrong on purpose when `wrong`)."""
+def worked_solution(t: Task, rng: random.Random, wrong: bool = False, shorthand: bool = False) -> tuple[str, str]:
+    """A reasoning trace and the answer it reaches (wrong on purpose when `wrong`).
+
+    `shorthand` (chain tasks) leaves out the running value on the left of each step after the first,
+    "7+5=12 *2=24 -3=21": the terse, sloppier style of reasoning in the base model's corpus.
+    """
     if t.task == "chain":
         # one line per operation, "7+5=12 12*2=24 24-3=21"; a planted mistake propagates onwards
         bad = rng.randrange(len(t.operands)) if wrong else None
@@ -120,7 +124,7 @@ def worked_solution(t: Task, rng: random.Random, wrong: bool = False) -> tuple[s
             if i == bad:
                 d = rng.choice([-2, -1, 1, 2])
                 new = new + d if new + d >= 0 else new - d
-            out.append(f"{value}{op}{k}={new}")
+            out.append(f"{op}{k}={new}" if shorthand and i > 0 else f"{value}{op}{k}={new}")
             value = new
         return " ".join(out), str(value)
     if t.task == "sum":

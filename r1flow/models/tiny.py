@@ -22,14 +22,22 @@ SPECIAL = {"bos": "<s>", "eos": "</s>", "pad": "<pad>"}
 TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
 
 
-def corpus_completion(t: T.Task, rng: random.Random, mix: dict[str, float]) -> str:
-    """One pretraining completion for a task, in a behaviour drawn from `mix`."""
+def corpus_completion(t: T.Task, rng: random.Random, mix: dict[str, float], shorthand_error_rate: float = 0.6) -> str:
+    """One pretraining completion for a task, in a behaviour drawn from `mix`:
+
+    worked: careful step-by-step solution, correct; worked_wrong: the same with one planted mistake;
+    shorthand: terse steps that drop the running value, wrong with probability `shorthand_error_rate`;
+    answer_only: an answer in <answer> tags with no reasoning; bare: the answer with no tags.
+    """
     mode = rng.choices(list(mix), list(mix.values()))[0]
     if mode == "worked":
         steps, ans = T.worked_solution(t, rng)
         return f" <think> {steps} </think> <answer> {ans} </answer>"
     if mode == "worked_wrong":
         steps, ans = T.worked_solution(t, rng, wrong=True)
+        return f" <think> {steps} </think> <answer> {ans} </answer>"
+    if mode == "shorthand":
+        steps, ans = T.worked_solution(t, rng, wrong=rng.random() < shorthand_error_rate, shorthand=True)
         return f" <think> {steps} </think> <answer> {ans} </answer>"
     if mode == "answer_only":
         return f" <answer> {t.answer} </answer>"
@@ -39,7 +47,7 @@ def corpus_completion(t: T.Task, rng: random.Random, mix: dict[str, float]) -> s
 
 
 def build_corpus(seed: int, n: int, families: dict, mix: dict[str, float], template: str,
-                 exclude: set[str] = frozenset()) -> list[tuple[str, str]]:
+                 exclude: set[str] = frozenset(), shorthand_error_rate: float = 0.6) -> list[tuple[str, str]]:
     """(prompt, completion) pairs; they are tokenized apart, exactly as at sampling time."""
     rng = random.Random(seed)
     names = list(families)
@@ -50,7 +58,7 @@ def build_corpus(seed: int, n: int, families: dict, mix: dict[str, float], templ
         t = T.FAMILIES[name](rng, rng.choice(families[name]["difficulties"]))
         if t.question in exclude:  # never pretrain on held-out questions
             continue
-        docs.append((render(t.question, template), corpus_completion(t, rng, mix)))
+        docs.append((render(t.question, template), corpus_completion(t, rng, mix, shorthand_error_rate)))
     return docs
 
 
@@ -106,14 +114,18 @@ def build_model(tokenizer, hidden_size: int, num_layers: int, num_heads: int, ma
 
 def pretrain(model, tokenizer, docs: list[tuple[str, str]], steps: int, batch_size: int, lr: float, seed: int,
              warmup: int = 20, progress: bool = True) -> list[dict]:
-    """Next-token pretraining on the corpus, AdamW with a cosine schedule. Returns the loss log."""
+    """Next-token pretraining on the corpus, AdamW with a cosine schedule. Returns the loss log.
+
+    The loss covers the completion (and its EOS) only: the template is identical in every document, and
+    the capacity of a model this small is better spent on the reasoning than on random question digits.
+    Log-probs come from the same function GRPO uses, so the fast Llama path speeds this up too.
+    """
+    from r1flow.training.logprobs import completion_logprobs
+
     g = torch.Generator().manual_seed(seed)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     prompts = tokenizer([p for p, _ in docs], add_special_tokens=False)["input_ids"]
-    completions = tokenizer([c for _, c in docs], add_special_tokens=False)["input_ids"]
-    enc = [p + c + [tokenizer.eos_token_id] for p, c in zip(prompts, completions)]
-    # loss on the completion only: the template is identical in every document, and the capacity of a
-    # model this small is better spent on the reasoning than on predicting random question digits
-    starts = [len(p) for p in prompts]
+    completions = [c + [eos] for c in tokenizer([c for _, c in docs], add_special_tokens=False)["input_ids"]]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
@@ -121,23 +133,25 @@ def pretrain(model, tokenizer, docs: list[tuple[str, str]], steps: int, batch_si
     log, t0 = [], time.time()
     bar = tqdm(range(steps), desc="pretrain base", disable=not progress, mininterval=1.0)
     for step in bar:
-        idx = torch.randint(len(enc), (batch_size,), generator=g).tolist()
-        seqs = [enc[i] for i in idx]
-        L = max(map(len, seqs))
-        ids = torch.full((batch_size, L), tokenizer.pad_token_id)
-        mask = torch.zeros((batch_size, L), dtype=torch.long)
-        labels = torch.full((batch_size, L), -100)
-        for r, (i, s) in enumerate(zip(idx, seqs)):  # right padding: positions start at 0 for every row
-            ids[r, : len(s)] = torch.tensor(s)
-            mask[r, : len(s)] = 1
-            labels[r, starts[i] : len(s)] = ids[r, starts[i] : len(s)]
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        idx = torch.randint(len(docs), (batch_size,), generator=g).tolist()
+        P = max(len(prompts[i]) for i in idx)
+        C = max(len(completions[i]) for i in idx)
+        p_ids = torch.full((batch_size, P), pad)
+        p_mask = torch.zeros((batch_size, P), dtype=torch.long)
+        c_ids = torch.full((batch_size, C), pad)
+        c_mask = torch.zeros((batch_size, C), dtype=torch.long)
+        for r, i in enumerate(idx):  # prompts left-padded, completions right-padded, as at sampling time
+            p, c = prompts[i], completions[i]
+            p_ids[r, P - len(p):], p_mask[r, P - len(p):] = torch.tensor(p), 1
+            c_ids[r, : len(c)], c_mask[r, : len(c)] = torch.tensor(c), 1
+        logps, _ = completion_logprobs(model, p_ids, p_mask, c_ids, c_mask, group_size=1)
+        loss = -(logps * c_mask).sum() / c_mask.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         log.append({"step": step + 1, "loss": loss.item(), "time": time.time() - t0})
     model.eval()
     return log
@@ -152,7 +166,8 @@ def build_base_model(cfg: dict, families: dict, template: str, out_dir, exclude:
     from r1flow.models import save_policy
 
     torch.manual_seed(cfg["seed"])
-    docs = build_corpus(cfg["seed"], cfg["corpus_size"], families, cfg["corpus_mix"], template, exclude)
+    docs = build_corpus(cfg["seed"], cfg["corpus_size"], families, cfg["corpus_mix"], template, exclude,
+                        cfg.get("shorthand_error_rate", 0.6))
     tok = train_tokenizer(docs, cfg["vocab_size"])
     model = build_model(tok, cfg["hidden_size"], cfg["num_layers"], cfg["num_heads"], cfg["max_positions"], cfg["seed"])
     loss_log = pretrain(model, tok, docs, cfg["steps"], cfg["batch_size"], cfg["learning_rate"], cfg["seed"],

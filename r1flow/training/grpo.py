@@ -107,7 +107,8 @@ class GRPOTrainer:
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
         torch.manual_seed(cfg.seed)
-        self.generator = Generator(model, tokenizer, batch_size=cfg.generation_batch_size, seed=cfg.seed)
+        self.generator = Generator(model, tokenizer, batch_size=cfg.generation_batch_size, seed=cfg.seed,
+                                   fast=cfg.fast_path)
         self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                      betas=(0.9, 0.99))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
@@ -289,7 +290,7 @@ class GRPOTrainer:
             bar.update(1)
             bar.set_postfix(reward=f"{row['reward_mean']:.2f}", acc=f"{row['accuracy']:.2f}",
                             len=f"{row['completion_length']:.0f}",
-                            val=f"{self.best['val_pass@1']:.2f}" if self.best["step"] else "-")
+                            val=f"{self.best['val_pass@1']:.2f}" if self.best["step"] else "-", refresh=False)
             done_now += 1
             if self.step_no % c.save_every == 0 or self.step_no == c.steps:
                 self._save_checkpoint()

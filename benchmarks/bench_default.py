@@ -1,0 +1,73 @@
+"""Time the default target from a clean results folder: wall time, peak memory, the results table.
+
+    python benchmarks/bench_default.py [--workdir DIR] [--config config/config.yaml] [--seed-offset N]
+
+--seed-offset shifts every seed (tasks, base model, GRPO, evaluation) to check that the result holds
+on another seed. Prints the wall time, the peak RSS of the largest job, each job's time and memory (from
+Snakemake's benchmark files) and the table.
+"""
+
+import argparse
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--config", default=str(ROOT / "config" / "config.yaml"))
+    ap.add_argument("--seed-offset", type=int, default=0)
+    ap.add_argument("--cores", type=int, default=2)
+    a = ap.parse_args()
+    wd = Path(a.workdir or tempfile.mkdtemp(prefix="r1flow-bench-"))
+    wd.mkdir(parents=True, exist_ok=True)
+    cfg = yaml.safe_load(Path(a.config).read_text())
+    if a.seed_offset:
+        cfg.setdefault("data", {}).setdefault("synthetic", {})
+        cfg["data"]["synthetic"]["seed"] = cfg["data"]["synthetic"].get("seed", 1) + a.seed_offset
+        cfg.setdefault("base_model", {}).setdefault("tiny", {})
+        cfg["base_model"]["tiny"]["seed"] = cfg["base_model"]["tiny"].get("seed", 0) + a.seed_offset
+        cfg.setdefault("r1_zero", {}).setdefault("grpo", {})
+        cfg["r1_zero"]["grpo"]["seed"] = cfg["r1_zero"]["grpo"].get("seed", 0) + a.seed_offset
+        cfg.setdefault("evaluation", {})
+        cfg["evaluation"]["seed"] = cfg["evaluation"].get("seed", 1234) + a.seed_offset
+    conf = wd / "bench_config.yaml"
+    conf.write_text(yaml.safe_dump(cfg))
+    if (wd / "results").exists():
+        raise SystemExit(f"{wd}/results exists; the benchmark starts from a clean results folder")
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(wd),
+           "--configfile", str(conf), "--cores", str(a.cores), "--quiet", "all"]
+    t0 = time.time()
+    p = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wall = time.time() - t0
+    if p.returncode:
+        print(p.stderr[-4000:])
+        raise SystemExit(f"snakemake failed with {p.returncode}")
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(f"workdir: {wd}")
+    print(f"wall time, snakemake --cores {a.cores} from clean results/: {wall:.1f} s")
+    print(f"peak RSS of the largest process: {peak_mb:.0f} MB")
+    rows = []
+    for tsv in sorted((wd / "results" / "benchmarks").glob("*.tsv")):
+        b = pd.read_csv(tsv, sep="\t")
+        rows.append({"job": tsv.stem, "s": b["s"].iloc[0], "max_rss_MB": b["max_rss"].iloc[0]})
+    print(pd.DataFrame(rows).to_string(index=False))
+    print((wd / "results" / "tables" / "r1_zero.md").read_text())
+    curve = pd.read_csv(wd / "results" / "r1_zero" / "validation_curve.csv")
+    print("validation curve:\n" + curve.to_string(index=False))
+    m = pd.read_csv(wd / "results" / "r1_zero" / "metrics.csv")
+    print("mean completion length by quarter of training:",
+          [round(x, 1) for x in m.groupby(pd.qcut(m["step"], 4, labels=False))["completion_length"].mean()])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,432 @@
+"""A lean functional forward pass over the weights of a transformers Llama / Qwen2 causal LM.
+
+For tiny models on CPU, the transformers forward is dominated by Python overhead: mask construction,
+cache bookkeeping (DynamicCache concatenates the whole cache on every decode step) and module dispatch.
+GRPO needs exactly two things from the policy, and this module does both without that overhead while
+reading the parameters of the Hugging Face module in place (nothing is copied out of it, and gradients
+flow to its parameters):
+
+* `sample`: prefill the M unique prompts once and decode all M*n rows one token per step. The prompt
+  K/V are kept once per prompt (the n rows of a prompt score against them in one matmul, which is the
+  n-fold repeat without its copies and memory traffic); generated K/V go into pre-allocated buffers,
+  written in place (no concatenation per step).
+* `completion_logprobs`: the training forward. The M prompts run once, their K/V are repeated G times
+  (with autograd, so the gradient of every completion reaches the shared prompt computation), and the
+  completion tokens attend to [prompt keys ; causal completion keys]. lm_head runs only where a logit
+  is needed.
+
+`supports(model)` says whether a model uses only the features implemented here; callers fall back to
+the model's own forward otherwise. Rotary cos/sin come from the model's own `rotary_emb`, so every rope
+scaling type transformers implements is handled the way transformers handles it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from r1flow.generation import sample_next
+
+__all__ = ["supports", "sample", "completion_logprobs"]
+
+# Concatenating q/k/v (and gate/up) weights costs one copy of them per call; worth it for the small
+# models this is for (fewer, larger matmuls), not for big ones, where separate matmuls are as fast.
+_FUSE_MAX_ELEMENTS = 64 * 1024 * 1024
+# rope types whose frequencies depend on the largest position in the call (transformers'
+# `dynamic_rope_update`): their cos/sin are computed step by step, exactly as incremental decoding does.
+_POSITION_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+# --------------------------------------------------------------------------------------------------
+# support check
+
+
+def _is_linear(m, bias: bool | None = None) -> bool:
+    if type(m) is not nn.Linear:  # LoRA wrappers, quantized linears, ... fall back to transformers
+        return False
+    return bias is None or (m.bias is not None) == bias
+
+
+def _is_rmsnorm(m) -> bool:
+    return (type(m).__name__.endswith("RMSNorm") and isinstance(getattr(m, "weight", None), torch.Tensor)
+            and getattr(m, "variance_epsilon", None) is not None)
+
+
+def supports(model) -> bool:
+    """True when `model` is a Llama / Qwen2 causal LM built only from the features implemented here."""
+    try:
+        cfg = model.config
+        if getattr(cfg, "model_type", None) not in ("llama", "qwen2"):
+            return False
+        if type(model).__name__ not in ("LlamaForCausalLM", "Qwen2ForCausalLM"):
+            return False
+        if getattr(cfg, "hidden_act", None) != "silu":
+            return False
+        if float(getattr(cfg, "attention_dropout", 0.0) or 0.0) != 0.0:
+            return False
+        if cfg.model_type == "qwen2":
+            if getattr(cfg, "use_sliding_window", False):
+                return False
+            if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+                return False
+        base = model.model
+        if type(base.embed_tokens) is not nn.Embedding or not _is_rmsnorm(base.norm):
+            return False
+        if not hasattr(base, "rotary_emb") or not _is_linear(model.lm_head, bias=False):
+            return False
+        layers = base.layers
+        if len(layers) != cfg.num_hidden_layers or len(layers) == 0:
+            return False
+        H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
+        if H % Hkv:
+            return False
+        for layer in layers:
+            a, m = layer.self_attn, layer.mlp
+            if not all(_is_linear(x) for x in (a.q_proj, a.k_proj, a.v_proj, a.o_proj)):
+                return False
+            if not all(_is_linear(x) for x in (m.gate_proj, m.up_proj, m.down_proj)):
+                return False
+            if getattr(a, "sliding_window", None) is not None:
+                return False
+            if not (_is_rmsnorm(layer.input_layernorm) and _is_rmsnorm(layer.post_attention_layernorm)):
+                return False
+            D = a.head_dim
+            if a.q_proj.out_features != H * D or a.k_proj.out_features != Hkv * D:
+                return False
+            if a.v_proj.out_features != Hkv * D or D % 2:
+                return False
+            if abs(a.scaling - D ** -0.5) > 1e-12 * D ** -0.5:
+                return False
+            inv_freq = getattr(base.rotary_emb, "inv_freq", None)
+            if inv_freq is None or 2 * inv_freq.shape[-1] != D:  # rotary over the full head only
+                return False
+            if not (type(m.act_fn) is nn.SiLU or type(m.act_fn).__name__ == "SiLUActivation"):
+                return False
+        return True
+    except AttributeError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# weights, read in place from the transformers module
+
+
+class _Layer(NamedTuple):
+    ln1: torch.Tensor
+    eps1: float
+    w_qkv: tuple  # (fused weight, fused bias or None) or three (weight, bias) pairs
+    w_o: torch.Tensor
+    b_o: torch.Tensor | None
+    ln2: torch.Tensor
+    eps2: float
+    w_gu: tuple  # (fused weight, fused bias or None) or two (weight, bias) pairs
+    w_down: torch.Tensor
+    b_down: torch.Tensor | None
+
+
+class _Weights(NamedTuple):
+    layers: list
+    norm: torch.Tensor
+    norm_eps: float
+    lm_head: torch.Tensor
+    embed: nn.Module
+    rotary: nn.Module
+    H: int
+    Hkv: int
+    D: int
+    position_dependent_rope: bool
+    q_prescaled: bool  # q rows of the projection already carry the 1/sqrt(head_dim) softmax scale
+
+
+def _cat_bias(pairs):
+    """Concatenated biases of (weight, bias) pairs, zeros standing in for a missing one; None if none."""
+    if all(b is None for _, b in pairs):
+        return None
+    return torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in pairs])
+
+
+def _weights(model, prescale_q: bool = False) -> _Weights:
+    """Views of the model's parameters (q/k/v and gate/up concatenated when small enough).
+
+    prescale_q folds the attention scale into the q projection: one multiply less per layer and step
+    in decoding (rotary embedding is linear, so it commutes with the scale)."""
+    base, cfg = model.model, model.config
+    a0 = base.layers[0].self_attn
+    H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads, a0.head_dim
+    per_layer = sum(m.weight.numel() for m in (a0.q_proj, a0.k_proj, a0.v_proj,
+                                                base.layers[0].mlp.gate_proj, base.layers[0].mlp.up_proj))
+    fuse = per_layer * len(base.layers) <= _FUSE_MAX_ELEMENTS
+    layers = []
+    for layer in base.layers:
+        a, m = layer.self_attn, layer.mlp
+        wq, bq = a.q_proj.weight, a.q_proj.bias
+        if prescale_q:
+            wq, bq = wq * a.scaling, (bq * a.scaling if bq is not None else None)
+        qkv = ((wq, bq), (a.k_proj.weight, a.k_proj.bias), (a.v_proj.weight, a.v_proj.bias))
+        gu = ((m.gate_proj.weight, m.gate_proj.bias), (m.up_proj.weight, m.up_proj.bias))
+        if fuse:  # torch.cat of the parameters: autograd splits the gradient back onto each of them
+            w_qkv = (torch.cat([w for w, _ in qkv]), _cat_bias(qkv))
+            w_gu = (torch.cat([w for w, _ in gu]), _cat_bias(gu))
+        else:
+            w_qkv, w_gu = qkv, gu
+        layers.append(_Layer(
+            layer.input_layernorm.weight, float(layer.input_layernorm.variance_epsilon), w_qkv,
+            a.o_proj.weight, a.o_proj.bias,
+            layer.post_attention_layernorm.weight, float(layer.post_attention_layernorm.variance_epsilon),
+            w_gu, m.down_proj.weight, m.down_proj.bias,
+        ))
+    rope_type = getattr(base.rotary_emb, "rope_type", "default")
+    dependent = any(k in str(rope_type) for k in _POSITION_DEPENDENT_ROPE)
+    return _Weights(layers, base.norm.weight, float(base.norm.variance_epsilon), model.lm_head.weight,
+                    base.embed_tokens, base.rotary_emb, H, Hkv, D, dependent, prescale_q)
+
+
+# --------------------------------------------------------------------------------------------------
+# building blocks
+
+
+def _rms_norm(x, w, eps):
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
+    # transformers' LlamaRMSNorm, bit for bit: normalize in float32, cast back, then scale
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+def _rope_tables(W: _Weights, x, position_ids):
+    """cos and sign-folded sin, shaped (B, T, 1, D) to broadcast over heads."""
+    cos, sin = W.rotary(x, position_ids)
+    h = cos.shape[-1] // 2
+    sin = torch.cat((-sin[..., :h], sin[..., h:]), -1)  # rotate_half(x) * sin == roll(x, D/2) * this
+    return cos.unsqueeze(-2), sin.unsqueeze(-2)
+
+
+def _rope(x, cos, sin):
+    return x * cos + torch.roll(x, x.shape[-1] // 2, -1) * sin
+
+
+def _qkv(W: _Weights, L: _Layer, h, cos, sin):
+    """Projections with rotary applied; q (B, T, H, D), k and v (B, T, Hkv, D)."""
+    B, T, _ = h.shape
+    H, Hkv, D = W.H, W.Hkv, W.D
+    if isinstance(L.w_qkv[0], torch.Tensor):  # fused
+        qkv = F.linear(h, *L.w_qkv)
+        qk = _rope(qkv[..., : (H + Hkv) * D].view(B, T, H + Hkv, D), cos, sin)
+        q, k = qk.split((H, Hkv), 2)
+        v = qkv[..., (H + Hkv) * D:].view(B, T, Hkv, D)
+    else:
+        (wq, bq), (wk, bk), (wv, bv) = L.w_qkv
+        q = _rope(F.linear(h, wq, bq).view(B, T, H, D), cos, sin)
+        k = _rope(F.linear(h, wk, bk).view(B, T, Hkv, D), cos, sin)
+        v = F.linear(h, wv, bv).view(B, T, Hkv, D)
+    return q, k, v
+
+
+def _mlp(L: _Layer, h):
+    if isinstance(L.w_gu[0], torch.Tensor):  # fused
+        g, u = F.linear(h, *L.w_gu).chunk(2, -1)
+    else:
+        (wg, bg), (wu, bu) = L.w_gu
+        g, u = F.linear(h, wg, bg), F.linear(h, wu, bu)
+    return F.linear(F.silu(g) * u, L.w_down, L.b_down)
+
+
+def _attend(W: _Weights, q, k, v, mask):
+    """q (B, T, H, D); k, v (B, Hkv, S, D); mask (B, 1, g*T, S) bool, True = attend.
+
+    Grouped-query attention without repeating K/V: the g query heads sharing a KV head are laid out
+    as g*T query rows of that head (the mask was repeated g times to match). Returns (B, T, H*D).
+    """
+    B, T, H, D = q.shape
+    Hkv = W.Hkv
+    g = H // Hkv
+    if T == 1:
+        qh = q.view(B, Hkv, g, D)
+    else:
+        qh = q.view(B, T, Hkv, g, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, g * T, D)
+    o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=1.0 if W.q_prescaled else None)
+    if T == 1:
+        return o.reshape(B, 1, H * D)
+    return o.view(B, Hkv, g, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)
+
+
+def _group_mask(mask, g):
+    """(B, 1, T, S) -> (B, 1, g*T, S), matching `_attend`'s layout of grouped query heads."""
+    if g == 1:
+        return mask
+    B, _, T, S = mask.shape
+    return mask.unsqueeze(2).expand(B, 1, g, T, S).reshape(B, 1, g * T, S)
+
+
+def _prompt_mask(prompt_mask):
+    """(M, 1, P, P): causal, padding keys masked, and every query sees itself (no empty rows)."""
+    M, P = prompt_mask.shape
+    idx = torch.arange(P, device=prompt_mask.device)
+    causal = idx[None, :] <= idx[:, None]
+    return ((causal & prompt_mask.bool()[:, None, :]) | torch.eye(P, dtype=torch.bool,
+                                                                   device=prompt_mask.device))[:, None]
+
+
+def _prefill(W: _Weights, prompt_ids, prompt_mask):
+    """Run the prompts; returns the final normed hidden state of the last position (M, hidden),
+    the per-layer keys and values (M, Hkv, P, D) and the positions (M, P)."""
+    pos = (prompt_mask.long().cumsum(1) - 1).clamp(min=0)
+    x = W.embed(prompt_ids)
+    cos, sin = _rope_tables(W, x, pos)
+    mask = _group_mask(_prompt_mask(prompt_mask), W.H // W.Hkv)
+    kvs = []
+    n = len(W.layers)
+    for i, L in enumerate(W.layers):
+        h = _rms_norm(x, L.ln1, L.eps1)
+        q, k, v = _qkv(W, L, h, cos, sin)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        kvs.append((k, v))
+        if i == n - 1:  # the last layer's outputs are only needed at the last position
+            x = x[:, -1:]
+            q = q[:, -1:]
+            mask = _group_mask(_prompt_mask(prompt_mask)[:, :, -1:], W.H // W.Hkv)
+        x = x + F.linear(_attend(W, q, k, v, mask), L.w_o, L.b_o)
+        x = x + _mlp(L, _rms_norm(x, L.ln2, L.eps2))
+    return _rms_norm(x[:, -1], W.norm, W.norm_eps), kvs, pos
+
+
+# --------------------------------------------------------------------------------------------------
+# training forward
+
+
+def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size,
+                        temperature: float = 1.0, with_entropy: bool = False):
+    """Per-token log-probabilities of the completions, with autograd.
+
+    prompt_ids, prompt_mask: (M, P) left-padded unique prompts. completion_ids, completion_mask:
+    (M*G, C) right-padded, prompt-major (rows i*G .. i*G+G-1 continue prompt i), G = group_size.
+    Returns logps (M*G, C), logps[r, t] = log_softmax(logits / temperature)[completion_ids[r, t]],
+    and the (detached) entropy of softmax(logits / temperature) per token, or None.
+    Values where completion_mask == 0 are finite but meaningless.
+    """
+    W = _weights(model)
+    M, P = prompt_ids.shape
+    B, C = completion_ids.shape
+    G = int(group_size)
+    if B != M * G:
+        raise ValueError(f"{B} completion rows for {M} prompts x group size {G}")
+    if C == 0:
+        empty = completion_ids.new_zeros((B, 0), dtype=W.lm_head.dtype)
+        return empty, (empty.detach() if with_entropy else None)
+    h0, kvs, ppos = _prefill(W, prompt_ids, prompt_mask)
+    hs = [h0.repeat_interleave(G, 0)[:, None]]  # predicts completion token 0
+    if C > 1:  # completion tokens 0..C-2 predict 1..C-1; the last token is never an input
+        T = C - 1
+        ids = completion_ids[:, :T]
+        pos = ppos[:, -1:].repeat_interleave(G, 0) + 1 + torch.arange(T, device=ids.device)
+        x = W.embed(ids)
+        cos, sin = _rope_tables(W, x, pos)
+        idx = torch.arange(T, device=ids.device)
+        causal = (idx[None, :] <= idx[:, None]).expand(B, 1, T, T)
+        pmask = prompt_mask.bool().repeat_interleave(G, 0)[:, None, None, :].expand(B, 1, T, P)
+        mask = _group_mask(torch.cat((pmask, causal), -1), W.H // W.Hkv)
+        for L, (kp, vp) in zip(W.layers, kvs):
+            h = _rms_norm(x, L.ln1, L.eps1)
+            q, k, v = _qkv(W, L, h, cos, sin)
+            # [prompt keys, shared by the G rows of a prompt ; completion keys], one copy (the
+            # expand's backward sums the G rows' gradients into the shared prompt computation)
+            Hkv, D = W.Hkv, W.D
+            k = torch.cat((kp[:, None].expand(M, G, Hkv, P, D), k.transpose(1, 2).view(M, G, Hkv, T, D)), 3)
+            v = torch.cat((vp[:, None].expand(M, G, Hkv, P, D), v.transpose(1, 2).view(M, G, Hkv, T, D)), 3)
+            k, v = k.view(B, Hkv, P + T, D), v.view(B, Hkv, P + T, D)
+            x = x + F.linear(_attend(W, q, k, v, mask), L.w_o, L.b_o)
+            x = x + _mlp(L, _rms_norm(x, L.ln2, L.eps2))
+        hs.append(_rms_norm(x, W.norm, W.norm_eps))
+    logits = F.linear(torch.cat(hs, 1), W.lm_head).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp = torch.log_softmax(logits, -1)
+    logps = logp.gather(-1, completion_ids[..., None]).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            lp = logp.detach()
+            entropy = -(lp.exp() * lp).sum(-1)
+    return logps, entropy
+
+
+# --------------------------------------------------------------------------------------------------
+# sampling
+
+
+@torch.inference_mode()
+def sample(model, prompt_ids, prompt_mask, n, max_new_tokens, temperature, top_p, stop_ids, pad_id,
+           generator=None):
+    """n sampled completions per prompt; rows are prompt-major (i*n .. i*n+n-1 belong to prompt i).
+
+    prompt_ids, prompt_mask: (M, P) left-padded. Returns completion_ids (M*n, C) with C <=
+    max_new_tokens (pad_id after a stop token), completion_mask (M*n, C) long, 1 on generated tokens
+    up to and including the first stop token, and truncated (M*n,) bool: no stop token was emitted.
+    """
+    W = _weights(model, prescale_q=True)
+    M, P = prompt_ids.shape
+    B, dev = M * n, prompt_ids.device
+    stop_ids = torch.as_tensor(stop_ids, dtype=torch.long, device=dev).reshape(-1)
+    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+    cmask = torch.zeros((B, max_new_tokens), dtype=torch.long, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    if max_new_tokens <= 0 or B == 0:
+        return out, cmask, ~done
+
+    h0, kvs, ppos = _prefill(W, prompt_ids, prompt_mask)
+    logits = F.linear(h0, W.lm_head).repeat_interleave(n, 0)
+    H, Hkv, D = W.H, W.Hkv, W.D
+    g = H // Hkv
+    T = max_new_tokens - 1  # generated tokens that are fed back (the last one never is)
+    # The prompt keys/values stay shared by the n rows of their prompt (M rows, not M*n): each step
+    # scores the n*g queries of a prompt against them in one matmul, and each row's query against its
+    # own generated keys (pre-allocated buffers, written in place) in another; one softmax spans both.
+    kp = [k.contiguous() for k, _ in kvs]  # (M, Hkv, P, D)
+    vp = [v.contiguous() for _, v in kvs]
+    del kvs
+    kc = [h0.new_empty((B, Hkv, T, D)) for _ in W.layers]  # (B, Hkv, T, D)
+    vc = [h0.new_empty((B, Hkv, T, D)) for _ in W.layers]
+    padd = h0.new_zeros((M, Hkv, n * g, P))  # additive prompt-padding mask, shaped like the scores
+    padd.masked_fill_(~prompt_mask.bool()[:, None, None, :], float("-inf"))
+    padd = padd.view(M * Hkv, n * g, P)
+
+    pos0 = ppos[:, -1:].repeat_interleave(n, 0) + 1  # (B, 1) position of the first generated token
+    if T > 0 and not W.position_dependent_rope:
+        cos_all, sin_all = _rope_tables(W, h0[:1, None].expand(B, T, -1), pos0 + torch.arange(T, device=dev))
+
+    C = max_new_tokens
+    for t in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_p, generator)
+        nxt = nxt.masked_fill(done, pad_id)
+        out[:, t] = nxt
+        cmask[:, t] = (~done).long()
+        done |= torch.isin(nxt, stop_ids)
+        if t == max_new_tokens - 1 or bool(done.all()):
+            C = t + 1
+            break
+        x = W.embed(nxt[:, None])
+        if W.position_dependent_rope:
+            cos, sin = _rope_tables(W, x, pos0 + t)
+        else:
+            cos, sin = cos_all[:, t:t + 1], sin_all[:, t:t + 1]
+        for L, kpl, vpl, kcl, vcl in zip(W.layers, kp, vp, kc, vc):
+            q, k, v = _qkv(W, L, _rms_norm(x, L.ln1, L.eps1), cos, sin)  # q is prescaled
+            kcl[:, :, t] = k[:, 0]
+            vcl[:, :, t] = v[:, 0]
+            qb = q.reshape(B, Hkv, g, D)
+            qg = qb.view(M, n, Hkv, g, D).transpose(1, 2).reshape(M * Hkv, n * g, D)
+            sp = torch.baddbmm(padd, qg, kpl.view(M * Hkv, P, D).transpose(1, 2))
+            sc = torch.matmul(qb, kcl[:, :, :t + 1].transpose(-1, -2))  # (B, Hkv, g, t+1)
+            s = torch.cat((sp.view(M, Hkv, n, g, P).transpose(1, 2), sc.view(M, n, Hkv, g, t + 1)), -1)
+            pr = torch.softmax(s, -1)  # (M, n, Hkv, g, P + t + 1)
+            pp = pr[..., :P].transpose(1, 2).reshape(M * Hkv, n * g, P)
+            o = torch.matmul(pr.view(B, Hkv, g, P + t + 1)[..., P:], vcl[:, :, :t + 1])  # (B, Hkv, g, D)
+            o.view(M, n, Hkv, g, D).add_(torch.bmm(pp, vpl.view(M * Hkv, P, D)).view(M, Hkv, n, g, D).transpose(1, 2))
+            x = x + F.linear(o.view(B, 1, H * D), L.w_o, L.b_o)
+            x = x + _mlp(L, _rms_norm(x, L.ln2, L.eps2))
+        logits = F.linear(_rms_norm(x[:, 0], W.norm, W.norm_eps), W.lm_head)
+    return out[:, :C].clone(), cmask[:, :C].clone(), ~done

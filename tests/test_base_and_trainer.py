@@ -1,0 +1,102 @@
+"""The tiny base model and the GRPO trainer: HF-loadable artifacts, learning signal, exact resumption."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from conftest import FAMILIES
+
+from r1flow.data.tasks import generate_tasks
+from r1flow.models import load_policy
+from r1flow.training.grpo import GRPOConfig, GRPOTrainer
+
+
+def test_base_model_is_a_plain_transformers_model(tiny_policy):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, log = tiny_policy
+    assert log[-1]["loss"] < log[0]["loss"] - 1.0  # pretraining reduced the loss
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    assert model.config.model_type == "llama"
+    ids = tok("<think> 7+5=12 </think> <answer> 12 </answer>", add_special_tokens=False)["input_ids"]
+    toks = tok.convert_ids_to_tokens(ids)
+    assert "<think>" in toks and "</answer>" in toks  # tags are single tokens
+    assert [t for t in toks if t.isdigit()] == ["7", "5", "1", "2", "1", "2"]  # one token per digit
+    assert tok.decode(ids) == "<think> 7+5=12 </think> <answer> 12 </answer>"
+
+
+def _trainer(path, state, **over):
+    splits = generate_tasks(5, FAMILIES, {"train": 64, "validation": 8})
+    policy, tok = load_policy(str(path))
+    ref, _ = load_policy(str(path))
+    cfg = GRPOConfig.from_dict({"prompts_per_step": 4, "num_generations": 4, "max_completion_length": 20,
+                                "steps": 6, "eval_every": 3, "eval_prompts": 8, "eval_k": 2, "save_every": 2,
+                                "learning_rate": 1e-3, "warmup_steps": 0, **over})
+    return GRPOTrainer(policy, ref, tok, cfg, splits["train"], splits["validation"], state)
+
+
+def test_killed_run_resumes_where_it_stopped(tiny_policy, tmp_path):
+    path, _ = tiny_policy
+    full = _trainer(path, tmp_path / "a").train(progress=False)
+
+    t = _trainer(path, tmp_path / "b")
+    t.train(progress=False, stop_after=3)  # "killed" after step 3; the last checkpoint is at step 2
+    state = json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 2
+    resumed_trainer = _trainer(path, tmp_path / "b")
+    resumed = resumed_trainer.train(progress=False)
+    assert resumed["step"].tolist() == [1, 2, 3, 4, 5, 6]  # no step lost, none repeated
+    cols = ["reward_mean", "accuracy", "completion_length", "loss", "kl"]
+    # steps 3..6 after resumption are exactly those of the uninterrupted run
+    pd.testing.assert_frame_equal(resumed[cols].reset_index(drop=True), full[cols].reset_index(drop=True))
+
+
+def test_changed_settings_do_not_resume(tiny_policy, tmp_path):
+    path, _ = tiny_policy
+    _trainer(path, tmp_path / "s").train(progress=False, stop_after=2)
+    t = _trainer(path, tmp_path / "s", learning_rate=5e-4)
+    assert t._try_resume() is False
+
+
+def test_metrics_and_validation_curve(tiny_policy, tmp_path):
+    path, _ = tiny_policy
+    t = _trainer(path, tmp_path / "m", loss_type="dapo", epsilon_high=0.28, mask_truncated_completions=True,
+                 num_iterations=2)
+    m = t.train(progress=False)
+    assert len(m) == 6
+    for col in ("reward_mean", "reward_std", "accuracy", "format_rate", "kl", "clip_fraction", "entropy",
+                "completion_length", "time_generation", "time_training", "reward/accuracy_mean", "reward/format_mean"):
+        assert m[col].notna().all(), col
+    assert (m["kl"] >= 0).all() and (m["entropy"] > 0).all()
+    # with mu = 2 the second pass sees ratios != 1, so clipping can happen; with mu = 1 it cannot
+    assert m["clip_fraction"].between(0, 1).all()
+    curve = t.validation_curve()
+    assert curve["step"].tolist() == [0, 3, 6]
+    out = tmp_path / "exported"
+    step = t.export(out)
+    assert step in (3, 6) and (out / "config.json").exists()
+
+
+def test_gradient_step_moves_towards_rewarded_output(tiny_policy, tmp_path):
+    """One GRPO step with a reward that pays for short outputs raises their log-probability."""
+    path, _ = tiny_policy
+    from r1flow import rewards as R
+
+    name = "test_short"
+    if name not in R.REGISTRY:
+        R.register(name)(lambda c, a: R.Reward(1.0 if len(c) < 30 else 0.0, "len"))
+    t = _trainer(path, tmp_path / "g", rewards={name: 1.0}, beta=0.0, learning_rate=3e-3, steps=12, eval_every=0)
+    m = t.train(progress=False)
+    assert m["completion_length"].iloc[-4:].mean() < m["completion_length"].iloc[:4].mean()
+
+
+def test_bad_settings_fail_clearly(tiny_policy, tmp_path):
+    path, _ = tiny_policy
+    with pytest.raises(ValueError, match="unknown GRPO settings"):
+        GRPOConfig.from_dict({"G": 8})
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        _trainer(path, tmp_path / "x", micro_batch_size=6)
+    with pytest.raises(KeyError, match="unknown reward"):
+        _trainer(path, tmp_path / "x", rewards={"nope": 1.0})

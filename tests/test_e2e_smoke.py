@@ -1,0 +1,126 @@
+"""The whole DAG on the smoke config through the Snakemake CLI: tables, plots, bad input, resumption."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.e2e
+
+
+def snakemake(workdir, *args, config="config/smoke.yaml", check=True, **kw):
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(ROOT / config) if not os.path.isabs(config) else config, "--cores", "2", *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"snakemake failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
+    return p
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("smoke")
+    snakemake(wd)
+    return wd
+
+
+def test_tables_match_the_samples(smoke_run):
+    r = smoke_run / "results"
+    table = pd.read_csv(r / "tables" / "r1_zero.csv")
+    assert table["model"].tolist() == ["base", "r1_zero"]
+    assert (table["k"] == 2).all() and (table["num_prompts"] == 16).all()
+    assert (table["temperature"] == 0.6).all() and (table["top_p"] == 0.95).all()
+    for _, row in table.iterrows():
+        s = pd.read_parquet(r / "eval" / row["model"] / "samples.parquet")
+        assert len(s) == 16 * 2
+        per_prompt = s.groupby("prompt_id")["accuracy"].mean()
+        assert row["pass@1"] == pytest.approx(per_prompt.mean())
+        assert row["format_rate"] == pytest.approx(s["format"].mean())
+        assert 0 <= row["cons@k"] <= 1
+    md = (r / "tables" / "r1_zero.md").read_text()
+    assert "| Model | Benchmark | Prompts | pass@1 | cons@2 |" in md and "| r1_zero |" in md
+
+
+def test_training_outputs(smoke_run):
+    r = smoke_run / "results"
+    m = pd.read_csv(r / "r1_zero" / "metrics.csv")
+    assert m["step"].tolist() == [1, 2, 3, 4]
+    curve = pd.read_csv(r / "r1_zero" / "validation_curve.csv")
+    assert curve["step"].tolist() == [0, 2, 4]
+    for png in ("r1_zero_accuracy.png", "r1_zero_length.png"):
+        assert (r / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (r / "state" / "r1_zero").exists()  # resumable state is cleared after success
+    for rule in ("tasks", "base_model", "r1_zero", "evaluate_base", "evaluate_r1_zero", "r1_zero_report"):
+        assert (r / "logs" / f"{rule}.log").exists() and (r / "benchmarks" / f"{rule}.tsv").exists()
+
+
+def test_models_load_with_plain_transformers(smoke_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for name in ("base", "r1_zero"):
+        path = smoke_run / "results" / "models" / name
+        model = AutoModelForCausalLM.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path)
+        assert model.config.vocab_size == len(tok)
+
+
+def test_invalid_config_fails_before_any_job(tmp_path):
+    cfg = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
+    cfg["r1_zero"]["grpo"]["epsilon"] = "wide"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+    p = snakemake(tmp_path, config=str(bad), check=False)
+    assert p.returncode != 0
+    assert "config key 'r1_zero.grpo.epsilon': expected number, got 'wide'" in p.stdout + p.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_corrupt_artifact_stops_the_rule(smoke_run, tmp_path):
+    wd = tmp_path / "w"
+    shutil.copytree(smoke_run, wd, ignore=shutil.ignore_patterns(".snakemake"))
+    test = wd / "results" / "data" / "tasks" / "test.parquet"
+    df = pd.read_parquet(test)
+    df.loc[[0, 3], "difficulty"] = -5
+    df.to_parquet(test)
+    out = wd / "results" / "eval" / "base" / "summary.csv"
+    out.unlink()
+    p = snakemake(wd, str(out.relative_to(wd)), "--forcerun", "evaluate", check=False)
+    log = p.stdout + p.stderr + (wd / "results" / "logs" / "evaluate_base.log").read_text()
+    assert p.returncode != 0
+    assert "test.parquet: does not match schema 'tasks'" in log
+    assert "column 'difficulty' failed check 'greater_than_or_equal_to(0)' on 2 row(s)" in log
+    assert "row 3:" in log
+    assert not out.exists()
+
+
+def test_killed_training_resumes_on_rerun(tmp_path):
+    cfg = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
+    cfg["r1_zero"]["grpo"].update(steps=400, save_every=5, eval_every=0)
+    conf = tmp_path / "long.yaml"
+    conf.write_text(yaml.safe_dump(cfg))
+    target = "results/r1_zero/metrics.csv"
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
+           "--configfile", str(conf), "--cores", "2", target]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    state = tmp_path / "results" / "state" / "r1_zero" / "checkpoint" / "state.json"
+    deadline = time.time() + 240
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert state.exists(), "no checkpoint appeared"
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole job, as a node failure would
+    proc.wait()
+    assert not (tmp_path / target).exists()
+    p = snakemake(tmp_path, target, "--rerun-incomplete", config=str(conf))
+    log = (tmp_path / "results" / "logs" / "r1_zero.log").read_text()
+    assert "resuming from step" in log
+    m = pd.read_csv(tmp_path / target)
+    assert m["step"].tolist() == list(range(1, 401))
