@@ -119,7 +119,8 @@ def test_killed_training_resumes_on_rerun(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # the whole job, as a node failure would
     proc.wait()
     assert not (tmp_path / target).exists()
-    p = snakemake(tmp_path, target, "--rerun-incomplete", config=str(conf))
+    snakemake(tmp_path, "--unlock", config=str(conf))  # a killed Snakemake leaves its lock behind
+    snakemake(tmp_path, target, "--rerun-incomplete", config=str(conf))
     log = (tmp_path / "results" / "logs" / "r1_zero.log").read_text()
     assert "resuming from step" in log
     m = pd.read_csv(tmp_path / target)

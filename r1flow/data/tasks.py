@@ -112,8 +112,8 @@ def addition_columns(a: int, b: int, wrong_column: int | None = None, rng: rando
 def worked_solution(t: Task, rng: random.Random, wrong: bool = False, shorthand: bool = False) -> tuple[str, str]:
     """A reasoning trace and the answer it reaches (wrong on purpose when `wrong`).
 
-    `shorthand` (chain tasks) leaves out the running value on the left of each step after the first,
-    "7+5=12 *2=24 -3=21": the terse, sloppier style of reasoning in the base model's corpus.
+    `shorthand` (chain tasks) writes only the running values, "=12 =24 =21": the terse, sloppier style
+    of reasoning in the base model's corpus, told apart from careful steps by its very first token.
     """
     if t.task == "chain":
         # one line per operation, "7+5=12 12*2=24 24-3=21"; a planted mistake propagates onwards
@@ -124,7 +124,7 @@ def worked_solution(t: Task, rng: random.Random, wrong: bool = False, shorthand:
             if i == bad:
                 d = rng.choice([-2, -1, 1, 2])
                 new = new + d if new + d >= 0 else new - d
-            out.append(f"{op}{k}={new}" if shorthand and i > 0 else f"{value}{op}{k}={new}")
+            out.append(f"={new}" if shorthand else f"{value}{op}{k}={new}")
             value = new
         return " ".join(out), str(value)
     if t.task == "sum":
