@@ -81,3 +81,24 @@ def test_load_prompts_from_jsonl(tmp_path):
     assert df["question"].tolist() == ["1+1?", "2+2?"] and df["answer"].tolist() == ["2", "4"]
     with pytest.raises(KeyError, match="no field 'question'"):
         T.load_prompts(str(p), "question", "answer")
+
+
+def test_base_corpus_mix_and_textbook_share():
+    from r1flow.models.tiny import build_corpus
+
+    fam = {"chain": {"difficulties": [2, 3]}}
+    docs = build_corpus(0, 2000, fam, {"worked": 0.5, "answer_only": 0.5}, "table1", textbook_share=0.4)
+    textbook = [d for d in docs if not d[0].startswith("A conversation")]
+    assert 0.35 < len(textbook) / len(docs) < 0.45
+    for prompt, completion in textbook[:50]:
+        q = prompt.removesuffix(":")
+        steps, ans = completion.removesuffix(".").split(". So the answer is ")
+        assert str(eval(q.removeprefix("Compute "))) == ans  # textbook examples are always right
+    templated = [c for p, c in docs if p.startswith("A conversation")]
+    worked = [c for c in templated if "<think>" in c]
+    assert 0.4 < len(worked) / len(templated) < 0.6
+    one = {"chain": {"difficulties": [1]}}  # a small question space, so exclusions bite
+    held_out = set(T.generate_tasks(2, one, {"test": 40})["test"]["question"])
+    seen = {p.split("User: ")[1].removesuffix(". Assistant:") for p, _ in
+            build_corpus(1, 500, one, {"bare": 1.0}, "table1", exclude=held_out)}
+    assert len(seen) > 40 and not (seen & held_out)

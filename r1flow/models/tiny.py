@@ -1,9 +1,10 @@
 """The embedded stand-in for DeepSeek-V3-Base: a tiny Llama trained from scratch on a synthetic corpus.
 
-The corpus mixes behaviours a real base model also shows when prompted with Table 1: worked solutions
-in the template (some with a planted mistake), a bare answer in tags, and an answer with no tags at
-all. Pretrained briefly, the model is a weak but non-zero solver; R1-Zero's RL then has a correct,
-well-formatted behaviour to find and reinforce (section 2.2).
+The corpus holds "textbook" worked examples outside any template (so the model knows how to reason step
+by step) and answers to the Table 1 prompt in behaviours a real base model also shows: reasoning in the
+template, an answer in tags straight away, a bare answer with no tags (and, for experiments, reasoning
+with planted mistakes or terse, error-prone steps). Pretrained briefly, the model is a weak solver under
+Table 1 that can reason but seldom does; R1-Zero's RL (section 2.2) has to find and reinforce that.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def corpus_completion(t: T.Task, rng: random.Random, mix: dict[str, float], shor
     if mode == "shorthand":
         steps, ans = T.worked_solution(t, rng, wrong=rng.random() < shorthand_error_rate, shorthand=True)
         return f" <think> {steps} </think> <answer> {ans} </answer>"
+    if mode == "textbook":  # handled by build_corpus: a worked example outside the Table 1 template
+        raise ValueError("textbook documents have no template completion")
     if mode == "answer_only":
         return f" <answer> {t.answer} </answer>"
     if mode == "bare":
@@ -47,8 +50,13 @@ def corpus_completion(t: T.Task, rng: random.Random, mix: dict[str, float], shor
 
 
 def build_corpus(seed: int, n: int, families: dict, mix: dict[str, float], template: str,
-                 exclude: set[str] = frozenset(), shorthand_error_rate: float = 0.6) -> list[tuple[str, str]]:
-    """(prompt, completion) pairs; they are tokenized apart, exactly as at sampling time."""
+                 exclude: set[str] = frozenset(), shorthand_error_rate: float = 0.6,
+                 textbook_share: float = 0.0) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs; they are tokenized apart, exactly as at sampling time.
+
+    A `textbook_share` of the documents are worked examples outside the template; the rest answer the
+    Table 1 prompt in a behaviour drawn from `mix`.
+    """
     rng = random.Random(seed)
     names = list(families)
     weights = [families[k].get("weight", 1.0) for k in names]
@@ -58,7 +66,13 @@ def build_corpus(seed: int, n: int, families: dict, mix: dict[str, float], templ
         t = T.FAMILIES[name](rng, rng.choice(families[name]["difficulties"]))
         if t.question in exclude:  # never pretrain on held-out questions
             continue
-        docs.append((render(t.question, template), corpus_completion(t, rng, mix, shorthand_error_rate)))
+        if rng.random() < textbook_share:
+            # general "textbook" knowledge: worked examples with no template, so the base knows how to
+            # reason step by step without yet doing so when prompted with Table 1
+            steps, ans = T.worked_solution(t, rng)
+            docs.append((f"{t.question}:", f" {steps}. So the answer is {ans}."))
+        else:
+            docs.append((render(t.question, template), corpus_completion(t, rng, mix, shorthand_error_rate)))
     return docs
 
 
@@ -167,7 +181,7 @@ def build_base_model(cfg: dict, families: dict, template: str, out_dir, exclude:
 
     torch.manual_seed(cfg["seed"])
     docs = build_corpus(cfg["seed"], cfg["corpus_size"], families, cfg["corpus_mix"], template, exclude,
-                        cfg.get("shorthand_error_rate", 0.6))
+                        cfg.get("shorthand_error_rate", 0.6), cfg.get("textbook_share", 0.0))
     tok = train_tokenizer(docs, cfg["vocab_size"])
     model = build_model(tok, cfg["hidden_size"], cfg["num_layers"], cfg["num_heads"], cfg["max_positions"], cfg["seed"])
     loss_log = pretrain(model, tok, docs, cfg["steps"], cfg["batch_size"], cfg["learning_rate"], cfg["seed"],
