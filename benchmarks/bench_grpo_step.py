@@ -61,7 +61,7 @@ def time_ours(path, tasks, steps, warmup):
 
 def time_trl(path, tasks, steps, warmup):
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from r1flow.data.prompts import render
@@ -90,6 +90,7 @@ def time_trl(path, tasks, steps, warmup):
             dataloader_num_workers=0, disable_tqdm=True)
         trainer = GRPOTrainer(model=model, processing_class=tok, reward_funcs=[no_reward], args=args,
                               train_dataset=ds, callbacks=[Timer()])
+        trainer.remove_callback(PrinterCallback)  # keep the output to the figures
         trainer.train()
     return times[warmup:], statistics.mean(lengths) if lengths else float("nan")
 
