@@ -100,3 +100,15 @@ def test_bad_settings_fail_clearly(tiny_policy, tmp_path):
         _trainer(path, tmp_path / "x", micro_batch_size=6)
     with pytest.raises(KeyError, match="unknown reward"):
         _trainer(path, tmp_path / "x", rewards={"nope": 1.0})
+
+
+def test_no_validation_still_writes_valid_metrics(tiny_policy, tmp_path):
+    from r1flow.data.artifacts import write_table
+    from r1flow.data.schemas import GRPO_METRICS
+
+    path, _ = tiny_policy
+    t = _trainer(path, tmp_path / "nv", eval_every=0, steps=2)
+    m = t.train(progress=False)
+    assert m["val_pass@1"].isna().all()
+    write_table(m, tmp_path / "metrics.csv", GRPO_METRICS)  # the rule's artifact validates
+    assert t.validation_curve().empty and list(t.validation_curve().columns)[0] == "step"

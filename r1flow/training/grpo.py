@@ -299,12 +299,18 @@ class GRPOTrainer:
         bar.close()
         return self.metrics()
 
+    VAL_COLUMNS = ["val_pass@1", "val_format_rate", "val_length"]
+
     def metrics(self) -> pd.DataFrame:
-        return pd.DataFrame([h for h in self.history if h["step"] >= 1])
+        """One row per step; validation columns are empty on steps without a validation (or none at all)."""
+        m = pd.DataFrame([h for h in self.history if h["step"] >= 1])
+        for col in self.VAL_COLUMNS:
+            if col not in m:
+                m[col] = float("nan")
+        return m
 
     def validation_curve(self) -> pd.DataFrame:
-        return pd.DataFrame([h for h in self.history if "val_pass@1" in h])[
-            ["step", "val_pass@1", "val_format_rate", "val_length"]]
+        return pd.DataFrame([h for h in self.history if "val_pass@1" in h], columns=["step", *self.VAL_COLUMNS])
 
     def export(self, out_dir: str | os.PathLike) -> int:
         """Write the selected policy (best validation checkpoint or the last) as a HF model folder.
