@@ -2,12 +2,16 @@
 # Default target: R1-Zero (section 2.2) end to end on the embedded tiny default:
 #   tasks -> base model -> R1-Zero GRPO -> evaluation -> tables and plots.
 
+import os
+
 from snakemake.utils import min_version
 
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The embedded default, found next to this Snakefile whatever the working directory; --configfile
+# files given on the command line are merged over it.
+configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
 include: "workflow/rules/common.smk"
