@@ -4,7 +4,6 @@ import json
 
 import pandas as pd
 import pytest
-import torch
 from conftest import FAMILIES
 
 from r1flow.data.tasks import generate_tasks

@@ -4,7 +4,6 @@ A table is only ever read or written through `r1flow.data.artifacts`, which vali
 one of these, so a malformed file stops the rule that meets it.
 """
 
-import pandera.pandas as pa
 from pandera.pandas import Check, Column, DataFrameSchema
 
 # Prompts with a verifiable answer: synthetic tasks or a real dataset mapped to these columns.

@@ -40,8 +40,6 @@ def corpus_completion(t: T.Task, rng: random.Random, mix: dict[str, float], shor
     if mode == "shorthand":
         steps, ans = T.worked_solution(t, rng, wrong=rng.random() < shorthand_error_rate, shorthand=True)
         return f" <think> {steps} </think> <answer> {ans} </answer>"
-    if mode == "textbook":  # handled by build_corpus: a worked example outside the Table 1 template
-        raise ValueError("textbook documents have no template completion")
     if mode == "answer_only":
         return f" <answer> {t.answer} </answer>"
     if mode == "bare":
