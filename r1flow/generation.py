@@ -39,6 +39,19 @@ class Completions:
         return self.completion_mask.sum(1)
 
 
+def pad_batch(seqs: list[list[int]], pad: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids, mask). Prompts are left-padded (every row's next token is at the end),
+    completions right-padded (every row starts at the same position)."""
+    width = max(map(len, seqs), default=0)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        cols = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[r, cols] = torch.tensor(s, dtype=torch.long)
+        mask[r, cols] = 1
+    return ids, mask
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
     """One token per row: greedy at temperature 0, else nucleus sampling (top-p) at the temperature."""
     if temperature == 0:
@@ -108,12 +121,8 @@ class Generator:
         model, pad = self.model, self.tokenizer.pad_token_id
         was_training = model.training
         model.eval()
-        M, P = len(prompts), max(map(len, prompts))
-        ids = torch.full((M, P), pad, dtype=torch.long)
-        mask = torch.zeros((M, P), dtype=torch.long)
-        for r, s in enumerate(prompts):  # left padding, so every row's next token is at the end
-            ids[r, P - len(s) :] = torch.tensor(s)
-            mask[r, P - len(s) :] = 1
+        ids, mask = pad_batch(prompts, pad, left=True)
+        row_ids, row_mask = ids.repeat_interleave(params.n, 0), mask.repeat_interleave(params.n, 0)
         try:
             if self.fast:
                 from r1flow.models import fast_llama
@@ -122,11 +131,10 @@ class Generator:
                     model, ids, mask, params.n, params.max_new_tokens, params.temperature, params.top_p,
                     self.stop_ids, pad, self.rng)
             else:
-                comp, cmask, truncated = self._decode_hf(ids.repeat_interleave(params.n, 0),
-                                                         mask.repeat_interleave(params.n, 0), params)
+                comp, cmask, truncated = self._decode_hf(row_ids, row_mask, params)
         finally:
             model.train(was_training)
-        return ids.repeat_interleave(params.n, 0), mask.repeat_interleave(params.n, 0), comp, cmask, truncated
+        return row_ids, row_mask, comp, cmask, truncated
 
     def _decode_hf(self, ids, mask, params: SamplingParams):
         """Reference decoding loop through the model's own forward and KV cache (any causal LM)."""

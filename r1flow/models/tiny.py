@@ -27,7 +27,7 @@ def corpus_completion(t: T.Task, rng: random.Random, mix: dict[str, float], shor
     """One pretraining completion for a task, in a behaviour drawn from `mix`:
 
     worked: careful step-by-step solution, correct; worked_wrong: the same with one planted mistake;
-    shorthand: terse steps that drop the running value, wrong with probability `shorthand_error_rate`;
+    shorthand: only the running values ("=12 =24 =21"), wrong with probability `shorthand_error_rate`;
     answer_only: an answer in <answer> tags with no reasoning; bare: the answer with no tags.
     """
     mode = rng.choices(list(mix), list(mix.values()))[0]
@@ -132,6 +132,7 @@ def pretrain(model, tokenizer, docs: list[tuple[str, str]], steps: int, batch_si
     the capacity of a model this small is better spent on the reasoning than on random question digits.
     Log-probs come from the same function GRPO uses, so the fast Llama path speeds this up too.
     """
+    from r1flow.generation import pad_batch
     from r1flow.training.logprobs import completion_logprobs
 
     g = torch.Generator().manual_seed(seed)
@@ -146,16 +147,9 @@ def pretrain(model, tokenizer, docs: list[tuple[str, str]], steps: int, batch_si
     bar = tqdm(range(steps), desc="pretrain base", disable=not progress, mininterval=1.0)
     for step in bar:
         idx = torch.randint(len(docs), (batch_size,), generator=g).tolist()
-        P = max(len(prompts[i]) for i in idx)
-        C = max(len(completions[i]) for i in idx)
-        p_ids = torch.full((batch_size, P), pad)
-        p_mask = torch.zeros((batch_size, P), dtype=torch.long)
-        c_ids = torch.full((batch_size, C), pad)
-        c_mask = torch.zeros((batch_size, C), dtype=torch.long)
-        for r, i in enumerate(idx):  # prompts left-padded, completions right-padded, as at sampling time
-            p, c = prompts[i], completions[i]
-            p_ids[r, P - len(p):], p_mask[r, P - len(p):] = torch.tensor(p), 1
-            c_ids[r, : len(c)], c_mask[r, : len(c)] = torch.tensor(c), 1
+        # prompts left-padded, completions right-padded, as at sampling time
+        p_ids, p_mask = pad_batch([prompts[i] for i in idx], pad, left=True)
+        c_ids, c_mask = pad_batch([completions[i] for i in idx], pad, left=False)
         logps, _ = completion_logprobs(model, p_ids, p_mask, c_ids, c_mask, group_size=1)
         loss = -(logps * c_mask).sum() / c_mask.sum()
         opt.zero_grad(set_to_none=True)
