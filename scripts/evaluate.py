@@ -19,6 +19,7 @@ def main():
     ap.add_argument("--name", required=True, help="label in the tables")
     ap.add_argument("--tasks", required=True)
     ap.add_argument("--evaluation", type=json_arg, required=True, help="the config's evaluation section")
+    ap.add_argument("--rewards", type=json_arg, default={}, help="the config's rewards section (options per reward)")
     ap.add_argument("--template", default="table1")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--samples", required=True)
@@ -33,7 +34,7 @@ def main():
     gen = Generator(model, tok, batch_size=e["batch_size"], seed=e["seed"])
     params = SamplingParams(e["k"], e["temperature"], e["top_p"], e["max_new_tokens"])
     with torch.inference_mode():
-        samples = sample_and_score(gen, tasks, params, a.template)
+        samples = sample_and_score(gen, tasks, params, a.template, a.rewards)
     write_table(samples, a.samples, SAMPLES)
     s = summarize(samples, e["k"])
     row = {"model": a.name, "benchmark": a.benchmark_name, **s, "temperature": e["temperature"], "top_p": e["top_p"]}

@@ -17,6 +17,7 @@ def main():
     ap.add_argument("--train", required=True)
     ap.add_argument("--validation", required=True)
     ap.add_argument("--grpo", type=json_arg, required=True, help="the config's r1_zero.grpo section")
+    ap.add_argument("--rewards", type=json_arg, default={}, help="the config's rewards section (options per reward)")
     ap.add_argument("--template", default="table1")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--state", required=True, help="folder for resumable state (outside the outputs)")
@@ -28,7 +29,7 @@ def main():
     a = ap.parse_args()
     setup(a.threads)
 
-    cfg = GRPOConfig.from_dict({**a.grpo, "template": a.template})
+    cfg = GRPOConfig.from_dict({**a.grpo, "template": a.template, "reward_options": a.rewards})
     train, validation = read_table(a.train, TASKS), read_table(a.validation, TASKS)
     policy, tok = load_policy(a.model, a.dtype)
     # pi_ref: the frozen initial policy of eq. 2, loaded afresh so that a resumed run keeps the true base

@@ -85,7 +85,7 @@ def test_gradient_step_moves_towards_rewarded_output(tiny_policy, tmp_path):
 
     name = "test_short"
     if name not in R.REGISTRY:
-        R.register(name)(lambda c, a: R.Reward(1.0 if len(c) < 30 else 0.0, "len"))
+        R.register(name)(R.per_sample(lambda c, a: R.Reward(1.0 if len(c) < 30 else 0.0, "len")))
     t = _trainer(path, tmp_path / "g", rewards={name: 1.0}, beta=0.0, learning_rate=3e-3, steps=12, eval_every=0)
     m = t.train(progress=False)
     assert m["completion_length"].iloc[-4:].mean() < m["completion_length"].iloc[:4].mean()

@@ -11,7 +11,7 @@ import pandas as pd
 from r1flow import rewards as R
 from r1flow.data.prompts import render
 from r1flow.generation import Generator, SamplingParams
-from r1flow.rewards.rule_based import normalize
+from r1flow.rewards.math_answer import normalize
 
 
 def pass_at_1(correct: np.ndarray) -> float:
@@ -40,12 +40,13 @@ def cons_at_k(answers: list[list[str | None]], correct: list[list[float]]) -> fl
     return float(np.mean(solved)) if solved else 0.0
 
 
-def sample_and_score(generator: Generator, tasks: pd.DataFrame, params: SamplingParams, template: str) -> pd.DataFrame:
+def sample_and_score(generator: Generator, tasks: pd.DataFrame, params: SamplingParams, template: str,
+                     reward_options: dict | None = None) -> pd.DataFrame:
     """k = params.n completions per prompt, each graded by the accuracy and format rewards."""
     prompts = [render(q, template) for q in tasks["question"]]
     out = generator.generate(prompts, params)
     golds = [a for a in tasks["answer"] for _ in range(params.n)]
-    _, per = R.score_batch(out.texts, golds, {"accuracy": 1.0, "format": 1.0})
+    _, per = R.score_batch(out.texts, golds, {"accuracy": 1.0, "format": 1.0}, reward_options)
     acc, fmt = per["accuracy"], per["format"]
     return pd.DataFrame({
         "prompt_id": [p for p in tasks["prompt_id"] for _ in range(params.n)],

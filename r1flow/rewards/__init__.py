@@ -1,5 +1,10 @@
-"""The reward registry: every reward is a function (completion, gold answer) -> Reward, chosen by name
-and weighted in the config (section 2.2.2: rule-based accuracy and format rewards)."""
+"""The reward registry (section 2.2.2: rule-based rewards only; section 2.3.2: language consistency).
+
+Every reward is a batch function (completions, golds, **options) -> [Reward], registered by name.
+A stage's config names the rewards it sums and their weights; the `rewards` config section holds each
+reward's options (time limits, workers, target language). Batch functions let a reward share one
+worker pool or sandbox pool across a whole GRPO step.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ class Reward:
     extracted: str | None = None
 
 
-RewardFn = Callable[[str, str], Reward]
+RewardFn = Callable[..., list]
 REGISTRY: dict[str, RewardFn] = {}
 
 
@@ -28,6 +33,16 @@ def register(name: str):
     return deco
 
 
+def per_sample(fn: Callable[..., Reward]) -> RewardFn:
+    """Lift a (completion, gold, **options) -> Reward function to a batch reward."""
+
+    def batch(completions, golds, **options):
+        return [fn(c, g, **options) for c, g in zip(completions, golds)]
+
+    batch.__doc__, batch.__name__ = fn.__doc__, fn.__name__
+    return batch
+
+
 def get(name: str) -> RewardFn:
     try:
         return REGISTRY[name]
@@ -35,17 +50,22 @@ def get(name: str) -> RewardFn:
         raise KeyError(f"unknown reward '{name}'; registered: {sorted(REGISTRY)}") from None
 
 
-def score_batch(completions: Iterable[str], answers: Iterable[str], weights: dict[str, float]):
+def score_batch(completions: Iterable[str], answers: Iterable[str], weights: dict[str, float],
+                options: dict[str, dict] | None = None):
     """Score each completion with every named reward.
 
     Returns (total, per_reward) where total[i] = sum_name weight * score and per_reward[name] is the
     list of Reward objects, so metrics can report each function separately.
     """
     completions, answers = list(completions), list(answers)
-    fns = {name: get(name) for name in weights}
-    per = {name: [fn(c, a) for c, a in zip(completions, answers)] for name, fn in fns.items()}
+    options = options or {}
+    per = {}
+    for name in weights:
+        per[name] = get(name)(completions, answers, **options.get(name, {}))
+        if len(per[name]) != len(completions):
+            raise RuntimeError(f"reward '{name}' returned {len(per[name])} scores for {len(completions)} completions")
     total = [sum(weights[n] * per[n][i].score for n in weights) for i in range(len(completions))]
     return total, per
 
 
-from r1flow.rewards import rule_based  # noqa: E402,F401  (registers accuracy and format)
+from r1flow.rewards import code, formats, language, math_answer  # noqa: E402,F401  (register the rewards)

@@ -61,6 +61,7 @@ class GRPOConfig:
     importance_sampling_level: str = "token"
     mask_truncated_completions: bool = False
     rewards: dict = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.5})
+    reward_options: dict = field(default_factory=dict)  # the config's `rewards` section (limits, language)
     # optimisation
     steps: int = 300
     learning_rate: float = 1e-4
@@ -152,7 +153,7 @@ class GRPOTrainer:
         t_gen = time.perf_counter() - t0
 
         golds = [a for a in batch["answer"] for _ in range(G)]
-        total, per = R.score_batch(out.texts, golds, self.weights)
+        total, per = R.score_batch(out.texts, golds, self.weights, c.reward_options)
         rewards = torch.tensor(total, dtype=torch.float32)
         advantages = group_advantages(rewards, G, c.scale_rewards)
         mask = loss_mask(out.completion_mask, out.truncated, c.mask_truncated_completions)
@@ -220,7 +221,7 @@ class GRPOTrainer:
     def validate(self) -> dict:
         c = self.cfg
         params = SamplingParams(c.eval_k, c.eval_temperature, c.eval_top_p, c.max_completion_length)
-        s = summarize(sample_and_score(self.generator, self.val_df, params, c.template), c.eval_k)
+        s = summarize(sample_and_score(self.generator, self.val_df, params, c.template, c.reward_options), c.eval_k)
         return {"val_pass@1": s["pass@1"], "val_format_rate": s["format_rate"], "val_length": s["mean_length"]}
 
     # -- checkpoints -------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ rule evaluate:
     params:
         model=lambda w: model_arg(w.model),
         evaluation=settings("evaluation"),
+        rewards=settings("rewards"),
         template=config["template"],
         dtype=config["base_model"]["dtype"],
     threads: config["threads"]
@@ -30,5 +31,5 @@ rule evaluate:
         "../../envs/generate.yaml"
     shell:
         "{PYTHON} {SCRIPTS}/evaluate.py --model {params.model} --name {wildcards.model} --tasks {input.tasks}"
-        " --evaluation {params.evaluation} --template {params.template} --dtype {params.dtype}"
+        " --evaluation {params.evaluation} --rewards {params.rewards} --template {params.template} --dtype {params.dtype}"
         " --samples {output.samples} --summary {output.summary} --threads {threads} 2>&1 | tee {log}"

@@ -15,6 +15,7 @@ rule r1_zero:
     params:
         base=model_arg("base"),
         grpo=settings("r1_zero", "grpo"),
+        rewards=settings("rewards"),
         template=config["template"],
         dtype=config["base_model"]["dtype"],
         state=res("state", "r1_zero"),
@@ -31,6 +32,6 @@ rule r1_zero:
         "../../envs/train.yaml"
     shell:
         "{PYTHON} {SCRIPTS}/grpo.py --model {params.base} --train {input.train} --validation {input.validation}"
-        " --grpo {params.grpo} --template {params.template} --dtype {params.dtype} --state {params.state}"
+        " --grpo {params.grpo} --rewards {params.rewards} --template {params.template} --dtype {params.dtype} --state {params.state}"
         " --out-model {output.model} --metrics {output.metrics} --validation-curve {output.validation_curve}"
         " --threads {threads} 2>&1 | tee {log}"
