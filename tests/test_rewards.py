@@ -49,8 +49,9 @@ def test_last_boxed_nested():
 @pytest.mark.parametrize(
     "pred,gold,verdict",
     [("24", "24", True), ("24.0", "24", True), ("1/2", "0.5", True), ("\\frac{1}{2}", "0.5", True),
-     ("\\dfrac{1}{2}", "\\frac12", None), ("1,000", "1000", True), ("$24$", "24", True), ("\\text{24}", "24", True),
-     ("25", "24", False), ("-3", "3", False), ("24x", "24", None), ("0.333333", "\\frac{1}{3}", None),
+     ("\\dfrac{1}{2}", "\\frac12", True), ("1,000", "1000", True), ("$24$", "24", True), ("\\text{24}", "24", True),
+     ("25", "24", False), ("-3", "3", False), ("24x", "24", None), ("0.333333", "\\frac{1}{3}", None), ("0.75", "0.15", False),
+     ("-\\frac{10}{11}", "\\frac{10}{11}", False), ("\\frac43", "\\frac{4}{3}", True), ("1.5", "-\\frac32", False),
      ("１２", "12", None)],  # fullwidth digits are not settled by the cheap check
 )
 def test_cheap_verdict(pred, gold, verdict):

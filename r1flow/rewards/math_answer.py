@@ -95,10 +95,11 @@ def as_number(s: str) -> Fraction | None:
     if len(s) > MAX_NUMBER_CHARS:
         return None
     # ASCII digits only: Fraction() would also read look-alikes such as fullwidth digits.
-    m = re.fullmatch(r"\\frac\{(-?\d+)\}\{(-?\d+)\}", s, re.ASCII)
+    m = re.fullmatch(r"(-?)\\frac(?:\{(-?\d+)\}\{(-?\d+)\}|(\d)(\d))", s, re.ASCII)  # \frac{3}{4}, -\frac34
     try:
         if m:
-            return Fraction(int(m.group(1)), int(m.group(2)))
+            sign = -1 if m.group(1) else 1
+            return sign * Fraction(int(m.group(2) or m.group(4)), int(m.group(3) or m.group(5)))
         if re.fullmatch(r"-?\d+(\.\d+)?(/\d+)?", s, re.ASCII):
             return Fraction(s)
     except (ValueError, ZeroDivisionError):
@@ -109,8 +110,8 @@ def as_number(s: str) -> Fraction | None:
 def cheap_verdict(pred: str, gold: str) -> bool | None:
     """True/False when plain string or number comparison settles it, None when it needs the verifier.
 
-    Only exact equality, or two integers, are settled: 0.333333 vs 1/3 is left to Math-Verify, whose
-    float rounding may accept it.
+    Only exact equality, two different integers, or two numbers further apart than Math-Verify's
+    6-decimal rounding could bridge are settled: 0.333333 vs 1/3 is left to Math-Verify, which accepts it.
     """
     p, g = normalize(pred), normalize(gold)
     if p == g and p:
@@ -121,6 +122,8 @@ def cheap_verdict(pred: str, gold: str) -> bool | None:
     if pn == gn:
         return True
     if pn.denominator == 1 and gn.denominator == 1 and "." not in p + g:
+        return False
+    if abs(pn - gn) > Fraction(1, 10**4) * max(1, abs(pn), abs(gn)):
         return False
     return None
 
