@@ -26,3 +26,4 @@ rule all:
     default_target: True
     input:
         rules.r1_zero_report.output,
+        rules.benchmark_table.output,

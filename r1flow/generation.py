@@ -69,7 +69,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 class Generator:
     """Transformers backend. `batch_size` bounds how many sequences are decoded together."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 256, seed: int = 0, fast: bool = True):
+    def __init__(self, model, tokenizer, batch_size: int = 256, seed: int = 0, fast: bool = True,
+                 progress: bool = False):
         from r1flow.models import fast_llama
 
         self.model = model
@@ -78,6 +79,7 @@ class Generator:
         self.fast = fast and fast_llama.supports(model)
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.progress = progress  # a progress bar over sequences, for long evaluation runs
         self.rng = torch.Generator().manual_seed(seed)
         stop = {tokenizer.eos_token_id}
         gen_cfg = getattr(model, "generation_config", None)
@@ -96,7 +98,13 @@ class Generator:
         tok = self.tokenizer
         enc = tok(prompts, add_special_tokens=False)["input_ids"]
         per_chunk = max(1, self.batch_size // params.n)  # prompts per decoding batch
-        parts = [self._decode(enc[i : i + per_chunk], params) for i in range(0, len(enc), per_chunk)]
+        from tqdm.auto import tqdm
+
+        parts = []
+        with tqdm(total=len(enc) * params.n, unit="seq", desc="generating", disable=not self.progress) as bar:
+            for i in range(0, len(enc), per_chunk):
+                parts.append(self._decode(enc[i : i + per_chunk], params))
+                bar.update(parts[-1][0].shape[0])
         P = max(p[0].shape[1] for p in parts)
         C = max(p[2].shape[1] for p in parts)
         pad = tok.pad_token_id

@@ -1,4 +1,4 @@
-"""Rule `evaluate`: k samples per held-out prompt; pass@1 and cons@k (section 3)."""
+"""Rule `evaluate`: one model on one benchmark; per-sample records and a summary row (section 3)."""
 
 import argparse
 
@@ -6,40 +6,42 @@ import pandas as pd
 import torch
 from _common import json_arg, setup
 
-from r1flow.data.artifacts import read_table, write_table
-from r1flow.data.schemas import EVAL_SUMMARY, SAMPLES, TASKS
-from r1flow.evaluation import sample_and_score, summarize
-from r1flow.generation import Generator, SamplingParams
+from r1flow.data.artifacts import write_table
+from r1flow.data.schemas import EVAL_SUMMARY, SAMPLES
+from r1flow.evaluation import run_benchmark
+from r1flow.evaluation.benchmarks import BenchmarkSpec
+from r1flow.generation import Generator
 from r1flow.models import load_policy
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--name", required=True, help="label in the tables")
-    ap.add_argument("--tasks", required=True)
-    ap.add_argument("--evaluation", type=json_arg, required=True, help="the config's evaluation section")
-    ap.add_argument("--rewards", type=json_arg, default={}, help="the config's rewards section (options per reward)")
-    ap.add_argument("--template", default="table1")
+    ap.add_argument("--model", required=True, help="a model folder or hub id")
+    ap.add_argument("--gguf-file", default=None, help="a GGUF file inside --model, loaded through transformers")
+    ap.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    ap.add_argument("--name", required=True, help="label of the model in the tables")
+    ap.add_argument("--benchmark", required=True, help="benchmark name")
+    ap.add_argument("--spec", type=json_arg, required=True, help="the benchmark's config entry")
+    ap.add_argument("--data", default=None, help="overrides the spec's path (a file built by another rule)")
+    ap.add_argument("--evaluation", type=json_arg, required=True, help="the evaluation section's sampling settings")
+    ap.add_argument("--rewards", type=json_arg, default={}, help="the config's rewards section")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--samples", required=True)
     ap.add_argument("--summary", required=True)
-    ap.add_argument("--benchmark-name", default="held-out")
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()
     setup(a.threads)
     e = a.evaluation
-    tasks = read_table(a.tasks, TASKS)
-    model, tok = load_policy(a.model, a.dtype)
-    gen = Generator(model, tok, batch_size=e["batch_size"], seed=e["seed"])
-    params = SamplingParams(e["k"], e["temperature"], e["top_p"], e["max_new_tokens"])
+    spec = BenchmarkSpec.from_config(a.benchmark, {**a.spec, **({"path": a.data} if a.data else {})})
+    model, tok = load_policy(a.model, a.dtype, gguf_file=a.gguf_file)
+    gen = Generator(model, tok, batch_size=e["batch_size"], seed=e["seed"], progress=True)
     with torch.inference_mode():
-        samples = sample_and_score(gen, tasks, params, a.template, a.rewards)
+        samples, row = run_benchmark(gen, tok, spec, e, a.rewards, chat=a.chat)
     write_table(samples, a.samples, SAMPLES)
-    s = summarize(samples, e["k"])
-    row = {"model": a.name, "benchmark": a.benchmark_name, **s, "temperature": e["temperature"], "top_p": e["top_p"]}
-    write_table(pd.DataFrame([row]), a.summary, EVAL_SUMMARY)
-    print(f"{a.name}: pass@1 {s['pass@1']:.3f}  cons@{e['k']} {s['cons@k']:.3f}  format {s['format_rate']:.3f}")
+    write_table(pd.DataFrame([{"model": a.name, **row}]), a.summary, EVAL_SUMMARY)
+    cons = f"  cons@{row['cons_k']} {row['cons@k']:.3f}" if row.get("cons@k") is not None else ""
+    print(f"{a.name} on {spec.name}: pass@1 {row['pass@1']:.3f}{cons}  format {row['format_rate']:.3f}  "
+          f"({row['num_problems']} problems x {row['n']} samples)")
 
 
 if __name__ == "__main__":

@@ -36,17 +36,23 @@ def test_tables_match_the_samples(smoke_run):
     r = smoke_run / "results"
     table = pd.read_csv(r / "tables" / "r1_zero.csv")
     assert table["model"].tolist() == ["base", "r1_zero"]
-    assert (table["k"] == 2).all() and (table["num_prompts"] == 16).all()
+    assert (table["n"] == 2).all() and (table["num_problems"] == 16).all() and (table["cons_k"] == 2).all()
     assert (table["temperature"] == 0.6).all() and (table["top_p"] == 0.95).all()
+    assert (table["max_new_tokens"] == 24).all()
     for _, row in table.iterrows():
-        s = pd.read_parquet(r / "eval" / row["model"] / "samples.parquet")
+        s = pd.read_parquet(r / "eval" / row["model"] / "held_out" / "samples.parquet")
         assert len(s) == 16 * 2
-        per_prompt = s.groupby("prompt_id")["accuracy"].mean()
-        assert row["pass@1"] == pytest.approx(per_prompt.mean())
+        per_problem = s.groupby("problem_id")["correct"].mean()
+        assert row["pass@1"] == pytest.approx(per_problem.mean())
+        # unbiased pass@2 from n = 2: a problem counts when either sample is right
+        assert row["pass@2"] == pytest.approx((s.groupby("problem_id")["correct"].max()).mean())
         assert row["format_rate"] == pytest.approx(s["format"].mean())
+        assert (s.loc[s["truncated"], "correct"] == 0).all()
         assert 0 <= row["cons@k"] <= 1
     md = (r / "tables" / "r1_zero.md").read_text()
-    assert "| Model | Benchmark | Prompts | pass@1 | cons@2 |" in md and "| r1_zero |" in md
+    assert "| Model | held_out pass@1 | held_out cons@2 | held_out pass@2 | held_out format | held_out length |" in md
+    assert "| r1_zero |" in md and "n = 2 samples each, temperature 0.6, top-p 0.95, at most 24 new tokens" in md
+    assert (r / "tables" / "benchmarks.md").read_text().count("| base |") == 1
 
 
 def test_training_outputs(smoke_run):
@@ -58,7 +64,8 @@ def test_training_outputs(smoke_run):
     for png in ("r1_zero_accuracy.png", "r1_zero_length.png"):
         assert (r / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (r / "state" / "r1_zero").exists()  # resumable state is cleared after success
-    for rule in ("tasks", "base_model", "r1_zero", "evaluate_base", "evaluate_r1_zero", "r1_zero_report"):
+    for rule in ("tasks", "base_model", "r1_zero", "evaluate_base_held_out", "evaluate_r1_zero_held_out",
+                 "r1_zero_report", "benchmark_table"):
         assert (r / "logs" / f"{rule}.log").exists() and (r / "benchmarks" / f"{rule}.tsv").exists()
 
 
@@ -90,10 +97,10 @@ def test_corrupt_artifact_stops_the_rule(smoke_run, tmp_path):
     df = pd.read_parquet(test)
     df.loc[[0, 3], "difficulty"] = -5
     df.to_parquet(test)
-    out = wd / "results" / "eval" / "base" / "summary.csv"
+    out = wd / "results" / "eval" / "base" / "held_out" / "summary.csv"
     out.unlink()
     p = snakemake(wd, str(out.relative_to(wd)), "--forcerun", "evaluate", check=False)
-    log = p.stdout + p.stderr + (wd / "results" / "logs" / "evaluate_base.log").read_text()
+    log = p.stdout + p.stderr + (wd / "results" / "logs" / "evaluate_base_held_out.log").read_text()
     assert p.returncode != 0
     assert "test.parquet: does not match schema 'tasks'" in log
     assert "column 'difficulty' failed check 'greater_than_or_equal_to(0)' on 2 row(s)" in log
@@ -124,3 +131,38 @@ def test_killed_training_resumes_on_rerun(tmp_path):
     assert "resuming from step" in log
     m = pd.read_csv(tmp_path / target)
     assert m["step"].tolist() == list(range(1, 401))
+
+
+def test_one_benchmark_is_rerun_alone(smoke_run, tmp_path):
+    """A second benchmark added, then its settings changed: only its jobs run, held_out is untouched."""
+    wd = tmp_path / "w"
+    shutil.copytree(smoke_run, wd)
+    cfg = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
+    cfg["evaluation"]["benchmarks"]["mini"] = {"loader": "gsm8k", "path": str(ROOT / "tests" / "data" / "gsm8k_mini.jsonl"),
+                                              "template": "table1", "n": 2, "max_new_tokens": 8}
+    conf = tmp_path / "two.yaml"
+    conf.write_text(yaml.safe_dump(cfg))
+    held_out = wd / "results" / "eval" / "base" / "held_out" / "samples.parquet"
+    before = held_out.stat().st_mtime_ns
+    target = "results/eval/base/mini/samples.parquet"
+    snakemake(wd, target, config=str(conf))
+    s = pd.read_parquet(wd / target)
+    assert len(s) == 3 * 2 and sorted(set(s["problem_id"])) == ["0", "1", "2"]
+    assert s.groupby("problem_id").size().tolist() == [2, 2, 2]
+    cfg["evaluation"]["benchmarks"]["mini"]["n"] = 3
+    conf.write_text(yaml.safe_dump(cfg))
+    p = snakemake(wd, target, config=str(conf))
+    assert len(pd.read_parquet(wd / target)) == 3 * 3
+    assert held_out.stat().st_mtime_ns == before
+    assert "evaluate_base_held_out" not in p.stdout + p.stderr
+
+
+def test_k_larger_than_n_is_a_config_error(tmp_path):
+    cfg = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
+    cfg["evaluation"]["benchmarks"]["held_out"]["cons_at_k"] = 64
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+    p = snakemake(tmp_path, config=str(bad), check=False)
+    assert p.returncode != 0
+    assert "config key 'evaluation.benchmarks.held_out': " in p.stdout + p.stderr
+    assert "k=64 asked but only n=2 samples per problem are generated" in p.stdout + p.stderr

@@ -20,38 +20,57 @@ TASKS = DataFrameSchema(
     coerce=True,
 )
 
-# One row per sampled completion during evaluation.
+# Problems of an evaluation benchmark, whatever their source (r1flow.evaluation.benchmarks).
+PROBLEMS = DataFrameSchema(
+    {
+        "benchmark": Column(str),
+        "problem_id": Column(str, unique=True),
+        "question": Column(str, Check.str_length(min_value=1)),
+        "answer": Column(str, Check.str_length(min_value=1)),
+        "answer_type": Column(str, Check.isin(["math", "multiple_choice", "code"])),
+    },
+    name="problems",
+    coerce=True,
+)
+
+# One row per sampled completion during evaluation: enough to explain every verdict.
 SAMPLES = DataFrameSchema(
     {
-        "prompt_id": Column(str),
+        "benchmark": Column(str),
+        "problem_id": Column(str),
         "sample": Column(int, Check.ge(0)),
+        "prompt": Column(str),
         "completion": Column(str),
         "extracted": Column(str, nullable=True),
-        "accuracy": Column(float, Check.in_range(0.0, 1.0)),
-        "format": Column(float, Check.in_range(0.0, 1.0)),
+        "correct": Column(float, Check.in_range(0.0, 1.0)),
         "reason": Column(str),
-        "num_tokens": Column(int, Check.ge(0)),
+        "format": Column(float, Check.in_range(0.0, 1.0)),
+        "completion_tokens": Column(int, Check.ge(0)),
         "truncated": Column(bool),
     },
     name="samples",
     coerce=True,
 )
 
-# One row per evaluated model: pass@1 over k samples and cons@k (section 3).
+# One row per (model, benchmark): the metrics of section 3 and the sampling settings behind them.
 EVAL_SUMMARY = DataFrameSchema(
     {
         "model": Column(str),
         "benchmark": Column(str),
-        "k": Column(int, Check.ge(1)),
-        "num_prompts": Column(int, Check.ge(1)),
+        "num_problems": Column(int, Check.ge(1)),
+        "n": Column(int, Check.ge(1)),
         "pass@1": Column(float, Check.in_range(0.0, 1.0)),
-        "cons@k": Column(float, Check.in_range(0.0, 1.0)),
+        "cons@k": Column(float, Check.in_range(0.0, 1.0), nullable=True),
+        "cons_k": Column(float, Check.ge(1), nullable=True),
         "format_rate": Column(float, Check.in_range(0.0, 1.0)),
         "mean_length": Column(float, Check.ge(0.0)),
+        "truncated_rate": Column(float, Check.in_range(0.0, 1.0)),
         "temperature": Column(float, Check.ge(0.0)),
         "top_p": Column(float, Check.in_range(0.0, 1.0, include_min=False)),
+        "max_new_tokens": Column(int, Check.ge(1)),
     },
     name="eval_summary",
+    strict=False,  # pass@k columns (pass@8, ...) are added by name
     coerce=True,
 )
 

@@ -7,24 +7,57 @@ import pandas as pd
 from r1flow.data.artifacts import write_table, write_text
 from r1flow.data.schemas import EVAL_SUMMARY
 
-COLUMNS = ["model", "benchmark", "k", "num_prompts", "pass@1", "cons@k", "format_rate", "mean_length",
-           "temperature", "top_p"]
+COLUMNS = ["model", "benchmark", "num_problems", "n", "pass@1", "cons@k", "cons_k", "format_rate", "mean_length",
+           "truncated_rate", "temperature", "top_p", "max_new_tokens"]
 
 
 def results_table(summaries: list[pd.DataFrame]) -> pd.DataFrame:
-    return pd.concat(summaries, ignore_index=True)[COLUMNS]
+    """All (model, benchmark) rows, with any pass@k columns after the fixed ones."""
+    table = pd.concat(summaries, ignore_index=True)
+    extra = sorted((c for c in table.columns if c.startswith("pass@") and c != "pass@1"), key=lambda c: int(c[5:]))
+    return table[COLUMNS + extra]
+
+
+def paper_layout(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """Rows = models, columns = (benchmark, metric), as in the paper's Tables 2, 5 and 6."""
+    benches = list(dict.fromkeys(table["benchmark"]))
+    head, cols = ["Model"], []
+    for b in benches:
+        t = table[table["benchmark"] == b]
+        metrics = [("pass@1", "pass@1")]
+        if t["cons@k"].notna().any():
+            metrics.append(("cons@k", f"cons@{int(t['cons_k'].dropna().iloc[0])}"))
+        metrics += [(c, c) for c in t.columns if c.startswith("pass@") and c != "pass@1" and t[c].notna().any()]
+        metrics += [("format_rate", "format"), ("mean_length", "length")]
+        for key, label in metrics:
+            head.append(f"{b} {label}")
+            cols.append((b, key))
+    rows = []
+    for m in dict.fromkeys(table["model"]):
+        row = [m]
+        for b, key in cols:
+            hit = table[(table["model"] == m) & (table["benchmark"] == b)]
+            if hit.empty or pd.isna(hit[key].iloc[0]):
+                row.append("-")
+            else:
+                v = float(hit[key].iloc[0])
+                row.append(f"{v:.1f}" if key == "mean_length" else f"{100 * v:.1f}")
+        rows.append(row)
+    return head, rows
 
 
 def to_markdown(table: pd.DataFrame, title: str) -> str:
-    """A plain markdown table (no extra dependency), percentages as in the paper."""
-    k = int(table["k"].iloc[0])
-    head = ["Model", "Benchmark", "Prompts", "pass@1", f"cons@{k}", "Format", "Mean length"]
-    lines = [f"## {title}", "",
-             f"k = {k} samples per prompt, temperature {table['temperature'].iloc[0]}, top-p {table['top_p'].iloc[0]}.",
-             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for _, r in table.iterrows():
-        lines.append(f"| {r['model']} | {r['benchmark']} | {r['num_prompts']} | {100 * r['pass@1']:.1f} | "
-                     f"{100 * r['cons@k']:.1f} | {100 * r['format_rate']:.1f} | {r['mean_length']:.1f} |")
+    """A plain markdown table (no extra dependency), percentages as in the paper, with the sampling
+    settings of every benchmark stated under it."""
+    head, rows = paper_layout(table)
+    lines = [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines.append("")
+    for b in dict.fromkeys(table["benchmark"]):
+        r = table[table["benchmark"] == b].iloc[0]
+        lines.append(f"- {b}: {int(r['num_problems'])} problems, n = {int(r['n'])} samples each, temperature "
+                     f"{r['temperature']}, top-p {r['top_p']}, at most {int(r['max_new_tokens'])} new tokens; "
+                     "pass@1 is the mean correctness over the n samples, truncated samples count as wrong.")
     return "\n".join(lines) + "\n"
 
 

@@ -68,4 +68,4 @@ def score_batch(completions: Iterable[str], answers: Iterable[str], weights: dic
     return total, per
 
 
-from r1flow.rewards import code, formats, language, math_answer  # noqa: E402,F401  (register the rewards)
+from r1flow.rewards import choice, code, formats, language, math_answer  # noqa: E402,F401  (register)

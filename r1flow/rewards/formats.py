@@ -1,6 +1,7 @@
 """Format rewards.
 
 - `format` (section 2.2.2, Table 1): <think> reasoning </think> <answer> answer </answer>, nothing else.
+- `format_think`: R1's <think> ... </think> answer, for evaluating R1-style models.
 - `format_readable` (section 2.3.1): the pattern |special_token|<reasoning_process>|special_token|<summary>
   used from the cold start on; the marker is configurable (it is a placeholder in the paper).
 
@@ -26,6 +27,20 @@ def format_reward(completion: str, gold: str = "") -> Reward:
         return Reward(0.0, "tags_missing_or_repeated")
     if FORMAT_RE.match(completion) is None:
         return Reward(0.0, "tags_out_of_order")
+    return Reward(1.0, "ok")
+
+
+@register("format_think")
+@per_sample
+def format_think(completion: str, gold: str = "") -> Reward:
+    """R1's output in evaluation: one <think> ... </think> block, then a non-empty answer."""
+    if completion.count("<think>") != 1 or completion.count("</think>") != 1:
+        return Reward(0.0, "think_tags_missing_or_repeated")
+    m = re.match(r"^\s*<think>(.*?)</think>(.*)$", completion, re.DOTALL)
+    if m is None:
+        return Reward(0.0, "text_before_think")
+    if not m.group(2).strip():
+        return Reward(0.0, "no_answer_after_think")
     return Reward(1.0, "ok")
 
 

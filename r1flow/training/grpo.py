@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from r1flow import rewards as R
 from r1flow.data.prompts import render
-from r1flow.evaluation import sample_and_score, summarize
+from r1flow.evaluation import sample_and_grade, summarize
 from r1flow.generation import Generator, SamplingParams
 from r1flow.models import save_policy
 from r1flow.training.grpo_loss import Normalizer, group_advantages, grpo_loss, loss_mask
@@ -221,7 +221,10 @@ class GRPOTrainer:
     def validate(self) -> dict:
         c = self.cfg
         params = SamplingParams(c.eval_k, c.eval_temperature, c.eval_top_p, c.max_completion_length)
-        s = summarize(sample_and_score(self.generator, self.val_df, params, c.template, c.reward_options), c.eval_k)
+        problems = self.val_df.assign(benchmark="validation", problem_id=self.val_df["prompt_id"])
+        prompts = [render(q, c.template) for q in problems["question"]]
+        # the accuracy reward, whatever the training rewards, and the same grading as the evaluation stage
+        s = summarize(sample_and_grade(self.generator, problems, prompts, params, "accuracy", c.reward_options))
         return {"val_pass@1": s["pass@1"], "val_format_rate": s["format_rate"], "val_length": s["mean_length"]}
 
     # -- checkpoints -------------------------------------------------------------------------------

@@ -4,10 +4,20 @@ import shlex
 import sys
 
 sys.path.insert(0, str(Path(workflow.basedir)))  # the r1flow package, when not pip-installed
-from r1flow.config import validate_config
+from r1flow.config import ConfigError, validate_config
+from r1flow.evaluation.benchmarks import BenchmarkSpec
 
 # Fails here, before any job runs, naming the key and what was expected.
 validate_config(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
+# --configfile merges over the embedded default; `name: null` is how a config drops an inherited benchmark
+config["evaluation"]["benchmarks"] = {k: v for k, v in config["evaluation"]["benchmarks"].items() if v is not None}
+if not config["evaluation"]["benchmarks"]:
+    raise ConfigError("config key 'evaluation.benchmarks': no benchmark left to evaluate")
+for _name, _spec in config["evaluation"]["benchmarks"].items():
+    try:  # e.g. cons@64 asked with n = 16 samples: an error now, not a silently smaller k later
+        BenchmarkSpec.from_config(_name, _spec)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"config key 'evaluation.benchmarks.{_name}': {e}") from None
 
 RESULTS = config["results"]
 SCRIPTS = str(Path(workflow.basedir) / "scripts")

@@ -1,28 +1,66 @@
-# Section 3: k samples per held-out prompt at temperature 0.6 / top-p 0.95; pass@1 and cons@k.
+# Section 3: n samples per problem at temperature 0.6 / top-p 0.95; pass@1, pass@k and cons@k.
+# One job per (model, benchmark), so one benchmark can be rerun without regenerating the others.
 
-EVAL_MODELS = ["base", "r1_zero"]
+EVAL_MODELS = list(config["evaluation"]["models"]) + list(config["evaluation"]["external_models"])
+BENCHMARKS = list(config["evaluation"]["benchmarks"])
+
+
+def eval_model_input(name):
+    if name in config["evaluation"]["external_models"]:
+        path = config["evaluation"]["external_models"][name]["path"]
+        return path if os.path.exists(path) else []  # a local model is an input; a hub id is not
+    return model_input(name)
+
+
+def eval_model_args(name):
+    ext = config["evaluation"]["external_models"].get(name)
+    if ext is None:
+        return f"--model {model_arg(name)}"
+    args = f"--model {shlex.quote(ext['path'])}"
+    if ext.get("gguf_file"):
+        args += f" --gguf-file {shlex.quote(ext['gguf_file'])}"
+    return args + (" --chat" if ext.get("chat") else "")
+
+
+def sampling_settings():
+    """The evaluation settings every benchmark shares, without the lists of models and benchmarks: a
+    job's params then change only when something it uses changes, so adding or editing one benchmark
+    reruns that benchmark alone."""
+    shared = {k: v for k, v in config["evaluation"].items() if k not in ("models", "external_models", "benchmarks")}
+    return shlex.quote(json.dumps(shared, sort_keys=True))
+
+
+def benchmark_data(name):
+    """The synthetic held-out set is built by the `tasks` rule; a local benchmark file is an input."""
+    spec = config["evaluation"]["benchmarks"][name]
+    if spec["loader"] == "synthetic":
+        return rules.tasks.output.test
+    path = spec.get("path")
+    return path if path and os.path.exists(path) else []
 
 
 rule evaluate:
     input:
-        model=lambda w: model_input(w.model),
-        tasks=rules.tasks.output.test,
+        model=lambda w: eval_model_input(w.model),
+        data=lambda w: benchmark_data(w.benchmark),
     output:
-        samples=res("eval", "{model}", "samples.parquet"),
-        summary=res("eval", "{model}", "summary.csv"),
+        samples=res("eval", "{model}", "{benchmark}", "samples.parquet"),
+        summary=res("eval", "{model}", "{benchmark}", "summary.csv"),
     wildcard_constraints:
-        model="|".join(EVAL_MODELS),
+        model="|".join(EVAL_MODELS) or "NONE",
+        benchmark="|".join(BENCHMARKS) or "NONE",
     params:
-        model=lambda w: model_arg(w.model),
-        evaluation=settings("evaluation"),
+        model=lambda w: eval_model_args(w.model),
+        spec=lambda w: settings("evaluation", "benchmarks", w.benchmark),
+        data=lambda w, input: f"--data {input.data}" if input.data else "",
+        evaluation=sampling_settings(),
         rewards=settings("rewards"),
-        template=config["template"],
         dtype=config["base_model"]["dtype"],
     threads: config["threads"]
     log:
-        res("logs", "evaluate_{model}.log"),
+        res("logs", "evaluate_{model}_{benchmark}.log"),
     benchmark:
-        res("benchmarks", "evaluate_{model}.tsv")
+        res("benchmarks", "evaluate_{model}_{benchmark}.tsv")
     resources:
         mem_mb=resource("evaluate", "mem_mb", 4000),
         runtime=resource("evaluate", "runtime", 30),
@@ -30,6 +68,28 @@ rule evaluate:
     conda:
         "../../envs/generate.yaml"
     shell:
-        "{PYTHON} {SCRIPTS}/evaluate.py --model {params.model} --name {wildcards.model} --tasks {input.tasks}"
-        " --evaluation {params.evaluation} --rewards {params.rewards} --template {params.template} --dtype {params.dtype}"
-        " --samples {output.samples} --summary {output.summary} --threads {threads} 2>&1 | tee {log}"
+        "{PYTHON} {SCRIPTS}/evaluate.py {params.model} --name {wildcards.model} --benchmark {wildcards.benchmark}"
+        " --spec {params.spec} {params.data} --evaluation {params.evaluation} --rewards {params.rewards}"
+        " --dtype {params.dtype} --samples {output.samples} --summary {output.summary} --threads {threads}"
+        " 2>&1 | tee {log}"
+
+
+rule benchmark_table:
+    """Every evaluated model on every configured benchmark, in the paper's layout."""
+    input:
+        summaries=expand(res("eval", "{model}", "{benchmark}", "summary.csv"), model=EVAL_MODELS, benchmark=BENCHMARKS),
+    output:
+        table_csv=res("tables", "benchmarks.csv"),
+        table_md=report(res("tables", "benchmarks.md"), caption="../report/benchmarks.rst", category="Evaluation"),
+    log:
+        res("logs", "benchmark_table.log"),
+    benchmark:
+        res("benchmarks", "benchmark_table.tsv")
+    resources:
+        mem_mb=resource("benchmark_table", "mem_mb", 1000),
+        runtime=resource("benchmark_table", "runtime", 10),
+    conda:
+        "../../envs/eval.yaml"
+    shell:
+        "{PYTHON} {SCRIPTS}/tables.py --summaries {input.summaries} --table-csv {output.table_csv}"
+        " --table-md {output.table_md} --title 'Evaluation' 2>&1 | tee {log}"

@@ -3,7 +3,8 @@
 
 rule r1_zero_report:
     input:
-        summaries=expand(res("eval", "{model}", "summary.csv"), model=EVAL_MODELS),
+        summaries=expand(res("eval", "{model}", "{benchmark}", "summary.csv"),
+                         model=config["evaluation"]["models"], benchmark=BENCHMARKS),
         metrics=rules.r1_zero.output.metrics,
         validation_curve=rules.r1_zero.output.validation_curve,
     output:
