@@ -6,7 +6,7 @@ from _common import setup
 
 from r1flow.data.artifacts import read_table
 from r1flow.data.schemas import EVAL_SUMMARY
-from r1flow.evaluation.report import write_tables
+from r1flow.evaluation.report import plot_benchmarks, write_tables
 
 
 def main():
@@ -14,10 +14,13 @@ def main():
     ap.add_argument("--summaries", nargs="+", required=True)
     ap.add_argument("--table-csv", required=True)
     ap.add_argument("--table-md", required=True)
+    ap.add_argument("--plot", default=None, help="pass@1 bar chart (PNG)")
     ap.add_argument("--title", default="Evaluation")
     a = ap.parse_args()
     setup()
     table = write_tables([read_table(p, EVAL_SUMMARY) for p in a.summaries], a.table_csv, a.table_md, a.title)
+    if a.plot:
+        plot_benchmarks(table, a.plot)
     print(table.to_string(index=False))
 
 

@@ -53,6 +53,7 @@ def test_tables_match_the_samples(smoke_run):
     assert "| Model | held_out pass@1 | held_out cons@2 | held_out pass@2 | held_out format | held_out length |" in md
     assert "| r1_zero |" in md and "n = 2 samples each, temperature 0.6, top-p 0.95, at most 24 new tokens" in md
     assert (r / "tables" / "benchmarks.md").read_text().count("| base |") == 1
+    assert (r / "plots" / "benchmarks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_training_outputs(smoke_run):

@@ -95,3 +95,28 @@ def plot_training(metrics: pd.DataFrame, curve: pd.DataFrame, accuracy_png, leng
     fig.tight_layout()
     fig.savefig(length_png, dpi=120)
     plt.close(fig)
+
+
+def plot_benchmarks(table: pd.DataFrame, png) -> None:
+    """pass@1 of every model on every benchmark, grouped by benchmark (a bar per model)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    benches, models = list(dict.fromkeys(table["benchmark"])), list(dict.fromkeys(table["model"]))
+    width = 0.8 / max(1, len(models))
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(benches) + 2), 4))
+    for i, m in enumerate(models):
+        vals = [100 * float(table[(table["model"] == m) & (table["benchmark"] == b)]["pass@1"].sum()) for b in benches]
+        xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(benches))]
+        ax.bar(xs, vals, width, label=m)
+        for x, v in zip(xs, vals):
+            ax.text(x, v + 1, f"{v:.1f}", ha="center", fontsize=8)
+    ax.set_xticks(range(len(benches)), benches)
+    ax.set(ylabel="pass@1 (%)", ylim=(0, 105), title="pass@1 by benchmark")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)

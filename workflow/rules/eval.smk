@@ -81,6 +81,7 @@ rule benchmark_table:
     output:
         table_csv=res("tables", "benchmarks.csv"),
         table_md=report(res("tables", "benchmarks.md"), caption="../report/benchmarks.rst", category="Evaluation"),
+        plot=report(res("plots", "benchmarks.png"), caption="../report/benchmarks.rst", category="Evaluation"),
     log:
         res("logs", "benchmark_table.log"),
     benchmark:
@@ -92,4 +93,4 @@ rule benchmark_table:
         "../../envs/eval.yaml"
     shell:
         "{PYTHON} {SCRIPTS}/tables.py --summaries {input.summaries} --table-csv {output.table_csv}"
-        " --table-md {output.table_md} --title 'Evaluation' 2>&1 | tee {log}"
+        " --table-md {output.table_md} --plot {output.plot} --title 'Evaluation' 2>&1 | tee {log}"
