@@ -34,7 +34,8 @@ def near_miss(answer: str, rng: random.Random, k: int) -> str:
 
 
 def build_pairs(path: str, n_pairs: int, per_prompt: int, seed: int = 0) -> tuple[list[str], list[str]]:
-    rows = [json.loads(line) for line in open(path)]
+    with open(path) as f:
+        rows = [json.loads(line) for line in f]
     rng = random.Random(seed)
     golds, completions = [], []
     i = 0

@@ -7,7 +7,12 @@ from pathlib import Path
 import pytest
 
 from r1flow import rewards as R
-from r1flow.evaluation.benchmarks import BenchmarkSpec, build_prompt, gsm8k_answer, load_benchmark
+from r1flow.evaluation.benchmarks import (
+    BenchmarkSpec,
+    build_prompt,
+    gsm8k_answer,
+    load_benchmark,
+)
 
 HERE = Path(__file__).parent
 SHARED = HERE.parent.parent / "shared" / "benchmarks"
@@ -54,7 +59,7 @@ def test_real_benchmark_files_load(loader, file, count, first_answer):
 @needs_shared
 def test_grader_agrees_with_math500_reference_solutions():
     """Gold answer vs the boxed answer of the problem's own reference solution: >= 99% agreement."""
-    rows = [json.loads(line) for line in open(SHARED / "math500.jsonl")]
+    rows = [json.loads(line) for line in (SHARED / "math500.jsonl").read_text().splitlines()]
     out = R.get("accuracy")([r["solution"] for r in rows], [r["answer"] for r in rows], timeout_s=10)
     disagree = [(r["unique_id"], r["answer"], o.extracted, o.reason) for r, o in zip(rows, out) if o.score < 1]
     print(f"MATH-500 self-agreement {1 - len(disagree) / len(rows):.3f}; disagreements: {disagree}")

@@ -14,9 +14,14 @@ import pytest
 
 from r1flow import rewards as R
 from r1flow.rewards.code import extract_code, same_output
-from r1flow.rewards.sandbox import SANDBOX_UID_BASE, Limits, namespaces_available, run_program
+from r1flow.rewards.sandbox import (
+    SANDBOX_UID_BASE,
+    Limits,
+    namespaces_available,
+    run_program,
+)
 
-LIMITS = dict(wall_s=3.0, cpu_s=2, memory_mb=256, max_output_bytes=1 << 20, max_processes=16)
+LIMITS = {"wall_s": 3.0, "cpu_s": 2, "memory_mb": 256, "max_output_bytes": 1 << 20, "max_processes": 16}
 MARGIN = 2.0
 OUTSIDE = ["/work/PWNED_r1flow", "/var/tmp/PWNED_r1flow", "/dev/shm/PWNED_r1flow", "/tmp/PWNED_r1flow",
            "/root/PWNED_r1flow", str(Path.cwd() / "PWNED_r1flow")]

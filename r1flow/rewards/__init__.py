@@ -8,8 +8,8 @@ worker pool or sandbox pool across a whole GRPO step.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 
 @dataclass(frozen=True)
@@ -68,4 +68,4 @@ def score_batch(completions: Iterable[str], answers: Iterable[str], weights: dic
     return total, per
 
 
-from r1flow.rewards import choice, code, formats, language, math_answer  # noqa: E402,F401  (register)
+from r1flow.rewards import choice, code, formats, language, math_answer  # noqa: F401  (register)

@@ -19,9 +19,9 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import Callable
 
 # (key, item) -> (verdict, reason). `prepare(key)` returns the parsed key shared by a job's items.
 Prepare = Callable[[str], object]
@@ -32,7 +32,7 @@ Check = Callable[[object, str], tuple]
 def serve(conn_in, conn_out, prepare: Prepare, check: Check):
     try:  # warm up (imports, caches) before reporting ready, so startup never eats a check's time limit
         prepare("0")
-    except Exception:
+    except Exception:  # noqa: BLE001,S110 - a failing warm-up shows up in the first real check instead
         pass
     conn_out.send("ready")
     while True:
@@ -46,13 +46,13 @@ def serve(conn_in, conn_out, prepare: Prepare, check: Check):
         try:
             parsed = prepare(key)
             conn_out.send((job_id, -1, None, "ok"))
-        except Exception as e:  # a gold that cannot be parsed fails its whole job, nothing else
+        except Exception as e:  # noqa: BLE001 - a gold that cannot be parsed fails its whole job, nothing else
             conn_out.send((job_id, -1, None, f"error:{type(e).__name__}"))
             continue
         for i, item in enumerate(items):
             try:
                 verdict, reason = check(parsed, item)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - any failure of a check is that check's verdict
                 verdict, reason = None, f"error:{type(e).__name__}"
             conn_out.send((job_id, i, verdict, reason))
 
@@ -163,7 +163,7 @@ class WorkerPool:
                 w = by_conn[conn]
                 r = running[w]
                 try:
-                    job_id, i, verdict, reason = conn.recv()
+                    _, i, verdict, reason = conn.recv()
                 except (EOFError, OSError):  # the worker died (for instance, killed by the OOM killer)
                     self._fail_current(w, r, running, pending, "error:worker_died", results)
                     continue
