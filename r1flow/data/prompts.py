@@ -21,3 +21,23 @@ def render(question: str, template: str = "table1") -> str:
     if "{prompt}" not in text:
         raise ValueError(f"template {template!r} has no '{{prompt}}' placeholder")
     return text.replace("{prompt}", question)
+
+
+# From the cold start on (section 2.3), models are chat models: a user turn, then the assistant's
+# readable answer. This template is set on the tokenizer at the cold-start SFT, so every later model
+# folder carries it and Hugging Face tooling (apply_chat_template, TRL) formats prompts the same way.
+R1_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}User: {{ m['content'] }}\n"
+    "{% elif m['role'] == 'assistant' %}Assistant: {{ m['content'] }}{{ eos_token }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def chat_prompt(tokenizer, question: str) -> str:
+    """The generation prompt of a one-turn conversation, by the tokenizer's own chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("template 'chat' needs a tokenizer with a chat template (set at the cold-start SFT)")
+    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
