@@ -22,6 +22,13 @@ include: "workflow/rules/eval.smk"
 include: "workflow/rules/report.smk"
 
 
+# Seconds-long jobs run on the submitting host rather than as cluster jobs (only matters under an executor).
+localrules:
+    all,
+    tasks,
+    r1_zero_report,
+
+
 rule all:
     default_target: True
     input:

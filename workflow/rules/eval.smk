@@ -10,6 +10,7 @@ rule evaluate:
     output:
         samples=res("eval", "{model}", "samples.parquet"),
         summary=res("eval", "{model}", "summary.csv"),
+        provenance=provenance("evaluate_{model}"),
     wildcard_constraints:
         model="|".join(EVAL_MODELS),
     params:
@@ -17,18 +18,19 @@ rule evaluate:
         evaluation=settings("evaluation"),
         template=config["template"],
         dtype=config["base_model"]["dtype"],
-    threads: config["threads"]
+    threads: job_threads("evaluate")
     log:
         res("logs", "evaluate_{model}.log"),
     benchmark:
         res("benchmarks", "evaluate_{model}.tsv")
     resources:
-        mem_mb=resource("evaluate", "mem_mb", 4000),
-        runtime=resource("evaluate", "runtime", 30),
-        gpus=resource("evaluate", "gpus", 0),
+        **job_resources("evaluate", mem_mb=4000, runtime=30),
     conda:
         "../../envs/generate.yaml"
     shell:
-        "{PYTHON} {SCRIPTS}/evaluate.py --model {params.model} --name {wildcards.model} --tasks {input.tasks}"
+        "{PROVENANCE} --record {output.provenance} --rule evaluate_{wildcards.model}"
+        " --settings {params.evaluation} {params.template} {params.dtype} {params.model} --inputs {input}"
+        " --outputs {output} --"
+        " {PYTHON} {SCRIPTS}/evaluate.py --model {params.model} --name {wildcards.model} --tasks {input.tasks}"
         " --evaluation {params.evaluation} --template {params.template} --dtype {params.dtype}"
         " --samples {output.samples} --summary {output.summary} --threads {threads} 2>&1 | tee {log}"
