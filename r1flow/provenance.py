@@ -9,7 +9,8 @@ so Snakemake deletes it with the other outputs of a failed job). The record hold
 - sha256 of every input and output (a folder: of its sorted file list with each file's sha256);
 - package versions (python, torch, transformers, snakemake, r1flow, and deepspeed / vllm when present);
 - the host, the SLURM job id (null outside SLURM) and the resources SLURM granted, as the job sees them
-  in its environment (cpus per task, memory, partition, GPUs / CUDA_VISIBLE_DEVICES);
+  in its environment (cpus per task, partition, GPUs / CUDA_VISIBLE_DEVICES) and as the controller
+  reports them (`scontrol show job`: TRES with cpu, mem and gres/gpu, time limit);
 - start and end times (UTC) and the duration.
 
 It is written atomically (a temporary file in the same folder, then a rename): a reader never sees half
@@ -139,6 +140,40 @@ def slurm_environment(env=None) -> dict:
     return out
 
 
+# Fields of `scontrol show job` that say what was granted (the plugin's inner srun step does not see
+# every SLURM_* variable of the allocation, e.g. the memory, so the controller is asked as well).
+ALLOCATION_FIELDS = {"Partition": "partition", "NumNodes": "num_nodes", "NumCPUs": "num_cpus",
+                     "NumTasks": "num_tasks", "CPUs/Task": "cpus_per_task", "MinMemoryNode": "min_memory_node",
+                     "MinMemoryCPU": "min_memory_cpu", "TimeLimit": "time_limit", "TresPerNode": "tres_per_node",
+                     "TresPerJob": "tres_per_job", "NodeList": "node_list", "Account": "account", "QOS": "qos"}
+
+
+def parse_scontrol_job(text: str) -> dict:
+    """`scontrol show job -o ID` (one line of Key=Value) -> the granted resources; TRES as a dict,
+    e.g. {"cpu": "1", "mem": "1500M", "node": "1", "gres/gpu": "1"}."""
+    fields = {}
+    for token in text.split():
+        key, sep, value = token.partition("=")
+        if sep and key not in fields:
+            fields[key] = value
+    out = {name: fields[key] for key, name in ALLOCATION_FIELDS.items() if key in fields}
+    tres = fields.get("AllocTRES") or fields.get("TRES") or ""
+    out["tres"] = dict(t.split("=", 1) for t in tres.split(",") if "=" in t)
+    return out
+
+
+def slurm_allocation(job_id: str | None) -> dict | None:
+    """What the controller says job `job_id` was granted, or None (no job, no scontrol, no answer)."""
+    if not job_id:
+        return None
+    try:
+        p = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True,
+                           timeout=15)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return parse_scontrol_job(p.stdout) if p.returncode == 0 and p.stdout.strip() else None
+
+
 def write_json_atomic(obj, path: str | os.PathLike) -> None:
     """Write to a temporary file in the same folder, then rename over the target (atomic on POSIX)."""
     path = Path(path)
@@ -159,6 +194,8 @@ def write_json_atomic(obj, path: str | os.PathLike) -> None:
 def build_record(*, rule: str, command: list[str], settings: list, inputs: list[str], outputs: list[str],
                  start: str, end: str, duration_s: float, repo: str | os.PathLike,
                  sample_above: int = DEFAULT_SAMPLE_ABOVE, env=None) -> dict:
+    slurm = slurm_environment(env)
+    slurm["allocation"] = slurm_allocation(slurm["job_id"])
     return {
         "schema": "r1flow.provenance/1",
         "rule": rule,
@@ -170,7 +207,7 @@ def build_record(*, rule: str, command: list[str], settings: list, inputs: list[
         "outputs": {str(p): hash_path(p, sample_above) for p in outputs},
         "packages": package_versions(),
         "host": socket.gethostname(),
-        "slurm": slurm_environment(env),
+        "slurm": slurm,
         "start": start,
         "end": end,
         "duration_s": round(duration_s, 3),

@@ -178,16 +178,23 @@ NodeName={h} CPUs={self.cpus} RealMemory={self.real_memory} Gres=gpu:{N_FAKE_GPU
             raise Unavailable(f"{cmd[0]} did not start: {p.stderr.strip()[-500:]}")
 
     def _wait_idle(self, timeout=60):
-        deadline = time.time() + timeout
+        t0 = time.time()
+        deadline = t0 + timeout
         state = ""
         while time.time() < deadline:
+            for pidfile in self.pidfiles:
+                try:
+                    os.kill(int(pidfile.read_text().split()[0]), 0)
+                except (OSError, ValueError, IndexError):
+                    if time.time() - t0 > 5:  # daemons write their pid file just after forking
+                        deadline = 0  # a daemon died: its log says why
             state = _run(["sinfo", "-h", "-N", "-o", "%T"], timeout=10).stdout.strip()
             if state and all(s.startswith("idle") for s in state.split()):
                 return
             time.sleep(1)
         logs = "".join((self.dir / f).read_text()[-1500:] for f in ("slurmctld.log", "slurmd.log")
                        if (self.dir / f).exists())
-        raise Unavailable(f"node not idle after {timeout} s (state {state!r}); logs:\n{logs}")
+        raise Unavailable(f"node not idle (or a daemon died) within {timeout} s (state {state!r}); logs:\n{logs}")
 
     # -- tear-down ---------------------------------------------------------------------------------
     def stop(self):
@@ -198,12 +205,17 @@ NodeName={h} CPUs={self.cpus} RealMemory={self.real_memory} Gres=gpu:{N_FAKE_GPU
                 os.kill(pid, signal.SIGTERM)
             except (OSError, ValueError, IndexError):
                 continue
-            for _ in range(100):
+            for _ in range(150):
                 try:
                     os.kill(pid, 0)
                 except OSError:
                     break
                 time.sleep(0.1)
+            else:  # slurmd retrying a registration can ignore SIGTERM for a while
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
         self.pidfiles.clear()
         for path, bak in self.backups.items():
             if bak is None:

@@ -72,6 +72,17 @@ def test_slurm_environment():
     assert all(v is None for v in P.slurm_environment({}).values())
 
 
+def test_parse_scontrol_job():
+    line = ("JobId=3 JobName=x UserId=root(0) Partition=gpu NumNodes=1 NumCPUs=2 NumTasks=1 CPUs/Task=2 "
+            "TRES=cpu=2,mem=1500M,node=1,billing=2,gres/gpu=1 MinMemoryNode=1500M TimeLimit=00:10:00 "
+            "TresPerNode=gres:gpu:1 NodeList=vm")
+    a = P.parse_scontrol_job(line)
+    assert a["partition"] == "gpu" and a["num_cpus"] == "2" and a["cpus_per_task"] == "2"
+    assert a["tres"] == {"cpu": "2", "mem": "1500M", "node": "1", "billing": "2", "gres/gpu": "1"}
+    assert a["min_memory_node"] == "1500M" and a["time_limit"] == "00:10:00" and a["tres_per_node"] == "gres:gpu:1"
+    assert P.slurm_allocation(None) is None
+
+
 def test_git_commit(tmp_path):
     assert P.git_commit(tmp_path) == {"commit": "unknown", "dirty": None}
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
