@@ -45,6 +45,16 @@ def job_resources(rule_name, **defaults):
     return {**defaults, **own}
 
 
+def launcher():
+    """How a training script starts: the plain interpreter, or torchrun with one rank per device when
+    training.deepspeed is enabled (each rank then builds the DeepSpeed engine; see r1flow.training.engine)."""
+    ds = config["training"]["deepspeed"]
+    if not ds["enabled"]:
+        return PYTHON
+    env = "env DS_ACCELERATOR=cpu " if ds["accelerator"] == "cpu" else ""
+    return f"{env}{PYTHON} -m torch.distributed.run --standalone --nproc_per_node {ds['nproc_per_node']}"
+
+
 def job_threads(rule_name):
     return config["resources"].get(rule_name, {}).get("threads", config["threads"])
 

@@ -19,6 +19,8 @@ rule r1_zero:
         template=config["template"],
         dtype=config["base_model"]["dtype"],
         state=res("state", "r1_zero"),
+        deepspeed=settings("training", "deepspeed"),
+        launch=launcher(),
     threads: job_threads("r1_zero")
     log:
         res("logs", "r1_zero.log"),
@@ -30,8 +32,8 @@ rule r1_zero:
         "../../envs/train.yaml"
     shell:
         "{PROVENANCE} --record {output.provenance} --rule r1_zero"
-        " --settings {params.grpo} {params.template} {params.dtype} {params.base} --inputs {input} --outputs {output} --"
-        " {PYTHON} {SCRIPTS}/grpo.py --model {params.base} --train {input.train} --validation {input.validation}"
+        " --settings {params.grpo} {params.template} {params.dtype} {params.base} {params.deepspeed} --inputs {input} --outputs {output} --"
+        " {params.launch} {SCRIPTS}/grpo.py --model {params.base} --train {input.train} --validation {input.validation}"
         " --grpo {params.grpo} --template {params.template} --dtype {params.dtype} --state {params.state}"
         " --out-model {output.model} --metrics {output.metrics} --validation-curve {output.validation_curve}"
-        " --threads {threads} 2>&1 | tee {log}"
+        " --deepspeed {params.deepspeed} --threads {threads} 2>&1 | tee {log}"
