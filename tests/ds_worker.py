@@ -77,6 +77,32 @@ def grpo_case(path, ds_settings, tmp, rank):
             "weights_moved": max_diff(single.model, start)}
 
 
+def resume_case(path, ds_settings, tmp, rank):
+    """Three steps in one process vs. two DeepSpeed steps, a checkpoint (each rank's ZeRO shard), and a
+    third step in a fresh DeepSpeed trainer resumed from it."""
+    questions = [f"Compute {a}+{b}" for a, b in [(1, 2), (3, 4), (5, 6), (7, 1), (2, 5), (6, 3)]]
+    train = pd.DataFrame({"question": questions, "answer": ["3", "7", "11", "8", "7", "9"]})
+    cfg = GRPOConfig(prompts_per_step=2, num_generations=4, max_completion_length=12, steps=3, eval_every=0,
+                     beta=0.0, warmup_steps=0, learning_rate=1e-3, seed=1, save_every=1,
+                     rewards={"digit_share": 1.0})
+
+    def trainer(ds, state):
+        policy, tok = load_policy(path)
+        return GRPOTrainer(policy, None, tok, cfg, train, None, state, deepspeed=ds)
+
+    single = trainer(None, tmp / f"resume_single{rank}")
+    m_single = single.train(progress=False)
+    state = tmp / "resume_dist"  # shared by the ranks, as on a cluster's file system
+    first = trainer(ds_settings, state)
+    first.train(progress=False, stop_after=2)
+    second = trainer(ds_settings, state)
+    m_dist = second.train(progress=False)
+    return {"steps": m_dist["step"].tolist(),
+            "loss_max_abs_diff": float((m_single["loss"] - m_dist["loss"]).abs().max()),
+            "weights_max_abs_diff": max_diff(single.model, second.model),
+            "weights_moved": max_diff(single.model, load_policy(path)[0])}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -91,6 +117,7 @@ def main():
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     out = {"world_size": world, "deepspeed": ds, "sft": sft_case(model0, tok, ds, rank, world)}
     out["grpo"] = grpo_case(a.model, ds, Path(a.out).parent, rank)
+    out["resume"] = resume_case(a.model, ds, Path(a.out).parent, rank)
     # every rank must hold the same updated weights (ZeRO-2 all-gathers them after the step)
     if rank == 0:
         Path(a.out).write_text(json.dumps(out, indent=2))

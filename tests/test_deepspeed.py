@@ -100,4 +100,35 @@ def test_zero2_on_two_cpu_ranks_matches_one_process(tiny_policy, tmp_path, offlo
         assert r[case]["weights_max_abs_diff"] < ATOL, r[case]
         assert r[case]["weights_moved"] > 1e-4, r[case]  # the step did something to compare
     assert r["grpo"]["kl_abs_diff"] < ATOL
+    # killed after 2 steps and resumed from the sharded checkpoint: as 3 uninterrupted steps
+    res = r["resume"]
+    assert res["steps"] == [1, 2, 3]
+    assert res["loss_max_abs_diff"] < ATOL and res["weights_max_abs_diff"] < ATOL and res["weights_moved"] > 1e-4, res
     assert r["grpo"]["rows_dist"]["completion_length"] == r["grpo"]["rows_single"]["completion_length"]
+
+
+@pytest.mark.distributed
+@pytest.mark.e2e
+def test_r1_zero_rule_under_torchrun_with_deepspeed(tmp_path):
+    """The rule itself: training.deepspeed launches the script under torchrun (2 CPU ranks); rank 0
+    writes the outputs; checkpoints go through each rank's ZeRO shard."""
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (pip install -e '.[distributed]')")
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
+    cfg["training"] = {"deepspeed": {"enabled": True, "zero_stage": 2, "nproc_per_node": 2, "accelerator": "cpu"}}
+    conf = tmp_path / "ds.yaml"
+    conf.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
+           "--configfile", str(conf), "--cores", "2", "results/r1_zero/metrics.csv", "results/models/r1_zero"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    log = tmp_path / "results" / "logs" / "r1_zero.log"
+    assert p.returncode == 0, p.stderr[-4000:] + (log.read_text()[-4000:] if log.exists() else "")
+    import pandas as pd
+
+    assert pd.read_csv(tmp_path / "results" / "r1_zero" / "metrics.csv")["step"].tolist() == [1, 2, 3, 4]
+    assert (tmp_path / "results" / "models" / "r1_zero" / "model.safetensors").exists()
+    rec = json.loads((tmp_path / "results" / "provenance" / "r1_zero.json").read_text())
+    assert rec["command"][:5] == ["env", "DS_ACCELERATOR=cpu", sys.executable, "-m", "torch.distributed.run"]
+    assert rec["settings"][-1]["enabled"] is True
