@@ -9,8 +9,8 @@ from _common import json_arg, setup
 from r1flow.data.artifacts import read_table, write_table
 from r1flow.data.schemas import EVAL_SUMMARY, SAMPLES, TASKS
 from r1flow.evaluation import sample_and_score, summarize
-from r1flow.generation import Generator, SamplingParams
-from r1flow.models import load_policy
+from r1flow.generation import SamplingParams, make_generator
+from r1flow.models import load_policy, load_tokenizer
 
 
 def main():
@@ -24,13 +24,17 @@ def main():
     ap.add_argument("--samples", required=True)
     ap.add_argument("--summary", required=True)
     ap.add_argument("--benchmark-name", default="held-out")
+    ap.add_argument("--generation", type=json_arg, default=None, help="the config's generation section (backend)")
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()
     setup(a.threads)
     e = a.evaluation
     tasks = read_table(a.tasks, TASKS)
-    model, tok = load_policy(a.model, a.dtype)
-    gen = Generator(model, tok, batch_size=e["batch_size"], seed=e["seed"])
+    if (a.generation or {}).get("backend") == "vllm":  # vLLM loads the weights itself
+        model, tok = None, load_tokenizer(a.model)
+    else:
+        model, tok = load_policy(a.model, a.dtype)
+    gen = make_generator(model, tok, a.generation, model_path=a.model, batch_size=e["batch_size"], seed=e["seed"])
     params = SamplingParams(e["k"], e["temperature"], e["top_p"], e["max_new_tokens"])
     with torch.inference_mode():
         samples = sample_and_score(gen, tasks, params, a.template)

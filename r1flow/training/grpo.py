@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from r1flow import rewards as R
 from r1flow.data.prompts import render
 from r1flow.evaluation import sample_and_score, summarize
-from r1flow.generation import Generator, SamplingParams
+from r1flow.generation import SamplingParams, make_generator
 from r1flow.models import save_policy
 from r1flow.training.engine import DeepSpeedSettings, make_engine, shard
 from r1flow.training.grpo_loss import Normalizer, group_advantages, grpo_loss, loss_mask
@@ -102,7 +102,10 @@ class GRPOConfig:
 
 class GRPOTrainer:
     def __init__(self, model, ref_model, tokenizer, cfg: GRPOConfig, train: pd.DataFrame,
-                 validation: pd.DataFrame | None, state_dir: str | os.PathLike, deepspeed: dict | None = None):
+                 validation: pd.DataFrame | None, state_dir: str | os.PathLike, deepspeed: dict | None = None,
+                 generation: dict | None = None, model_path: str | None = None):
+        """`deepspeed`: the config's training.deepspeed section; `generation`: its generation section
+        (backend), with `model_path` the policy's folder or hub id for a vLLM engine."""
         self.model, self.ref_model, self.tok, self.cfg = model, ref_model, tokenizer, cfg
         self.train_df = train.reset_index(drop=True)
         self.val_df = None if validation is None else validation.head(cfg.eval_prompts).reset_index(drop=True)
@@ -113,8 +116,6 @@ class GRPOTrainer:
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
         torch.manual_seed(cfg.seed)
-        self.generator = Generator(model, tokenizer, batch_size=cfg.generation_batch_size, seed=cfg.seed,
-                                   fast=cfg.fast_path)
         self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                      betas=(0.9, 0.99))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
@@ -124,6 +125,10 @@ class GRPOTrainer:
             raise ValueError("GRPO supports ZeRO stages 0-2; stage 3 needs a generation backend that gathers weights")
         self.engine = make_engine(model, self.opt, cfg.max_grad_norm, ds)
         self.rank, self.world_size = self.engine.rank, self.engine.world_size
+        if self.world_size > 1 and (generation or {}).get("backend") == "vllm":
+            raise ValueError("the vllm generation backend with several DeepSpeed ranks is not supported yet")
+        self.generator = make_generator(model, tokenizer, generation, model_path=model_path,
+                                        batch_size=cfg.generation_batch_size, seed=cfg.seed, fast=cfg.fast_path)
         self.step_no = 0
         self.best = {"step": 0, "val_pass@1": -1.0}
         self.history: list[dict] = []
@@ -204,6 +209,8 @@ class GRPOTrainer:
                 if ent is not None:
                     entropy_sum += (ent * out.completion_mask[sl]).sum().item()
             self.engine.step()  # clip the global gradient norm, update
+        if hasattr(self.generator, "sync_weights"):  # an external engine (vLLM) samples the next batch
+            self.generator.sync_weights(self.model)
         lr = self.sched.get_last_lr()[0]
         self.sched.step()
         self.model.eval()
@@ -300,6 +307,8 @@ class GRPOTrainer:
         torch.set_rng_state(tr["torch_rng"])
         random.setstate(tr["python_rng"])
         self.step_no, self.best, self.history = state["step"], state["best"], state["history"]
+        if hasattr(self.generator, "sync_weights"):
+            self.generator.sync_weights(self.model)
         return True
 
     # -- the loop ----------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ rule evaluate:
     params:
         model=lambda w: model_arg(w.model),
         evaluation=settings("evaluation"),
+        generation=settings("generation"),
         template=config["template"],
         dtype=config["base_model"]["dtype"],
     threads: job_threads("evaluate")
@@ -26,11 +27,11 @@ rule evaluate:
     resources:
         **job_resources("evaluate", mem_mb=4000, runtime=30),
     conda:
-        "../../envs/generate.yaml"
+        "../../envs/generate-vllm.yaml" if config["generation"]["backend"] == "vllm" else "../../envs/generate.yaml"
     shell:
         "{PROVENANCE} --record {output.provenance} --rule evaluate_{wildcards.model}"
-        " --settings {params.evaluation} {params.template} {params.dtype} {params.model} --inputs {input}"
+        " --settings {params.evaluation} {params.generation} {params.template} {params.dtype} {params.model} --inputs {input}"
         " --outputs {output} --"
         " {PYTHON} {SCRIPTS}/evaluate.py --model {params.model} --name {wildcards.model} --tasks {input.tasks}"
         " --evaluation {params.evaluation} --template {params.template} --dtype {params.dtype}"
-        " --samples {output.samples} --summary {output.summary} --threads {threads} 2>&1 | tee {log}"
+        " --generation {params.generation} --samples {output.samples} --summary {output.summary} --threads {threads} 2>&1 | tee {log}"

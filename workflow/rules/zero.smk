@@ -20,6 +20,7 @@ rule r1_zero:
         dtype=config["base_model"]["dtype"],
         state=res("state", "r1_zero"),
         deepspeed=settings("training", "deepspeed"),
+        generation=settings("generation"),
         launch=launcher(),
     threads: job_threads("r1_zero")
     log:
@@ -32,8 +33,8 @@ rule r1_zero:
         "../../envs/train.yaml"
     shell:
         "{PROVENANCE} --record {output.provenance} --rule r1_zero"
-        " --settings {params.grpo} {params.template} {params.dtype} {params.base} {params.deepspeed} --inputs {input} --outputs {output} --"
+        " --settings {params.grpo} {params.template} {params.dtype} {params.base} {params.deepspeed} {params.generation} --inputs {input} --outputs {output} --"
         " {params.launch} {SCRIPTS}/grpo.py --model {params.base} --train {input.train} --validation {input.validation}"
         " --grpo {params.grpo} --template {params.template} --dtype {params.dtype} --state {params.state}"
         " --out-model {output.model} --metrics {output.metrics} --validation-curve {output.validation_curve}"
-        " --deepspeed {params.deepspeed} --threads {threads} 2>&1 | tee {log}"
+        " --deepspeed {params.deepspeed} --generation {params.generation} --threads {threads} 2>&1 | tee {log}"
