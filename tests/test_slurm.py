@@ -6,6 +6,7 @@ evaluate), and that the localrules ran on the submitting host. Skips, saying why
 installed or started (not root, no apt-get, no mknod, a foreign controller already running).
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -28,6 +29,10 @@ RESOURCES = {
     "r1_zero": {"slurm_partition": "gpu", "gres": "gpu:1", "cpus_per_task": 1, "mem_mb": 1500, "runtime": 10},
     "evaluate": {"slurm_partition": "gpu", "gpu": 1, "cpus_per_task": 1, "mem_mb": 1200, "runtime": 10},
 }
+# With DeepSpeed installed, r1_zero also trains with ZeRO-2 on 2 CPU ranks (torchrun inside the SLURM job).
+WITH_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None and (os.cpu_count() or 1) >= 2
+if WITH_DEEPSPEED:
+    RESOURCES["r1_zero"]["cpus_per_task"] = 2
 CLUSTER_JOBS = {"base_model": "base_model", "r1_zero": "r1_zero", "evaluate_base": "evaluate",
                 "evaluate_r1_zero": "evaluate"}
 LOCAL_JOBS = ("tasks", "r1_zero_report")
@@ -63,6 +68,8 @@ def slurm_run(slurm, tmp_path_factory):
     wd = tmp_path_factory.mktemp("slurm_smoke")
     cfg = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
     cfg["resources"] = RESOURCES
+    if WITH_DEEPSPEED:
+        cfg["training"] = {"deepspeed": {"enabled": True, "zero_stage": 2, "nproc_per_node": 2, "accelerator": "cpu"}}
     conf = wd / "config.yaml"
     conf.write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(wd),
@@ -127,3 +134,13 @@ def test_localrules_ran_on_the_submitting_host(slurm_run):
     wd, _ = slurm_run
     for job in LOCAL_JOBS:
         assert _record(wd, job)["slurm"]["job_id"] is None, job
+
+
+def test_training_ran_under_torchrun_inside_the_job_when_deepspeed_is_installed(slurm_run):
+    wd, _ = slurm_run
+    rec = _record(wd, "r1_zero")
+    launched = "torch.distributed.run" in rec["command"]
+    assert launched == WITH_DEEPSPEED
+    if WITH_DEEPSPEED:
+        assert rec["slurm"]["cpus_per_task"] == "2" and rec["command"][rec["command"].index("--nproc_per_node") + 1] == "2"
+        assert pd.read_csv(wd / "results" / "r1_zero" / "metrics.csv")["step"].tolist() == [1, 2, 3, 4]
