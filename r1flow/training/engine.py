@@ -14,7 +14,8 @@ by W (`engine.loss_scale`) makes the averaged gradient equal the single-process 
 (tests/test_deepspeed.py) checks losses and updated weights against one process.
 
 DeepSpeed is imported only when used; settings come from the config's `training.deepspeed` section:
-zero_stage (1, 2 or 3), offload_optimizer / offload_param (to CPU memory), bf16. On CPU it runs with
+zero_stage (0, 1 or 2; 3 is refused, see DeepSpeedSettings.from_dict), offload_optimizer (optimiser
+states in CPU memory), bf16. On CPU it runs with
 DS_ACCELERATOR=cpu and the gloo backend, launched by torchrun.
 """
 
@@ -31,7 +32,6 @@ class DeepSpeedSettings:
     enabled: bool = False
     zero_stage: int = 2
     offload_optimizer: bool = False  # optimiser states in CPU memory (ZeRO-Offload)
-    offload_param: bool = False  # parameters in CPU memory (stage 3 only)
     bf16: bool = False
     nproc_per_node: int = 1  # torchrun ranks per node for the job (the rule's launcher)
     accelerator: str = "auto"  # "cpu" sets DS_ACCELERATOR=cpu for the job (DeepSpeed on CPU, gloo)
@@ -43,12 +43,18 @@ class DeepSpeedSettings:
         if set(d) - known:
             raise ValueError(f"unknown deepspeed settings {sorted(set(d) - known)}; known: {sorted(known)}")
         s = cls(**d)
-        if s.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"zero_stage must be 0..3, got {s.zero_stage}")
+        if s.zero_stage == 3:
+            # Measured (DeepSpeed 0.19.8, 2 CPU ranks, this engine's config): one ZeRO-3 SFT step gave the
+            # single-process loss, but the weights gathered afterwards (deepspeed.zero.GatheredParameters)
+            # differed from the single-process ones by up to 2e-3 after a 1e-3 step, where stages 1-2
+            # agree to 1e-6. Whether the engine or that comparison is at fault is not known: refused until
+            # it is.
+            raise ValueError("zero_stage 3 is not supported: its updates disagreed with one process in our test "
+                             "(see r1flow/training/engine.py)")
+        if s.zero_stage not in (0, 1, 2):
+            raise ValueError(f"zero_stage must be 0, 1 or 2, got {s.zero_stage}")
         if s.accelerator not in ("auto", "cpu", "cuda"):
             raise ValueError(f"accelerator must be auto, cpu or cuda, got {s.accelerator!r}")
-        if s.offload_param and s.zero_stage != 3:
-            raise ValueError("offload_param needs zero_stage 3")
         return s
 
 
@@ -57,8 +63,6 @@ def deepspeed_config(s: DeepSpeedSettings, max_grad_norm: float) -> dict:
     zero = {"stage": s.zero_stage, "overlap_comm": False, "contiguous_gradients": True}
     if s.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
-    if s.offload_param:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
     return {
         # the trainer calls backward() per micro-batch and step() once per update; DeepSpeed's own
         # batch accounting is then only bookkeeping, so it is set to one sample per rank
