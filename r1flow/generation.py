@@ -228,8 +228,18 @@ class VLLMGenerator:
                                       max_tokens=params.max_new_tokens, seed=self.seed * 1_000_003 + self.calls)
         requests = [{"prompt_token_ids": ids} for ids in enc]
         results = self.llm.generate(requests, sp, use_tqdm=False)
-        outputs = [[(list(o.token_ids), o.finish_reason == "length") for o in r.outputs] for r in results]
+        outputs = [[self._tokens(o) for o in r.outputs] for r in results]
         return completions_from_token_lists(enc, outputs, self.tokenizer)
+
+    def _tokens(self, o) -> tuple[list[int], bool]:
+        """(completion token ids ending with the stop token when the output stopped, truncated).
+        The stop token must be in the completion, as in the transformers backend: GRPO's loss on it is
+        what teaches the policy to stop. vLLM keeps an EOS token in `token_ids`; it is added if absent."""
+        toks = list(o.token_ids)
+        if o.finish_reason == "stop" and (not toks or toks[-1] != self.tokenizer.eos_token_id) and \
+                getattr(o, "stop_reason", None) is None:
+            toks.append(self.tokenizer.eos_token_id)
+        return toks, o.finish_reason == "length"
 
     def sync_weights(self, model) -> None:
         """Load the training model's current weights into the vLLM engine's model."""
