@@ -85,6 +85,7 @@ class LocalEngine:
     """One process: plain autograd and torch.optim."""
 
     rank, world_size, loss_scale = 0, 1, 1.0
+    shards_state = False  # the optimiser state is the caller's torch optimiser's state_dict
 
     def __init__(self, model, optimizer, max_grad_norm: float):
         self.model, self.optimizer, self.max_grad_norm = model, optimizer, max_grad_norm
@@ -118,6 +119,8 @@ def init_distributed() -> tuple[int, int]:
 
 class DeepSpeedEngine:
     """ZeRO through deepspeed.initialize; the model and optimiser are the caller's."""
+
+    shards_state = True  # each rank holds part of the optimiser state: save() / load() on every rank
 
     def __init__(self, model, optimizer, max_grad_norm: float, settings: DeepSpeedSettings):
         import deepspeed

@@ -257,7 +257,7 @@ class GRPOTrainer:
         if self.is_main and tmp.exists():
             shutil.rmtree(tmp)
         self.engine.barrier()
-        distributed = hasattr(self.engine, "save")
+        distributed = self.engine.shards_state
         if distributed:  # each rank writes its shard of the optimiser state
             self.engine.save(tmp / "engine")
             self.engine.barrier()
@@ -286,7 +286,7 @@ class GRPOTrainer:
         if state["config"] != self.cfg.fingerprint():
             log.warning("checkpoint in %s was made with other settings; starting over", ck)
             return False
-        distributed = hasattr(self.engine, "load")
+        distributed = self.engine.shards_state
         if distributed != (ck / "engine").exists() or state.get("world_size", 1) != self.world_size:
             log.warning("checkpoint in %s was made with another engine or number of ranks; starting over", ck)
             return False
