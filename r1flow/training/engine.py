@@ -46,10 +46,10 @@ class DeepSpeedSettings:
         if s.zero_stage == 3:
             # Measured (DeepSpeed 0.19.8, 2 CPU ranks, gloo): a ZeRO-3 SFT step with one micro-batch per
             # rank matches one process (weights to 1e-7), but with two micro-batches per rank (gradient
-            # accumulation, which the trainers use) the weights differ by up to 2e-3 after a 1e-3 step,
-            # both with caller-owned accumulation (managed_gradient_accumulation=False) and with
-            # DeepSpeed's own and a manual boundary. Stages 1-2 agree to 1e-6 either way. Refused until
-            # resolved.
+            # accumulation, which the trainers use) the weights differ by up to 2e-3 after a 1e-3 step:
+            # with caller-owned accumulation (managed_gradient_accumulation=False), with a manual
+            # boundary, and with DeepSpeed's own (gradient_accumulation_steps=2, step() per micro-batch),
+            # with tied or untied embeddings. Stages 1-2 agree to 1e-6 either way. Refused until resolved.
             raise ValueError("zero_stage 3 is not supported: its updates disagreed with one process in our test "
                              "(see r1flow/training/engine.py)")
         if s.zero_stage not in (0, 1, 2):
