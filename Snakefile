@@ -22,6 +22,14 @@ include: "workflow/rules/eval.smk"
 include: "workflow/rules/report.smk"
 
 
+# Seconds-long jobs run on the submitting host rather than as cluster jobs (only matters under an executor).
+localrules:
+    all,
+    tasks,
+    r1_zero_report,
+    benchmark_table,
+
+
 rule all:
     default_target: True
     input:

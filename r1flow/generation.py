@@ -3,8 +3,9 @@
 GRPO (sampling from the old policy), evaluation (pass@1 over k samples at temperature 0.6, top-p 0.95)
 and, later, rejection sampling all call `Generator.generate`. This backend runs a transformers causal
 LM with a hand-rolled KV-cached sampling loop: for small models on CPU, `model.generate` spends most of
-its time in per-token bookkeeping, and the loop below is all that R1 sampling needs. A vLLM backend
-for clusters implements the same method (not in this version).
+its time in per-token bookkeeping, and the loop below is all that R1 sampling needs. `VLLMGenerator`
+implements the same method with vLLM for clusters (unexercised: no GPU here); `make_generator` picks the
+backend from the config's `generation` section.
 """
 
 from __future__ import annotations
@@ -172,3 +173,112 @@ class Generator:
         after_stop = (is_stop.cumsum(1) - is_stop.long()) > 0
         cmask = (~after_stop).long()
         return comp, cmask, ~is_stop.any(1)
+
+
+# -- vLLM backend ---------------------------------------------------------------------------------------
+# UNEXERCISED: written against vLLM's documented offline API (vllm.LLM, vllm.SamplingParams,
+# LLM.generate with token-id prompts, LLM.collective_rpc) but never run here (no GPU, vLLM not installed).
+# Its tests skip without vLLM and a GPU.
+
+
+def completions_from_token_lists(prompt_tokens: list[list[int]], outputs: list[list[tuple[list[int], bool]]],
+                                 tokenizer) -> Completions:
+    """Build `Completions` (prompt-major rows) from per-prompt lists of (completion token ids, truncated).
+    Shared by backends that return token lists; the tensors are what GRPO trains on."""
+    pad = tokenizer.pad_token_id
+    rows_p, rows_c, trunc = [], [], []
+    for p, outs in zip(prompt_tokens, outputs):
+        for toks, cut in outs:
+            rows_p.append(list(p))
+            rows_c.append(list(toks))
+            trunc.append(bool(cut))
+    prompt_ids, prompt_mask = pad_batch(rows_p, pad, left=True)
+    completion_ids, completion_mask = pad_batch(rows_c, pad, left=False)
+    texts = tokenizer.batch_decode(completion_ids.masked_fill(completion_mask == 0, pad), skip_special_tokens=True)
+    return Completions(prompt_ids, prompt_mask, completion_ids, completion_mask, torch.tensor(trunc, dtype=torch.bool),
+                       texts)
+
+
+class VLLMGenerator:
+    """vLLM backend with the same `generate(prompts, SamplingParams) -> Completions` as `Generator`.
+
+    Prompts go in as token ids (the same tokenization as the transformers backend); each request's
+    n samples come from one seeded vLLM request, so a run is reproducible for a fixed vLLM version and
+    hardware. `sync_weights(model)` copies a training policy's weights into the engine (GRPO samples from
+    the current policy, eq. 1's pi_theta_old).
+    """
+
+    def __init__(self, model_path: str, tokenizer, seed: int = 0, tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.9, max_model_len: int | None = None, dtype: str = "auto",
+                 enforce_eager: bool = False):
+        import vllm  # imported here: vLLM is optional and needs a GPU
+
+        self.vllm = vllm
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.calls = 0
+        self.llm = vllm.LLM(model=model_path, tokenizer=model_path, tensor_parallel_size=tensor_parallel_size,
+                            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                            dtype=dtype, seed=seed, enforce_eager=enforce_eager)
+
+    def state_dict(self):
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state):
+        self.calls = state["calls"]
+
+    def generate(self, prompts: list[str], params: SamplingParams) -> Completions:
+        enc = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        # a fresh seed per call (from the run's seed and a call counter, which checkpoints keep), so a
+        # resumed run draws what an uninterrupted one would
+        self.calls += 1
+        sp = self.vllm.SamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
+                                      max_tokens=params.max_new_tokens, seed=self.seed * 1_000_003 + self.calls)
+        requests = [{"prompt_token_ids": ids} for ids in enc]
+        results = self.llm.generate(requests, sp, use_tqdm=False)
+        outputs = [[self._tokens(o) for o in r.outputs] for r in results]
+        return completions_from_token_lists(enc, outputs, self.tokenizer)
+
+    def _tokens(self, o) -> tuple[list[int], bool]:
+        """(completion token ids ending with the stop token when the output stopped, truncated).
+        The stop token must be in the completion, as in the transformers backend: GRPO's loss on it is
+        what teaches the policy to stop. vLLM keeps an EOS token in `token_ids`; it is added if absent."""
+        toks = list(o.token_ids)
+        if o.finish_reason == "stop" and (not toks or toks[-1] != self.tokenizer.eos_token_id) and \
+                getattr(o, "stop_reason", None) is None:
+            toks.append(self.tokenizer.eos_token_id)
+        return toks, o.finish_reason == "length"
+
+    def sync_weights(self, model) -> None:
+        """Load the training model's current weights into the vLLM engine's model."""
+        weights = [(name, p.detach()) for name, p in model.state_dict().items()]
+        engine = self.llm.llm_engine
+        executor = getattr(engine, "model_executor", None)
+        worker = getattr(executor, "driver_worker", None)
+        if worker is not None:  # engine with an in-process driver worker
+            worker.model_runner.model.load_weights(weights)
+            return
+        # newer engines: run the load on each worker (in-process when VLLM_ENABLE_V1_MULTIPROCESSING=0)
+        self.llm.collective_rpc(_load_weights_on_worker, args=(weights,))
+
+
+def _load_weights_on_worker(worker, weights):
+    worker.model_runner.model.load_weights(weights)
+
+
+BACKENDS = ("transformers", "vllm")
+
+
+def make_generator(model, tokenizer, settings: dict | None = None, *, model_path: str | None = None,
+                   batch_size: int = 256, seed: int = 0, fast: bool = True, progress: bool = False):
+    """The configured backend (`generation.backend` in the config): "transformers" runs `model` in this
+    process; "vllm" loads `model_path` into a vLLM engine (options from `generation.vllm`)."""
+    settings = settings or {}
+    backend = settings.get("backend", "transformers")
+    if backend not in BACKENDS:
+        raise ValueError(f"generation.backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "transformers":
+        return Generator(model, tokenizer, batch_size=batch_size, seed=seed, fast=fast, progress=progress)
+    if model_path is None:
+        raise ValueError("the vllm backend needs the model's path or hub id")
+    return VLLMGenerator(model_path, tokenizer, seed=seed, **settings.get("vllm", {}))

@@ -10,8 +10,8 @@ from r1flow.data.artifacts import write_table
 from r1flow.data.schemas import EVAL_SUMMARY, SAMPLES
 from r1flow.evaluation import run_benchmark
 from r1flow.evaluation.benchmarks import BenchmarkSpec
-from r1flow.generation import Generator
-from r1flow.models import load_policy
+from r1flow.generation import make_generator
+from r1flow.models import load_policy, load_tokenizer
 
 
 def main():
@@ -28,13 +28,18 @@ def main():
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--samples", required=True)
     ap.add_argument("--summary", required=True)
+    ap.add_argument("--generation", type=json_arg, default=None, help="the config's generation section (backend)")
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()
     setup(a.threads)
     e = a.evaluation
     spec = BenchmarkSpec.from_config(a.benchmark, {**a.spec, **({"path": a.data} if a.data else {})})
-    model, tok = load_policy(a.model, a.dtype, gguf_file=a.gguf_file)
-    gen = Generator(model, tok, batch_size=e["batch_size"], seed=e["seed"], progress=True)
+    if (a.generation or {}).get("backend") == "vllm":  # vLLM loads the weights itself
+        model, tok = None, load_tokenizer(a.model, gguf_file=a.gguf_file)
+    else:
+        model, tok = load_policy(a.model, a.dtype, gguf_file=a.gguf_file)
+    gen = make_generator(model, tok, a.generation, model_path=a.model, batch_size=e["batch_size"], seed=e["seed"],
+                         progress=True)
     with torch.inference_mode():
         samples, row = run_benchmark(gen, tok, spec, e, a.rewards, chat=a.chat)
     write_table(samples, a.samples, SAMPLES)

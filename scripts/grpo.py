@@ -26,6 +26,9 @@ def main():
     ap.add_argument("--validation-curve", required=True)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--keep-state", action="store_true", help="keep the state folder after success")
+    ap.add_argument("--generation", type=json_arg, default=None, help="the config's generation section (backend)")
+    ap.add_argument("--deepspeed", type=json_arg, default=None,
+                    help="the config's training.deepspeed section (run under torchrun when enabled)")
     a = ap.parse_args()
     setup(a.threads)
 
@@ -34,8 +37,11 @@ def main():
     policy, tok = load_policy(a.model, a.dtype)
     # pi_ref: the frozen initial policy of eq. 2, loaded afresh so that a resumed run keeps the true base
     ref = load_policy(a.model, a.dtype)[0] if cfg.beta > 0 else None
-    trainer = GRPOTrainer(policy, ref, tok, cfg, train, validation, a.state)
+    trainer = GRPOTrainer(policy, ref, tok, cfg, train, validation, a.state, deepspeed=a.deepspeed,
+                          generation=a.generation, model_path=a.model)
     metrics = trainer.train()
+    if not trainer.is_main:  # with DeepSpeed, rank 0 writes the outputs
+        return
     write_table(metrics, a.metrics, GRPO_METRICS)
     trainer.validation_curve().to_csv(a.validation_curve, index=False)
     step = trainer.export(a.out_model)

@@ -70,6 +70,25 @@ def test_training_outputs(smoke_run):
         assert (r / "logs" / f"{rule}.log").exists() and (r / "benchmarks" / f"{rule}.tsv").exists()
 
 
+def test_every_job_leaves_a_provenance_record(smoke_run):
+    import json
+
+    prov = smoke_run / "results" / "provenance"
+    jobs = ("tasks", "base_model", "r1_zero", "evaluate_base_held_out", "evaluate_r1_zero_held_out", "r1_zero_report",
+            "benchmark_table")
+    rec = {j: json.loads((prov / f"{j}.json").read_text()) for j in jobs}
+    assert sorted(p.name for p in prov.iterdir()) == sorted(f"{j}.json" for j in jobs)
+    # the records chain: what a job read is what the job before it wrote
+    assert rec["r1_zero"]["inputs"]["results/models/base"] == rec["base_model"]["outputs"]["results/models/base"]
+    assert (rec["evaluate_r1_zero_held_out"]["inputs"]["results/models/r1_zero"]["sha256"]
+            == rec["r1_zero"]["outputs"]["results/models/r1_zero"]["sha256"])
+    grpo = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())["r1_zero"]["grpo"]
+    assert rec["r1_zero"]["settings"][0]["num_generations"] == grpo["num_generations"]
+    for r in rec.values():
+        # local jobs: no SLURM job of their own (the test's, if pytest itself runs inside one)
+        assert r["slurm"]["job_id"] == os.environ.get("SLURM_JOB_ID") and r["end"] >= r["start"]
+
+
 def test_models_load_with_plain_transformers(smoke_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -11,6 +11,11 @@
 
 The state folder lies outside the rule's declared outputs: Snakemake deletes the outputs of a failed
 job, and the checkpoint must survive that for the rerun to resume from.
+
+With DeepSpeed (`deepspeed={"enabled": True, "zero_stage": 2, ...}`, launched by torchrun), every rank
+samples the whole batch with the same seed and weights (so the same completions), and computes the loss
+and gradients on its own share of the groups; ZeRO shards the gradients and optimiser states. Sampling
+is thus replicated, not sharded, in this version: the update is what DeepSpeed distributes.
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ from tqdm.auto import tqdm
 from r1flow import rewards as R
 from r1flow.data.prompts import render
 from r1flow.evaluation import sample_and_grade, summarize
-from r1flow.generation import Generator, SamplingParams
+from r1flow.generation import SamplingParams, make_generator
 from r1flow.models import save_policy
+from r1flow.training.engine import DeepSpeedSettings, make_engine, shard
 from r1flow.training.grpo_loss import Normalizer, group_advantages, grpo_loss, loss_mask
 from r1flow.training.logprobs import completion_logprobs
 
@@ -97,7 +103,10 @@ class GRPOConfig:
 
 class GRPOTrainer:
     def __init__(self, model, ref_model, tokenizer, cfg: GRPOConfig, train: pd.DataFrame,
-                 validation: pd.DataFrame | None, state_dir: str | os.PathLike):
+                 validation: pd.DataFrame | None, state_dir: str | os.PathLike, deepspeed: dict | None = None,
+                 generation: dict | None = None, model_path: str | None = None):
+        """`deepspeed`: the config's training.deepspeed section; `generation`: its generation section
+        (backend), with `model_path` the policy's folder or hub id for a vLLM engine."""
         self.model, self.ref_model, self.tok, self.cfg = model, ref_model, tokenizer, cfg
         self.train_df = train.reset_index(drop=True)
         self.val_df = None if validation is None else validation.head(cfg.eval_prompts).reset_index(drop=True)
@@ -108,11 +117,18 @@ class GRPOTrainer:
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
         torch.manual_seed(cfg.seed)
-        self.generator = Generator(model, tokenizer, batch_size=cfg.generation_batch_size, seed=cfg.seed,
-                                   fast=cfg.fast_path)
         self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                      betas=(0.9, 0.99))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
+        # ZeRO-3 is refused by DeepSpeedSettings (and GRPO's sampling and r1flow.models.fast_llama would
+        # also need to gather the partitioned weights)
+        ds = DeepSpeedSettings.from_dict(deepspeed)
+        self.engine = make_engine(model, self.opt, cfg.max_grad_norm, ds)
+        self.rank, self.world_size = self.engine.rank, self.engine.world_size
+        if self.world_size > 1 and (generation or {}).get("backend") == "vllm":
+            raise ValueError("the vllm generation backend with several DeepSpeed ranks is not supported yet")
+        self.generator = make_generator(model, tokenizer, generation, model_path=model_path,
+                                        batch_size=cfg.generation_batch_size, seed=cfg.seed, fast=cfg.fast_path)
         self.step_no = 0
         self.best = {"step": 0, "val_pass@1": -1.0}
         self.history: list[dict] = []
@@ -159,8 +175,10 @@ class GRPOTrainer:
         mask = loss_mask(out.completion_mask, out.truncated, c.mask_truncated_completions)
         norm = Normalizer.of(mask, c.max_completion_length)
         N = len(out.texts)
-        mb = c.micro_batch_size or N
-        chunks = [slice(i, min(i + mb, N)) for i in range(0, N, mb)]
+        # this rank's whole groups (all of them in one process); micro-batches within them
+        mine = shard(N, self.rank, self.world_size, G)
+        mb = c.micro_batch_size or (mine.stop - mine.start)
+        chunks = [slice(i, min(i + mb, mine.stop)) for i in range(mine.start, mine.stop, mb)]
 
         def logps(model, sl, with_entropy=False):
             return completion_logprobs(model, out.prompt_ids[sl], out.prompt_mask[sl], out.completion_ids[sl],
@@ -175,25 +193,31 @@ class GRPOTrainer:
         stats = {"tokens": 0.0, "clipped_tokens": 0.0, "kl_sum": 0.0}
         entropy_sum, loss_sum = 0.0, 0.0
         for it in range(c.num_iterations):
-            self.opt.zero_grad(set_to_none=True)
+            self.engine.zero_grad()
             for j, sl in enumerate(chunks):
                 lp, ent = logps(self.model, sl, with_entropy=it == 0)
                 loss, st = grpo_loss(
                     lp, old[j] if old is not None else lp.detach(), ref[j] if ref is not None else None,
                     advantages[sl], mask[sl], epsilon=c.epsilon, epsilon_high=c.epsilon_high, beta=c.beta,
                     loss_type=c.loss_type, importance_sampling_level=c.importance_sampling_level, normalizer=norm)
-                loss.backward()
+                # the normalizer is batch-wide, so this is the chunk's part of the full-batch loss;
+                # x W because DeepSpeed averages gradients over the W ranks
+                self.engine.backward(loss * self.engine.loss_scale)
                 loss_sum += loss.item() / c.num_iterations
                 for k in stats:
                     stats[k] += st[k]
                 if ent is not None:
                     entropy_sum += (ent * out.completion_mask[sl]).sum().item()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
-            self.opt.step()
+            self.engine.step()  # clip the global gradient norm, update
+        if hasattr(self.generator, "sync_weights"):  # an external engine (vLLM) samples the next batch
+            self.generator.sync_weights(self.model)
         lr = self.sched.get_last_lr()[0]
         self.sched.step()
         self.model.eval()
         t_train = time.perf_counter() - t0 - t_gen
+        # each rank saw its share of the batch: sum the sums
+        loss_sum, entropy_sum, *vals = self.engine.all_sum([loss_sum, entropy_sum, *stats.values()])
+        stats = dict(zip(stats, vals))
 
         n_tok = max(1.0, float(out.completion_mask.sum()))
         row = {
@@ -228,22 +252,35 @@ class GRPOTrainer:
         return {"val_pass@1": s["pass@1"], "val_format_rate": s["format_rate"], "val_length": s["mean_length"]}
 
     # -- checkpoints -------------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
     def _save_checkpoint(self):
         tmp, final = self.state_dir / "checkpoint.tmp", self.state_dir / "checkpoint"
-        if tmp.exists():
+        if self.is_main and tmp.exists():
             shutil.rmtree(tmp)
-        save_policy(self.model, self.tok, tmp / "model")
-        torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                    "generator": self.generator.state_dict(), "torch_rng": torch.get_rng_state(),
-                    "python_rng": random.getstate()}, tmp / "trainer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": self.step_no, "best": self.best,
-                                                    "history": self.history, "config": self.cfg.fingerprint()}))
-        old = self.state_dir / "checkpoint.old"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old.exists():
-            shutil.rmtree(old)
+        self.engine.barrier()
+        distributed = self.engine.shards_state
+        if distributed:  # each rank writes its shard of the optimiser state
+            self.engine.save(tmp / "engine")
+            self.engine.barrier()
+        if self.is_main:
+            save_policy(self.model, self.tok, tmp / "model")
+            opt = {} if distributed else {"optimizer": self.opt.state_dict()}
+            torch.save({**opt, "scheduler": self.sched.state_dict(),
+                        "generator": self.generator.state_dict(), "torch_rng": torch.get_rng_state(),
+                        "python_rng": random.getstate()}, tmp / "trainer.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": self.step_no, "best": self.best,
+                                                        "history": self.history, "config": self.cfg.fingerprint(),
+                                                        "world_size": self.world_size}))
+            old = self.state_dir / "checkpoint.old"
+            if final.exists():
+                os.replace(final, old)
+            os.replace(tmp, final)
+            if old.exists():
+                shutil.rmtree(old)
+        self.engine.barrier()
 
     def _try_resume(self) -> bool:
         ck = self.state_dir / "checkpoint"
@@ -253,6 +290,10 @@ class GRPOTrainer:
         if state["config"] != self.cfg.fingerprint():
             log.warning("checkpoint in %s was made with other settings; starting over", ck)
             return False
+        distributed = self.engine.shards_state
+        if distributed != (ck / "engine").exists() or state.get("world_size", 1) != self.world_size:
+            log.warning("checkpoint in %s was made with another engine or number of ranks; starting over", ck)
+            return False
         from safetensors.torch import load_file
 
         weights = load_file(str(ck / "model" / "model.safetensors"))
@@ -260,12 +301,17 @@ class GRPOTrainer:
         if unexpected or any("lm_head" not in m for m in missing):  # a tied lm_head is not stored
             raise RuntimeError(f"checkpoint {ck} does not fit the model: missing {missing}, unexpected {unexpected}")
         tr = torch.load(ck / "trainer.pt", weights_only=False)
-        self.opt.load_state_dict(tr["optimizer"])
+        if distributed:
+            self.engine.load(ck / "engine")
+        else:
+            self.opt.load_state_dict(tr["optimizer"])
         self.sched.load_state_dict(tr["scheduler"])
         self.generator.load_state_dict(tr["generator"])
         torch.set_rng_state(tr["torch_rng"])
         random.setstate(tr["python_rng"])
         self.step_no, self.best, self.history = state["step"], state["best"], state["history"]
+        if hasattr(self.generator, "sync_weights"):
+            self.generator.sync_weights(self.model)
         return True
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -279,7 +325,8 @@ class GRPOTrainer:
             log.info("resuming from step %d", self.step_no)
         elif self.val_df is not None and c.eval_every:
             self.history.append({"step": 0, **self.validate()})  # the base model's point on Figure 2
-        bar = tqdm(total=c.steps, initial=self.step_no, desc="R1-Zero GRPO", disable=not progress, mininterval=1.0)
+        bar = tqdm(total=c.steps, initial=self.step_no, desc="R1-Zero GRPO", disable=not progress or not self.is_main,
+                   mininterval=1.0)
         live = self.state_dir / "metrics_live.csv"
         done_now = 0
         while self.step_no < c.steps:
@@ -288,9 +335,11 @@ class GRPOTrainer:
                 row.update(self.validate())
                 if row["val_pass@1"] > self.best["val_pass@1"]:
                     self.best = {"step": self.step_no, "val_pass@1": row["val_pass@1"]}
-                    save_policy(self.model, self.tok, self.state_dir / "best")
+                    if self.is_main:
+                        save_policy(self.model, self.tok, self.state_dir / "best")
             self.history.append(row)
-            pd.DataFrame(self.history).to_csv(live, index=False)  # for watching a run; not an artifact
+            if self.is_main:
+                pd.DataFrame(self.history).to_csv(live, index=False)  # for watching a run; not an artifact
             bar.update(1)
             bar.set_postfix(reward=f"{row['reward_mean']:.2f}", acc=f"{row['accuracy']:.2f}",
                             len=f"{row['completion_length']:.0f}",

@@ -9,21 +9,23 @@ rule base_model:
     output:
         model=directory(res("models", "base")),
         loss=res("base", "pretrain_loss.csv"),
+        provenance=provenance("base_model"),
     params:
         tiny=settings("base_model", "tiny"),
         families=settings("data", "synthetic", "families"),
         template=config["template"],
-    threads: config["threads"]
+    threads: job_threads("base_model")
     log:
         res("logs", "base_model.log"),
     benchmark:
         res("benchmarks", "base_model.tsv")
     resources:
-        mem_mb=resource("base_model", "mem_mb", 4000),
-        runtime=resource("base_model", "runtime", 30),
+        **job_resources("base_model", mem_mb=4000, runtime=30),
     conda:
         "../../envs/train.yaml"
     shell:
-        "{PYTHON} {SCRIPTS}/build_base.py --tiny {params.tiny} --families {params.families}"
+        "{PROVENANCE} --record {output.provenance} --rule base_model"
+        " --settings {params.tiny} {params.families} {params.template} --inputs {input} --outputs {output} --"
+        " {PYTHON} {SCRIPTS}/build_base.py --tiny {params.tiny} --families {params.families}"
         " --template {params.template} --exclude {input.validation} {input.test}"
         " --out {output.model} --loss {output.loss} --threads {threads} 2>&1 | tee {log}"

@@ -24,6 +24,9 @@ SCRIPTS = str(Path(workflow.basedir) / "scripts")
 # Jobs run with Snakemake's own interpreter, unless conda envs are deployed (then the env's python).
 _sdm = {str(m).lower() for m in getattr(workflow.deployment_settings, "deployment_method", ())}
 PYTHON = "python" if any("conda" in m for m in _sdm) else sys.executable
+# Every job's command runs under this wrapper, which writes its provenance record (r1flow.provenance:
+# code version, settings, input hashes, software, host and SLURM allocation) when the command succeeds.
+PROVENANCE = f"{PYTHON} {SCRIPTS}/provenance.py"
 
 
 def res(*parts):
@@ -38,8 +41,32 @@ def settings(*keys):
     return shlex.quote(json.dumps(node, sort_keys=True))
 
 
-def resource(rule_name, key, default):
-    return config["resources"].get(rule_name, {}).get(key, default)
+def provenance(job):
+    """Where a job's provenance record goes: results/provenance/<job>.json, a declared output."""
+    return res("provenance", f"{job}.json")
+
+
+def job_resources(rule_name, **defaults):
+    """A rule's resources: its defaults, overridden by config `resources.<rule>` (except `threads`).
+    Keys pass straight to Snakemake and its executor; the SLURM plugin maps slurm_partition, runtime,
+    mem_mb, cpus_per_task, gpu / gpu_model (--gpus), gres (--gres), nodes, tasks, constraint, qos and
+    slurm_extra to sbatch options."""
+    own = {k: v for k, v in config["resources"].get(rule_name, {}).items() if k != "threads"}
+    return {**defaults, **own}
+
+
+def launcher():
+    """How a training script starts: the plain interpreter, or torchrun with one rank per device when
+    training.deepspeed is enabled (each rank then builds the DeepSpeed engine; see r1flow.training.engine)."""
+    ds = config["training"]["deepspeed"]
+    if not ds["enabled"]:
+        return PYTHON
+    env = "env DS_ACCELERATOR=cpu " if ds["accelerator"] == "cpu" else ""
+    return f"{env}{PYTHON} -m torch.distributed.run --standalone --nproc_per_node {ds['nproc_per_node']}"
+
+
+def job_threads(rule_name):
+    return config["resources"].get(rule_name, {}).get("threads", config["threads"])
 
 
 def base_is_tiny():

@@ -6,6 +6,7 @@ rule tasks:
         train=res("data", "tasks", "train.parquet"),
         validation=res("data", "tasks", "validation.parquet"),
         test=res("data", "tasks", "test.parquet"),
+        provenance=provenance("tasks"),
     params:
         data=settings("data"),
     log:
@@ -13,10 +14,10 @@ rule tasks:
     benchmark:
         res("benchmarks", "tasks.tsv")
     resources:
-        mem_mb=resource("tasks", "mem_mb", 1000),
-        runtime=resource("tasks", "runtime", 10),
+        **job_resources("tasks", mem_mb=1000, runtime=10),
     conda:
         "../../envs/train.yaml"
     shell:
-        "{PYTHON} {SCRIPTS}/make_tasks.py --data {params.data} --train {output.train}"
+        "{PROVENANCE} --record {output.provenance} --rule tasks --settings {params.data} --outputs {output} --"
+        " {PYTHON} {SCRIPTS}/make_tasks.py --data {params.data} --train {output.train}"
         " --validation {output.validation} --test {output.test} 2>&1 | tee {log}"

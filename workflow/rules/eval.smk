@@ -46,32 +46,36 @@ rule evaluate:
     output:
         samples=res("eval", "{model}", "{benchmark}", "samples.parquet"),
         summary=res("eval", "{model}", "{benchmark}", "summary.csv"),
+        provenance=provenance("evaluate_{model}_{benchmark}"),
     wildcard_constraints:
         model="|".join(EVAL_MODELS) or "NONE",
         benchmark="|".join(BENCHMARKS) or "NONE",
     params:
         model=lambda w: eval_model_args(w.model),
+        model_ref=lambda w: shlex.quote(json.dumps(config["evaluation"]["external_models"].get(w.model, w.model))),
         spec=lambda w: settings("evaluation", "benchmarks", w.benchmark),
         data=lambda w, input: f"--data {input.data}" if input.data else "",
         evaluation=sampling_settings(),
         rewards=settings("rewards"),
+        generation=settings("generation"),
         dtype=config["base_model"]["dtype"],
-    threads: config["threads"]
+    threads: job_threads("evaluate")
     log:
         res("logs", "evaluate_{model}_{benchmark}.log"),
     benchmark:
         res("benchmarks", "evaluate_{model}_{benchmark}.tsv")
     resources:
-        mem_mb=resource("evaluate", "mem_mb", 4000),
-        runtime=resource("evaluate", "runtime", 30),
-        gpus=resource("evaluate", "gpus", 0),
+        **job_resources("evaluate", mem_mb=4000, runtime=30),
     conda:
-        "../../envs/generate.yaml"
+        "../../envs/generate-vllm.yaml" if config["generation"]["backend"] == "vllm" else "../../envs/generate.yaml"
     shell:
-        "{PYTHON} {SCRIPTS}/evaluate.py {params.model} --name {wildcards.model} --benchmark {wildcards.benchmark}"
+        "{PROVENANCE} --record {output.provenance} --rule evaluate_{wildcards.model}_{wildcards.benchmark}"
+        " --settings {params.model_ref} {params.spec} {params.evaluation} {params.rewards} {params.generation} {params.dtype}"
+        " --inputs {input} --outputs {output} --"
+        " {PYTHON} {SCRIPTS}/evaluate.py {params.model} --name {wildcards.model} --benchmark {wildcards.benchmark}"
         " --spec {params.spec} {params.data} --evaluation {params.evaluation} --rewards {params.rewards}"
-        " --dtype {params.dtype} --samples {output.samples} --summary {output.summary} --threads {threads}"
-        " 2>&1 | tee {log}"
+        " --generation {params.generation} --dtype {params.dtype} --samples {output.samples}"
+        " --summary {output.summary} --threads {threads} 2>&1 | tee {log}"
 
 
 rule benchmark_table:
@@ -82,15 +86,16 @@ rule benchmark_table:
         table_csv=res("tables", "benchmarks.csv"),
         table_md=report(res("tables", "benchmarks.md"), caption="../report/benchmarks.rst", category="Evaluation"),
         plot=report(res("plots", "benchmarks.png"), caption="../report/benchmarks.rst", category="Evaluation"),
+        provenance=provenance("benchmark_table"),
     log:
         res("logs", "benchmark_table.log"),
     benchmark:
         res("benchmarks", "benchmark_table.tsv")
     resources:
-        mem_mb=resource("benchmark_table", "mem_mb", 1000),
-        runtime=resource("benchmark_table", "runtime", 10),
+        **job_resources("benchmark_table", mem_mb=1000, runtime=10),
     conda:
         "../../envs/eval.yaml"
     shell:
-        "{PYTHON} {SCRIPTS}/tables.py --summaries {input.summaries} --table-csv {output.table_csv}"
-        " --table-md {output.table_md} --plot {output.plot} --title 'Evaluation' 2>&1 | tee {log}"
+        "{PROVENANCE} --record {output.provenance} --rule benchmark_table --inputs {input} --outputs {output} --"
+        " {PYTHON} {SCRIPTS}/tables.py --summaries {input.summaries} --table-csv {output.table_csv}"
+        " --table-md {output.table_md} --plot {output.plot} --title Evaluation 2>&1 | tee {log}"

@@ -12,16 +12,17 @@ rule r1_zero_report:
         table_md=res("tables", "r1_zero.md"),
         accuracy_plot=report(res("plots", "r1_zero_accuracy.png"), caption="../report/accuracy.rst", category="R1-Zero"),
         length_plot=report(res("plots", "r1_zero_length.png"), caption="../report/length.rst", category="R1-Zero"),
+        provenance=provenance("r1_zero_report"),
     log:
         res("logs", "r1_zero_report.log"),
     benchmark:
         res("benchmarks", "r1_zero_report.tsv")
     resources:
-        mem_mb=resource("r1_zero_report", "mem_mb", 1000),
-        runtime=resource("r1_zero_report", "runtime", 10),
+        **job_resources("r1_zero_report", mem_mb=1000, runtime=10),
     conda:
         "../../envs/eval.yaml"
     shell:
-        "{PYTHON} {SCRIPTS}/report.py --summaries {input.summaries} --metrics {input.metrics}"
+        "{PROVENANCE} --record {output.provenance} --rule r1_zero_report --inputs {input} --outputs {output} --"
+        " {PYTHON} {SCRIPTS}/report.py --summaries {input.summaries} --metrics {input.metrics}"
         " --validation-curve {input.validation_curve} --table-csv {output.table_csv} --table-md {output.table_md}"
         " --accuracy-plot {output.accuracy_plot} --length-plot {output.length_plot} 2>&1 | tee {log}"

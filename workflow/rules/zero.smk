@@ -12,6 +12,7 @@ rule r1_zero:
         model=directory(res("models", "r1_zero")),
         metrics=res("r1_zero", "metrics.csv"),
         validation_curve=res("r1_zero", "validation_curve.csv"),
+        provenance=provenance("r1_zero"),
     params:
         base=model_arg("base"),
         grpo=settings("r1_zero", "grpo"),
@@ -19,19 +20,22 @@ rule r1_zero:
         template=config["template"],
         dtype=config["base_model"]["dtype"],
         state=res("state", "r1_zero"),
-    threads: config["threads"]
+        deepspeed=settings("training", "deepspeed"),
+        generation=settings("generation"),
+        launch=launcher(),
+    threads: job_threads("r1_zero")
     log:
         res("logs", "r1_zero.log"),
     benchmark:
         res("benchmarks", "r1_zero.tsv")
     resources:
-        mem_mb=resource("r1_zero", "mem_mb", 4000),
-        runtime=resource("r1_zero", "runtime", 60),
-        gpus=resource("r1_zero", "gpus", 0),
+        **job_resources("r1_zero", mem_mb=4000, runtime=60),
     conda:
         "../../envs/train.yaml"
     shell:
-        "{PYTHON} {SCRIPTS}/grpo.py --model {params.base} --train {input.train} --validation {input.validation}"
+        "{PROVENANCE} --record {output.provenance} --rule r1_zero"
+        " --settings {params.grpo} {params.rewards} {params.template} {params.dtype} {params.base} {params.deepspeed} {params.generation} --inputs {input} --outputs {output} --"
+        " {params.launch} {SCRIPTS}/grpo.py --model {params.base} --train {input.train} --validation {input.validation}"
         " --grpo {params.grpo} --rewards {params.rewards} --template {params.template} --dtype {params.dtype} --state {params.state}"
         " --out-model {output.model} --metrics {output.metrics} --validation-curve {output.validation_curve}"
-        " --threads {threads} 2>&1 | tee {log}"
+        " --deepspeed {params.deepspeed} --generation {params.generation} --threads {threads} 2>&1 | tee {log}"

@@ -1,0 +1,146 @@
+"""The smoke DAG on a real (one-node) SLURM through `--profile profiles/slurm`, with fake GPUs.
+
+Checks from each job's provenance record that the cluster jobs ran as SLURM jobs with the partition,
+CPUs, memory and GPUs their config asked for (a GPU through --gres for r1_zero, through --gpus for
+evaluate), and that the localrules ran on the submitting host. Skips, saying why, where SLURM cannot be
+installed or started (not root, no apt-get, no mknod, a foreign controller already running).
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from slurm_cluster import LocalSlurm, Unavailable
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
+
+RESOURCES = {
+    "base_model": {"slurm_partition": "cpu", "cpus_per_task": 1, "mem_mb": 1500, "runtime": 10},
+    # the GPU rules: one through --gres, one through --gpus
+    "r1_zero": {"slurm_partition": "gpu", "gres": "gpu:1", "cpus_per_task": 1, "mem_mb": 1500, "runtime": 10},
+    "evaluate": {"slurm_partition": "gpu", "gpu": 1, "cpus_per_task": 1, "mem_mb": 1200, "runtime": 10},
+}
+# With DeepSpeed installed, r1_zero also trains with ZeRO-2 on 2 CPU ranks (torchrun inside the SLURM job).
+WITH_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None and (os.cpu_count() or 1) >= 2
+if WITH_DEEPSPEED:
+    RESOURCES["r1_zero"]["cpus_per_task"] = 2
+CLUSTER_JOBS = {"base_model": "base_model", "r1_zero": "r1_zero", "evaluate_base_held_out": "evaluate",
+                "evaluate_r1_zero_held_out": "evaluate"}
+LOCAL_JOBS = ("tasks", "r1_zero_report", "benchmark_table")
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    try:
+        import snakemake_executor_plugin_slurm  # noqa: F401
+    except ImportError:
+        pytest.skip("snakemake-executor-plugin-slurm is not installed (pip install -e '.[test]')")
+    etc = Path("/etc/slurm")
+    before = {p: p.read_bytes() for p in etc.glob("*.conf")} if etc.exists() else {}
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except Unavailable as e:
+        pytest.skip(f"no local SLURM: {e}")
+    pids = [int(p.read_text().split()[0]) for p in cluster.pidfiles if p.exists()]
+    yield cluster
+    cluster.stop()
+    # the daemons are gone and /etc/slurm is as it was (a failure here is reported as a teardown error)
+    assert len(pids) >= 2
+    for pid in pids:
+        with pytest.raises(OSError):
+            os.kill(pid, 0)
+    after = {p: p.read_bytes() for p in etc.glob("*.conf")} if etc.exists() else {}
+    assert after == before
+
+
+@pytest.fixture(scope="module")
+def slurm_run(slurm, tmp_path_factory):
+    wd = tmp_path_factory.mktemp("slurm_smoke")
+    cfg = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
+    cfg["resources"] = RESOURCES
+    if WITH_DEEPSPEED:
+        cfg["training"] = {"deepspeed": {"enabled": True, "zero_stage": 2, "nproc_per_node": 2, "accelerator": "cpu"}}
+    conf = wd / "config.yaml"
+    conf.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(wd),
+           "--configfile", str(conf), "--profile", str(ROOT / "profiles" / "slurm"),
+           # this cluster has no accounting database: job states from squeue, no account on sbatch
+           "--slurm-status-command", "squeue", "--slurm-no-account",
+           "--slurm-init-seconds-before-status-checks", "2", "--latency-wait", "5", "--jobs", "4"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    t0 = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
+    elapsed = time.time() - t0
+    if p.returncode != 0:
+        logs = ""
+        for f in sorted((wd / ".snakemake" / "slurm_logs").rglob("*.log")):
+            logs += f"--- {f}\n{f.read_text()[-2000:]}\n"
+        raise AssertionError(f"snakemake on SLURM failed ({p.returncode}):\n{p.stdout[-3000:]}\n"
+                             f"{p.stderr[-5000:]}\n{logs}")
+    print(f"smoke DAG on SLURM: {elapsed:.0f} s")
+    return wd, p.stdout + p.stderr
+
+
+def _record(wd, job):
+    return json.loads((wd / "results" / "provenance" / f"{job}.json").read_text())
+
+
+def test_dag_completes_on_slurm(slurm_run):
+    wd, out = slurm_run
+    table = pd.read_csv(wd / "results" / "tables" / "r1_zero.csv")
+    assert table["model"].tolist() == ["base", "r1_zero"]
+    assert "sbatch" in out or "SLURM" in out
+
+
+def test_cluster_jobs_ran_as_slurm_jobs_with_the_resources_asked(slurm_run):
+    wd, _ = slurm_run
+    job_ids = set()
+    for job, rule in CLUSTER_JOBS.items():
+        s, want = _record(wd, job)["slurm"], RESOURCES[rule]
+        assert s["job_id"] is not None, f"{job} did not run under SLURM"
+        job_ids.add(s["job_id"])
+        assert s["partition"] == want["slurm_partition"], job
+        assert s["cpus_per_task"] == str(want["cpus_per_task"]), job
+        a = s["allocation"]  # what the controller granted
+        assert a["partition"] == want["slurm_partition"] and a["tres"]["cpu"] == str(want["cpus_per_task"]), job
+        assert a["tres"]["mem"] == f"{want['mem_mb']}M", job
+        assert a["time_limit"] == f"00:{want['runtime']:02d}:00", job
+        # asked through --gres (per node) for r1_zero and through --gpus (per job) for evaluate
+        assert a.get("tres_per_node") == ("gres:gpu:1" if "gres" in want else None), (job, a)
+        assert a.get("tres_per_job") == ("gres:gpu:1" if "gpu" in want else None), (job, a)
+    assert len(job_ids) == len(CLUSTER_JOBS)  # one SLURM job per Snakemake job
+
+
+def test_gpu_rules_got_a_gpu_and_others_none(slurm_run):
+    wd, _ = slurm_run
+    for job in ("r1_zero", "evaluate_base_held_out", "evaluate_r1_zero_held_out"):
+        s = _record(wd, job)["slurm"]
+        assert s["cuda_visible_devices"] is not None and len(s["cuda_visible_devices"].split(",")) == 1, (job, s)
+        assert s["step_gpus"] == s["cuda_visible_devices"], (job, s)
+    assert _record(wd, "base_model")["slurm"]["cuda_visible_devices"] is None
+
+
+def test_localrules_ran_on_the_submitting_host(slurm_run):
+    wd, _ = slurm_run
+    for job in LOCAL_JOBS:
+        assert _record(wd, job)["slurm"]["job_id"] is None, job
+
+
+def test_training_ran_under_torchrun_inside_the_job_when_deepspeed_is_installed(slurm_run):
+    wd, _ = slurm_run
+    rec = _record(wd, "r1_zero")
+    launched = "torch.distributed.run" in rec["command"]
+    assert launched == WITH_DEEPSPEED
+    if WITH_DEEPSPEED:
+        assert rec["slurm"]["cpus_per_task"] == "2" and rec["command"][rec["command"].index("--nproc_per_node") + 1] == "2"
+        assert pd.read_csv(wd / "results" / "r1_zero" / "metrics.csv")["step"].tolist() == [1, 2, 3, 4]
