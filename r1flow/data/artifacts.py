@@ -6,6 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pandera.errors
 
@@ -60,7 +61,7 @@ def read_table(path: str | os.PathLike, schema) -> pd.DataFrame:
         raise FileNotFoundError(f"{path}: no such table")
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        df = pd.read_parquet(path)
+        df = _plain_lists(pd.read_parquet(path))
     elif suffix == ".csv":
         df = pd.read_csv(path)
     elif suffix in (".jsonl", ".json"):
@@ -68,6 +69,23 @@ def read_table(path: str | os.PathLike, schema) -> pd.DataFrame:
     else:
         raise ValueError(f"{path}: unknown table format '{suffix}' (expected .parquet, .csv or .jsonl)")
     return validate(df, schema, path)
+
+
+def _plain(v):
+    if isinstance(v, np.ndarray):
+        return [_plain(x) for x in v.tolist()]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+def _plain_lists(df: pd.DataFrame) -> pd.DataFrame:
+    """pyarrow reads list columns (e.g. the message lists of PREFERENCES) back as numpy arrays; turn them
+    into the Python lists that were written, so a table round-trips unchanged (and stays JSON-able)."""
+    for col in df.columns:
+        if df[col].dtype == object and any(isinstance(v, np.ndarray) for v in df[col].dropna().head(1)):
+            df[col] = df[col].map(_plain)
+    return df
 
 
 def write_table(df: pd.DataFrame, path: str | os.PathLike, schema) -> pd.DataFrame:

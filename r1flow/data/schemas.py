@@ -100,4 +100,57 @@ GRPO_METRICS = DataFrameSchema(
     coerce=True,
 )
 
-SCHEMAS = {s.name: s for s in (TASKS, SAMPLES, EVAL_SUMMARY, GRPO_METRICS)}
+
+
+def _messages(roles: tuple[str, ...] | None = None, last: str | None = None):
+    """Element check: a non-empty list of {"role", "content"} messages (a numpy array after parquet).
+
+    roles: the roles allowed; last: the role of the final message.
+    """
+
+    def ok(value) -> bool:
+        if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__len__") or len(value) == 0:
+            return False
+        for m in value:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                return False
+            if roles is not None and m["role"] not in roles:
+                return False
+        return last is None or value[-1]["role"] == last
+
+    return Check(ok, element_wise=True, name=f"messages(last={last})" if last else f"messages(roles={roles})")
+
+
+def _one_assistant_message():
+    return [_messages(roles=("assistant",)), Check(lambda v: len(v) == 1, element_wise=True, name="one_message")]
+
+
+# Preference pairs for the reward models of section 2.3.4, in the conversational layout TRL's reward
+# trainer reads directly: `prompt` is a message list ending with the user's, `chosen` and `rejected` hold
+# one assistant message each. `aspect` names the reward model a pair trains.
+PREFERENCES = DataFrameSchema(
+    {
+        "pair_id": Column(str, unique=True),
+        "aspect": Column(str, Check.isin(["helpfulness", "harmlessness"])),
+        "prompt": Column(object, _messages(roles=("system", "user", "assistant"), last="user")),
+        "chosen": Column(object, _one_assistant_message()),
+        "rejected": Column(object, _one_assistant_message()),
+    },
+    name="preferences",
+    strict=False,  # `kind` (the generator's request type) and any source columns ride along
+    coerce=True,
+)
+
+# Per-step Bradley-Terry reward model training metrics (r1flow.training.reward_model).
+RM_METRICS = DataFrameSchema(
+    {
+        "step": Column(int, Check.ge(1), unique=True),
+        "loss": Column(float, Check.ge(0.0)),
+        "accuracy": Column(float, Check.in_range(0.0, 1.0)),  # pairwise, on the step's batch; ties count half
+        "learning_rate": Column(float, Check.ge(0.0)),
+    },
+    name="rm_metrics",
+    coerce=True,
+)
+
+SCHEMAS = {s.name: s for s in (TASKS, SAMPLES, EVAL_SUMMARY, GRPO_METRICS, PREFERENCES, RM_METRICS)}

@@ -1,6 +1,8 @@
 """The reward registry (section 2.2.2: rule-based rewards only; section 2.3.2: language consistency).
 
 Every reward is a batch function (completions, golds, **options) -> [Reward], registered by name.
+A reward that judges a completion against its request (the reward models of section 2.3.4) sets the
+attribute `needs_prompts = True` and also receives `prompts=`, one user request per completion.
 A stage's config names the rewards it sums and their weights; the `rewards` config section holds each
 reward's options (time limits, workers, target language). Batch functions let a reward share one
 worker pool or sandbox pool across a whole GRPO step.
@@ -50,22 +52,41 @@ def get(name: str) -> RewardFn:
         raise KeyError(f"unknown reward '{name}'; registered: {sorted(REGISTRY)}") from None
 
 
+def needs_prompts(fn: RewardFn) -> bool:
+    return bool(getattr(fn, "needs_prompts", False))
+
+
 def score_batch(completions: Iterable[str], answers: Iterable[str], weights: dict[str, float],
-                options: dict[str, dict] | None = None):
+                options: dict[str, dict] | None = None, prompts: Iterable | None = None):
     """Score each completion with every named reward.
+
+    prompts: the user request of each completion (a string or a message list; the question itself, not
+    the rendered template), aligned with `completions`. Only rewards with `needs_prompts` receive it, so
+    rule-based rewards keep their (completions, golds, **options) signature; naming such a reward
+    without passing prompts is an error.
 
     Returns (total, per_reward) where total[i] = sum_name weight * score and per_reward[name] is the
     list of Reward objects, so metrics can report each function separately.
     """
     completions, answers = list(completions), list(answers)
+    prompts = None if prompts is None else list(prompts)
+    if prompts is not None and len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
     options = options or {}
     per = {}
     for name in weights:
-        per[name] = get(name)(completions, answers, **options.get(name, {}))
+        fn = get(name)
+        kw = dict(options.get(name, {}))
+        if needs_prompts(fn):
+            if prompts is None:
+                raise ValueError(f"reward '{name}' judges completions against their prompts: "
+                                 "pass prompts= to score_batch")
+            kw["prompts"] = prompts
+        per[name] = fn(completions, answers, **kw)
         if len(per[name]) != len(completions):
             raise RuntimeError(f"reward '{name}' returned {len(per[name])} scores for {len(completions)} completions")
     total = [sum(weights[n] * per[n][i].score for n in weights) for i in range(len(completions))]
     return total, per
 
 
-from r1flow.rewards import choice, code, formats, language, math_answer  # noqa: F401  (register)
+from r1flow.rewards import choice, code, formats, language, math_answer, model_based  # noqa: F401  (register)

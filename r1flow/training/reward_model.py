@@ -1,0 +1,205 @@
+"""Bradley-Terry reward models for general data (section 2.3.4).
+
+"For general data, we resort to reward models to capture human preferences in complex and nuanced
+scenarios." Two models, one per aspect:
+
+- helpfulness: "we focus exclusively on the final summary", so the model sees the prompt and the summary
+  of a readable response (section 2.3.1's |special_token|<reasoning_process>|special_token|<summary>),
+  never the reasoning process; a response without the pattern is taken whole.
+- harmlessness: "we evaluate the entire response of the model, including both the reasoning process and
+  the summary", since harm can hide in the reasoning.
+
+A reward model is a sequence classifier with one output (AutoModelForSequenceClassification,
+num_labels=1) initialised from a causal LM folder: the transformer body is the LM's, a fresh linear
+head reads the hidden state at the last non-pad token. Training and scoring share `render_for_rm` and
+`rm_response`, so the reward model is always scored on exactly what it was trained on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from r1flow.data.preferences import ASPECTS, prompt_text, response_text
+from r1flow.rewards.formats import READABLE_MARKER, split_readable
+
+log = logging.getLogger(__name__)
+
+
+def render_for_rm(prompt_text: str, response_text: str) -> str:
+    """The one plain-text rendering a reward model reads, in training and in scoring alike."""
+    return f"User: {prompt_text}\nAssistant: {response_text}"
+
+
+def rm_response(response: str, aspect: str, marker: str = READABLE_MARKER) -> str:
+    """What the reward model of `aspect` sees of a response (section 2.3.4).
+
+    helpfulness: the summary only (the whole response when the readable pattern is absent);
+    harmlessness: the whole response, reasoning process included.
+    """
+    if aspect == "helpfulness":
+        parts = split_readable(response, marker)
+        return response if parts is None else parts[1].strip()
+    if aspect == "harmlessness":
+        return response
+    raise ValueError(f"unknown reward model aspect {aspect!r}; expected one of {ASPECTS}")
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of the preferences under the Bradley-Terry model:
+
+        P(chosen > rejected) = sigmoid(r_chosen - r_rejected)
+        L = -mean log sigmoid(r_chosen - r_rejected)
+
+    (logsigmoid is the numerically stable form of log(1 / (1 + exp(-(r_c - r_r))))).
+    """
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+def pairwise_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> float:
+    """Share of pairs with r_chosen > r_rejected; ties count half, so a constant model scores 0.5."""
+    wins = (r_chosen > r_rejected).float() + 0.5 * (r_chosen == r_rejected).float()
+    return wins.mean().item()
+
+
+# -- model and tokenizer -----------------------------------------------------------------------------
+def prepare_tokenizer(tok):
+    """Right padding, so every text keeps positions 0..n-1 whatever batch it is scored in (with RoPE,
+    left padding is invariant too, but a model with absolute positions would not be; the classifier
+    reads the rightmost non-pad token either way). Truncation keeps the end, where the score is read."""
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    tok.truncation_side = "left"
+    return tok
+
+
+def load_reward_model(path: str | os.PathLike, num_labels: int = 1, dtype: torch.dtype = torch.float32):
+    """A sequence classifier with one output and its tokenizer, from a causal LM or a reward model folder."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = prepare_tokenizer(AutoTokenizer.from_pretrained(path))
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
+    # LlamaForSequenceClassification scores the last token that is not pad_token_id; without it, a batch
+    # of more than one text cannot be scored at all
+    model.config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def max_length_of(model, tokenizer) -> int:
+    limit = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
+    return int(min(limit, tokenizer.model_max_length))
+
+
+def score_texts(model, tokenizer, texts: list[str], batch_size: int = 16, max_length: int | None = None,
+                grad: bool = False) -> torch.Tensor:
+    """One scalar reward per rendered text, shape (len(texts),)."""
+    max_length = max_length or max_length_of(model, tokenizer)
+    out = []
+    ctx = torch.enable_grad() if grad else torch.no_grad()
+    with ctx:
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
+                            return_tensors="pt", add_special_tokens=False)
+            enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+            out.append(model(**enc).logits[:, 0].float())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def pair_texts(pairs: pd.DataFrame, aspect: str | None = None) -> tuple[list[str], list[str]]:
+    """(chosen texts, rejected texts) as the reward model of each pair's aspect reads them."""
+    chosen, rejected = [], []
+    for row in pairs.itertuples(index=False):
+        a = aspect or row.aspect
+        p = prompt_text(row.prompt)
+        chosen.append(render_for_rm(p, rm_response(response_text(row.chosen), a)))
+        rejected.append(render_for_rm(p, rm_response(response_text(row.rejected), a)))
+    return chosen, rejected
+
+
+def evaluate_reward_model(model, tokenizer, pairs: pd.DataFrame, aspect: str | None = None,
+                          batch_size: int = 32) -> float:
+    """Pairwise accuracy on preference pairs (ties count half). `aspect` defaults to each row's."""
+    was_training = model.training
+    model.eval()
+    chosen, rejected = pair_texts(pairs, aspect)
+    r_c = score_texts(model, tokenizer, chosen, batch_size)
+    r_r = score_texts(model, tokenizer, rejected, batch_size)
+    model.train(was_training)
+    return pairwise_accuracy(r_c, r_r)
+
+
+def save_reward_model(model, tokenizer, path: str | os.PathLike) -> None:
+    """save_pretrained into a sibling folder, then rename: a crash never leaves half a model."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+# -- training ------------------------------------------------------------------------------------------
+def train_reward_model(base_path: str | os.PathLike, pairs_df: pd.DataFrame, aspect: str,
+                       out_dir: str | os.PathLike | None, steps: int = 100, lr: float = 1e-3, batch_size: int = 16,
+                       seed: int = 0, weight_decay: float = 0.0, warmup_steps: int = 0, max_grad_norm: float = 1.0,
+                       max_length: int | None = None):
+    """Train the `aspect` reward model on the pairs of that aspect; save it to `out_dir` (if given).
+
+    Each step draws `batch_size` pairs (a fixed stream from `seed`), scores chosen and rejected in one
+    forward and minimises the Bradley-Terry loss (see `bradley_terry_loss`) with AdamW and a cosine
+    schedule. Returns (model, tokenizer, metrics) with metrics one row per step (RM_METRICS schema):
+    step, loss, accuracy (pairwise, on the step's batch), learning_rate.
+    """
+    if aspect not in ASPECTS:
+        raise ValueError(f"unknown reward model aspect {aspect!r}; expected one of {ASPECTS}")
+    pairs = pairs_df[pairs_df["aspect"] == aspect].reset_index(drop=True)
+    if pairs.empty:
+        raise ValueError(f"no preference pairs with aspect '{aspect}' (aspects present: "
+                         f"{sorted(pairs_df['aspect'].unique())})")
+    torch.manual_seed(seed)  # the fresh score head is initialised from it
+    model, tok = load_reward_model(base_path)
+    max_length = max_length or max_length_of(model, tok)
+    chosen, rejected = pair_texts(pairs, aspect)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+    def factor(s: int) -> float:
+        warm = min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0
+        return warm * 0.5 * (1 + math.cos(math.pi * s / max(1, steps)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    g = torch.Generator().manual_seed(seed)
+    rows, t0 = [], time.time()
+    model.train()
+    for step in range(1, steps + 1):
+        idx = torch.randint(len(pairs), (min(batch_size, len(pairs)),), generator=g).tolist()
+        texts = [chosen[i] for i in idx] + [rejected[i] for i in idx]
+        r = score_texts(model, tok, texts, batch_size=len(texts), max_length=max_length, grad=True)
+        r_c, r_r = r[: len(idx)], r[len(idx):]
+        loss = bradley_terry_loss(r_c, r_r)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        lr_now = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        rows.append({"step": step, "loss": loss.item(), "accuracy": pairwise_accuracy(r_c.detach(), r_r.detach()),
+                     "learning_rate": lr_now})
+    model.eval()
+    log.info("reward model '%s': %d steps on %d pairs in %.1fs, final batch loss %.3f", aspect, steps, len(pairs),
+             time.time() - t0, rows[-1]["loss"])
+    if out_dir is not None:
+        save_reward_model(model, tok, out_dir)
+    return model, tok, pd.DataFrame(rows)

@@ -1,0 +1,34 @@
+"""Train one Bradley-Terry reward model of section 2.3.4 (helpfulness or harmlessness) from a causal LM."""
+
+import argparse
+
+from _common import json_arg, setup
+
+from r1flow.data.artifacts import read_table, write_table
+from r1flow.data.schemas import PREFERENCES, RM_METRICS
+from r1flow.training.reward_model import train_reward_model
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--base", required=True, help="causal LM folder or hub id the reward model starts from")
+    ap.add_argument("--pairs", required=True, help="preference pairs parquet (PREFERENCES schema)")
+    ap.add_argument("--aspect", required=True, choices=["helpfulness", "harmlessness"])
+    ap.add_argument("--out", required=True, help="output reward model folder (save_pretrained)")
+    ap.add_argument("--metrics", required=True, help="output CSV of per-step loss and pairwise accuracy")
+    ap.add_argument("--settings", type=json_arg, default={},
+                    help='JSON: {"steps", "lr", "batch_size", "seed", optional "weight_decay", "warmup_steps", '
+                         '"max_grad_norm", "max_length"}')
+    ap.add_argument("--threads", type=int, default=None)
+    a = ap.parse_args()
+    setup(a.threads)
+    pairs = read_table(a.pairs, PREFERENCES)
+    _, _, metrics = train_reward_model(a.base, pairs, a.aspect, a.out, **a.settings)
+    write_table(metrics, a.metrics, RM_METRICS)
+    tail = metrics.tail(10)
+    print(f"{a.aspect} reward model: {len(metrics)} steps, last-10-step loss {tail['loss'].mean():.3f}, "
+          f"batch pairwise accuracy {tail['accuracy'].mean():.3f} -> {a.out}")
+
+
+if __name__ == "__main__":
+    main()
