@@ -18,6 +18,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/base.smk"
 include: "workflow/rules/zero.smk"
+include: "workflow/rules/r1.smk"
 include: "workflow/rules/eval.smk"
 include: "workflow/rules/report.smk"
 

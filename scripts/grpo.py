@@ -1,12 +1,15 @@
-"""Rule `r1_zero`: GRPO on the base model with rule-based rewards (section 2.2). Resumes from --state."""
+"""Rules `r1_zero`, `reasoning_rl`, `r1` and `rl_only`: GRPO (sections 2.2, 2.3.2, 2.3.4, 4.1). Resumes from --state."""
 
 import argparse
 import shutil
 
+import pandas as pd
+
 from _common import json_arg, setup
 
 from r1flow.data.artifacts import read_table, write_table
-from r1flow.data.schemas import GRPO_METRICS, TASKS
+from r1flow.data.cold_start import general_prompts
+from r1flow.data.schemas import GRPO_METRICS, PREFERENCES, TASKS
 from r1flow.models import load_policy
 from r1flow.training.grpo import GRPOConfig, GRPOTrainer
 
@@ -24,6 +27,10 @@ def main():
     ap.add_argument("--out-model", required=True)
     ap.add_argument("--metrics", required=True)
     ap.add_argument("--validation-curve", required=True)
+    ap.add_argument("--general", default=None,
+                    help="preference pairs whose prompts join training as general prompts (section 2.3.4)")
+    ap.add_argument("--general-prompts", type=int, default=0, help="how many general prompts to use")
+    ap.add_argument("--stage", default="GRPO", help="stage name for the log")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--keep-state", action="store_true", help="keep the state folder after success")
     ap.add_argument("--generation", type=json_arg, default=None, help="the config's generation section (backend)")
@@ -34,6 +41,9 @@ def main():
 
     cfg = GRPOConfig.from_dict({**a.grpo, "template": a.template, "reward_options": a.rewards})
     train, validation = read_table(a.train, TASKS), read_table(a.validation, TASKS)
+    if a.general and a.general_prompts:
+        train = pd.concat([train.assign(kind="reasoning"), general_prompts(read_table(a.general, PREFERENCES),
+                                                                            a.general_prompts)], ignore_index=True)
     policy, tok = load_policy(a.model, a.dtype)
     # pi_ref: the frozen initial policy of eq. 2, loaded afresh so that a resumed run keeps the true base
     ref = load_policy(a.model, a.dtype)[0] if cfg.beta > 0 else None
@@ -45,7 +55,7 @@ def main():
     write_table(metrics, a.metrics, GRPO_METRICS)
     trainer.validation_curve().to_csv(a.validation_curve, index=False)
     step = trainer.export(a.out_model)
-    print(f"R1-Zero: {cfg.steps} steps; exported the {cfg.select_checkpoint} checkpoint (step {step}) -> {a.out_model}")
+    print(f"{a.stage}: {cfg.steps} steps; exported the {cfg.select_checkpoint} checkpoint (step {step}) -> {a.out_model}")
     if not a.keep_state:
         shutil.rmtree(a.state, ignore_errors=True)
 

@@ -111,3 +111,23 @@ def test_no_validation_still_writes_valid_metrics(tiny_policy, tmp_path):
     assert m["val_pass@1"].isna().all()
     write_table(m, tmp_path / "metrics.csv", GRPO_METRICS)  # the rule's artifact validates
     assert t.validation_curve().empty and list(t.validation_curve().columns)[0] == "step"
+
+
+def test_batches_mix_kinds_in_proportion_and_are_deterministic():
+    """RL for all scenarios (section 2.3.4): every step holds reasoning and general prompts."""
+    from r1flow.training.grpo import GRPOConfig, GRPOTrainer
+
+    t = GRPOTrainer.__new__(GRPOTrainer)
+    t.cfg = GRPOConfig(prompts_per_step=10)
+    t.train_df = pd.DataFrame({"question": [f"q{i}" for i in range(100)],
+                               "kind": ["reasoning"] * 95 + ["general"] * 5})
+    seen = set()
+    for step in range(1, 11):
+        b = t._batch(step)
+        assert len(b) == 10 and (b["kind"] == "general").sum() == 1
+        assert b.index.tolist() == t._batch(step).index.tolist()  # a resumed run draws the same prompts
+        seen |= set(b.index[b["kind"] == "general"])
+    assert seen == set(range(95, 100))  # every general prompt comes round
+    single = t.train_df.iloc[:95].drop(columns="kind")
+    t.train_df = single
+    assert len(t._batch(3)) == 10

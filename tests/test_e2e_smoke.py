@@ -1,6 +1,7 @@
 """The whole DAG on the smoke config through the Snakemake CLI: tables, plots, bad input, resumption."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -50,7 +51,8 @@ def test_tables_match_the_samples(smoke_run):
         assert (s.loc[s["truncated"], "correct"] == 0).all()
         assert 0 <= row["cons@k"] <= 1
     md = (r / "tables" / "r1_zero.md").read_text()
-    assert "| Model | held_out pass@1 | held_out cons@2 | held_out pass@2 | held_out format | held_out length |" in md
+    assert ("| Model | held_out pass@1 | held_out cons@2 | held_out pass@2 | held_out format | held_out language |"
+            " held_out length |") in md
     assert "| r1_zero |" in md and "n = 2 samples each, temperature 0.6, top-p 0.95, at most 24 new tokens" in md
     assert (r / "tables" / "benchmarks.md").read_text().count("| base |") == 1
     assert (r / "plots" / "benchmarks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -74,8 +76,10 @@ def test_every_job_leaves_a_provenance_record(smoke_run):
     import json
 
     prov = smoke_run / "results" / "provenance"
-    jobs = ("tasks", "base_model", "r1_zero", "evaluate_base_held_out", "evaluate_r1_zero_held_out", "r1_zero_report",
-            "benchmark_table")
+    jobs = ("tasks", "base_model", "r1_zero", "r1_zero_report", "benchmark_table", "preferences", "non_reasoning_data",
+            "cold_start_data", "cold_start_sft", "reasoning_rl", "rejection_sampling", "final_sft",
+            "reward_model_helpfulness", "reward_model_harmlessness", "r1", "student_base_student", "distill_student",
+            "rl_only_student", *(f"evaluate_{m}_held_out" for m in MODELS))
     rec = {j: json.loads((prov / f"{j}.json").read_text()) for j in jobs}
     assert sorted(p.name for p in prov.iterdir()) == sorted(f"{j}.json" for j in jobs)
     # the records chain: what a job read is what the job before it wrote
@@ -89,14 +93,56 @@ def test_every_job_leaves_a_provenance_record(smoke_run):
         assert r["slurm"]["job_id"] == os.environ.get("SLURM_JOB_ID") and r["end"] >= r["start"]
 
 
-def test_models_load_with_plain_transformers(smoke_run):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+MODELS = ("base", "r1_zero", "cold_start", "reasoning_rl", "r1_sft", "r1", "distill_student", "rl_only_student")
 
-    for name in ("base", "r1_zero"):
+
+def test_models_load_with_plain_transformers(smoke_run):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    for name in (*MODELS, "student_student"):
         path = smoke_run / "results" / "models" / name
         model = AutoModelForCausalLM.from_pretrained(path)
         tok = AutoTokenizer.from_pretrained(path)
         assert model.config.vocab_size == len(tok)
+        # from the cold start on, models are chat models with the readable pattern's marker as one token
+        chat = name in ("cold_start", "reasoning_rl", "r1_sft", "r1", "distill_student")
+        assert bool(tok.chat_template) == chat, name
+        assert (len(tok("|special_token|", add_special_tokens=False)["input_ids"]) == 1) == chat, name
+    for aspect in ("helpfulness", "harmlessness"):
+        rm = AutoModelForSequenceClassification.from_pretrained(smoke_run / "results" / "models" / f"rm_{aspect}")
+        assert rm.config.num_labels == 1
+
+
+def test_r1_pipeline_artifacts(smoke_run):
+    """SFT data in the conversational layout Hugging Face tooling reads; the readable pattern in it."""
+    r = smoke_run / "results"
+    cold = pd.read_parquet(r / "data" / "sft" / "cold_start.parquet")
+    assert len(cold) > 0 and set(cold["source"]) <= {"few_shot", "r1_zero", "annotated"}
+    for msgs in cold["messages"]:
+        assert [m["role"] for m in msgs] == ["user", "assistant"]
+        assert msgs[1]["content"].count("|special_token|") == 2 and "\\boxed{" in msgs[1]["content"]
+    nr = pd.read_parquet(r / "data" / "sft" / "non_reasoning.parquet")
+    assert len(nr) == 20 and all(m[-1]["role"] == "assistant" for m in nr["messages"])
+    pairs = pd.read_parquet(r / "data" / "preferences.parquet")
+    assert {"prompt", "chosen", "rejected"} <= set(pairs.columns)
+    sft = pd.read_csv(r / "r1_sft" / "sft_metrics.csv")
+    assert len(sft) >= 1 and (sft["loss"] > 0).all()
+    m = pd.read_csv(r / "r1" / "metrics.csv")  # RL for all scenarios: reward models scored general prompts
+    assert {"reward/helpfulness_mean", "reward/harmlessness_mean", "reward/accuracy_mean"} <= set(m.columns)
+
+
+def test_changing_one_stage_reruns_it_and_what_follows_only(smoke_run, tmp_path):
+    wd = tmp_path / "w"
+    shutil.copytree(smoke_run, wd)
+    cfg = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
+    cfg["r1"]["final_sft"]["learning_rate"] = 0.0005
+    conf = tmp_path / "changed.yaml"
+    conf.write_text(yaml.safe_dump(cfg))
+    p = snakemake(wd, "-n", "--quiet", "rules", config=str(conf))
+    planned = {m.group(1) for m in re.finditer(r"^(\w+)\s+\d+$", p.stdout, re.MULTILINE)} - {"total"}
+    assert {"final_sft", "r1", "evaluate", "benchmark_table"} <= planned
+    assert not planned & {"tasks", "base_model", "r1_zero", "cold_start_data", "cold_start_sft", "reasoning_rl",
+                          "rejection_sampling", "distill", "rl_only", "reward_model", "preferences"}
 
 
 def test_invalid_config_fails_before_any_job(tmp_path):

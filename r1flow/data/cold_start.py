@@ -1,7 +1,8 @@
 """Cold-start data (section 2.3.1) and rejection sampling (section 2.3.3): long chains of thought in the
 readable pattern |special_token|<reasoning_process>|special_token|<summary>, as SFT data.
 
-Cold-start sources, as the paper lists them:
+Cold-start sources, as the paper lists them (and `annotated`, worked solutions written out for the
+synthetic tasks, standing in for the human annotators who post-processed the data):
 - `few_shot`: the base model prompted with a long-CoT example; its continuation is rewritten into the
   readable pattern (reasoning, then a summary that states the answer);
 - `r1_zero`: R1-Zero outputs (<think> ... </think> <answer> ... </answer>) rewritten the same way.
@@ -52,6 +53,21 @@ def rewrite_r1_zero(completion: str, marker: str = READABLE_MARKER) -> str | Non
     return readable(m.group(1), m.group(2).strip(), marker)
 
 
+def annotate_chain(question: str) -> str | None:
+    """A worked solution written out for an arithmetic-chain question ("Compute (7+5)*2-3" -> "7+5=12
+    12*2=24 24-3=21"), standing in for the paper's human annotators, who post-processed cold-start data
+    (section 2.3.1). None for other questions."""
+    m = re.fullmatch(r"Compute [(\s]*(\d+)((?:[)\s]*[-+*]\s*\d+)+)[)\s]*", question.strip())
+    if m is None:
+        return None
+    value, steps = int(m.group(1)), []
+    for op, k in re.findall(r"([-+*])\s*(\d+)", m.group(2)):
+        new = value + int(k) if op == "+" else value - int(k) if op == "-" else value * int(k)
+        steps.append(f"{value}{op}{k}={new}")
+        value = new
+    return " ".join(steps) + f". So the answer is {value}."
+
+
 def readability(texts: list[str], golds: list[str], marker: str = READABLE_MARKER, target: str = "en",
                 max_paragraph_chars: int = 2000) -> list[str]:
     """Why each readable completion would be dropped ('' = keep): wrong answer, malformed (no summary,
@@ -88,8 +104,10 @@ def sft_rows(prompt_ids, questions, completions, source: str) -> pd.DataFrame:
 
 def select(rows: pd.DataFrame, size: int, seed: int) -> pd.DataFrame:
     """At most one sample per (prompt, text), then at most `size` rows, drawn without bias to a source."""
+    if rows.empty:
+        return rows.reset_index(drop=True)
     key = rows["messages"].map(lambda m: m[-1]["content"])
-    rows = rows.loc[~(rows["prompt_id"] + "\0" + key).duplicated()]
+    rows = rows.loc[~pd.DataFrame({"p": rows["prompt_id"].astype(str), "k": key}).duplicated()]
     if len(rows) > size:
         rows = rows.sample(n=size, random_state=seed)
     return rows.reset_index(drop=True)
@@ -119,3 +137,25 @@ def model_judge(generator, questions, golds, completions) -> list[bool]:
     prompts = [judge_prompt(q, g, p) for q, g, p in zip(questions, golds, preds)]
     out = generator.generate(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=4))
     return [parse_judgement(t) for t in out.texts]
+
+
+def general_prompts(pairs: pd.DataFrame, n: int) -> pd.DataFrame:
+    """General (non-reasoning) prompts for RL of all scenarios, from the preference pairs' prompts: no
+    rule-based answer, scored by the reward models (section 2.3.4)."""
+    qs = list(dict.fromkeys(p[-1]["content"] for p in pairs["prompt"]))[:n]
+    return pd.DataFrame({"prompt_id": [f"general-{i}" for i in range(len(qs))], "task": "general", "question": qs,
+                         "answer": "-", "difficulty": 0, "kind": "general"})
+
+
+def non_reasoning_rows(pairs: pd.DataFrame, size: int, seed: int) -> pd.DataFrame:
+    """Non-reasoning SFT data (section 2.3.3): the preferred answers of the preference pairs (writing,
+    factual QA, self-cognition, translation, refusals), some with a short chain of thought in the
+    readable pattern, some without; plus greetings answered directly, as "hello" needs no reasoning."""
+    rows = [{"prompt_id": f"nr-{r['pair_id']}", "messages": list(r["prompt"]) + list(r["chosen"]),
+             "source": f"non_reasoning:{r['aspect']}"} for _, r in pairs.iterrows()]
+    for i, (q, a) in enumerate([("hello", "Hello! How can I help you today?"), ("hi", "Hi! What can I do for you?"),
+                                ("thanks", "You are welcome."), ("good morning", "Good morning! How can I help?")]):
+        rows.append({"prompt_id": f"nr-greeting-{i}", "source": "non_reasoning:greeting",
+                     "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+    df = pd.DataFrame(rows)
+    return df.sample(n=min(size, len(df)), random_state=seed).reset_index(drop=True)

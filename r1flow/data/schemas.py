@@ -45,6 +45,7 @@ SAMPLES = DataFrameSchema(
         "correct": Column(float, Check.in_range(0.0, 1.0)),
         "reason": Column(str),
         "format": Column(float, Check.in_range(0.0, 1.0)),
+        "language": Column(float, Check.in_range(0.0, 1.0), nullable=True),
         "completion_tokens": Column(int, Check.ge(0)),
         "truncated": Column(bool),
     },
@@ -64,6 +65,7 @@ EVAL_SUMMARY = DataFrameSchema(
         "cons_k": Column(float, Check.ge(1), nullable=True),
         "format_rate": Column(float, Check.in_range(0.0, 1.0)),
         "mean_length": Column(float, Check.ge(0.0)),
+        "language_consistency": Column(float, Check.in_range(0.0, 1.0), nullable=True),
         "truncated_rate": Column(float, Check.in_range(0.0, 1.0)),
         "temperature": Column(float, Check.ge(0.0)),
         "top_p": Column(float, Check.in_range(0.0, 1.0, include_min=False)),
@@ -141,6 +143,30 @@ PREFERENCES = DataFrameSchema(
     coerce=True,
 )
 
+# SFT data (cold start, rejection sampling, non-reasoning, distillation): a conversational `messages`
+# column (user turn, then the assistant's) as Hugging Face tooling reads it directly.
+SFT_DATA = DataFrameSchema(
+    {
+        "prompt_id": Column(str),
+        "messages": Column(object, _messages(roles=("system", "user", "assistant"), last="assistant")),
+        "source": Column(str),
+    },
+    name="sft_data",
+    coerce=True,
+)
+
+# Per-update SFT metrics.
+SFT_METRICS = DataFrameSchema(
+    {
+        "step": Column(int, Check.ge(1), unique=True),
+        "epoch": Column(int, Check.ge(1)),
+        "loss": Column(float, Check.ge(0.0)),
+        "learning_rate": Column(float, Check.ge(0.0)),
+    },
+    name="sft_metrics",
+    coerce=True,
+)
+
 # Per-step Bradley-Terry reward model training metrics (r1flow.training.reward_model).
 RM_METRICS = DataFrameSchema(
     {
@@ -153,4 +179,5 @@ RM_METRICS = DataFrameSchema(
     coerce=True,
 )
 
-SCHEMAS = {s.name: s for s in (TASKS, SAMPLES, EVAL_SUMMARY, GRPO_METRICS, PREFERENCES, RM_METRICS)}
+SCHEMAS = {s.name: s for s in (TASKS, SAMPLES, EVAL_SUMMARY, GRPO_METRICS, PREFERENCES, RM_METRICS, SFT_DATA,
+                                SFT_METRICS)}

@@ -105,8 +105,9 @@ def sample_and_grade(generator, problems: pd.DataFrame, prompts: list[str], para
     n = params.n
     golds = [str(a) for a in problems["answer"] for _ in range(n)]
     texts = [("<think>" + t) if prefilled_think else t for t in out.texts]
-    _, per = R.score_batch(texts, golds, {grader: 1.0, format_reward: 1.0}, reward_options)
-    acc, fmt = per[grader], per[format_reward]
+    _, per = R.score_batch(texts, golds, {grader: 1.0, format_reward: 1.0, "language_consistency": 1.0},
+                           reward_options)
+    acc, fmt, lang = per[grader], per[format_reward], per["language_consistency"]
     truncated = out.truncated.tolist()
     return pd.DataFrame({
         "benchmark": [b for b in problems["benchmark"] for _ in range(n)],
@@ -119,6 +120,8 @@ def sample_and_grade(generator, problems: pd.DataFrame, prompts: list[str], para
         "correct": [0.0 if t else a.score for a, t in zip(acc, truncated)],
         "reason": ["truncated" if t else a.reason for a, t in zip(acc, truncated)],
         "format": [f.score for f in fmt],
+        # section 2.3.2: share of target-language words in the chain of thought (none when it has no words)
+        "language": [float("nan") if la.reason == "no_words" else la.score for la in lang],
         "completion_tokens": out.lengths.tolist(),
         "truncated": truncated,
     })
@@ -141,6 +144,8 @@ def summarize(samples: pd.DataFrame, pass_ks=(1,), cons_k: int | None = None, vo
         row["cons@k"] = cons_at_k(answers, correct.tolist(), cons_k)
         row["cons_k"] = cons_k
     row.update(format_rate=float(samples["format"].mean()), mean_length=float(samples["completion_tokens"].mean()),
+               language_consistency=(float(samples["language"].mean()) if "language" in samples
+                                     and samples["language"].notna().any() else None),
                truncated_rate=float(samples["truncated"].mean()))
     return row
 

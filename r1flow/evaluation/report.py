@@ -8,7 +8,7 @@ from r1flow.data.artifacts import write_table, write_text
 from r1flow.data.schemas import EVAL_SUMMARY
 
 COLUMNS = ["model", "benchmark", "num_problems", "n", "pass@1", "cons@k", "cons_k", "format_rate", "mean_length",
-           "truncated_rate", "temperature", "top_p", "max_new_tokens"]
+           "language_consistency", "truncated_rate", "temperature", "top_p", "max_new_tokens"]
 
 
 def results_table(summaries: list[pd.DataFrame]) -> pd.DataFrame:
@@ -28,7 +28,7 @@ def paper_layout(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
         if t["cons@k"].notna().any():
             metrics.append(("cons@k", f"cons@{int(t['cons_k'].dropna().iloc[0])}"))
         metrics += [(c, c) for c in t.columns if c.startswith("pass@") and c != "pass@1" and t[c].notna().any()]
-        metrics += [("format_rate", "format"), ("mean_length", "length")]
+        metrics += [("format_rate", "format"), ("language_consistency", "language"), ("mean_length", "length")]
         for key, label in metrics:
             head.append(f"{b} {label}")
             cols.append((b, key))

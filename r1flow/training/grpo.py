@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from r1flow import rewards as R
-from r1flow.data.prompts import render
+from r1flow.data.prompts import chat_prompt, render
 from r1flow.evaluation import sample_and_grade, summarize
 from r1flow.generation import SamplingParams, make_generator
 from r1flow.models import save_policy
@@ -132,9 +132,18 @@ class GRPOTrainer:
         self.step_no = 0
         self.best = {"step": 0, "val_pass@1": -1.0}
         self.history: list[dict] = []
-        self.weights = {name: float(w) for name, w in cfg.rewards.items()}
-        for name in self.weights:
-            R.get(name)  # fail now, not after the first sampling, on an unknown reward
+        # Rewards per kind of prompt (section 2.3.4: rule-based rewards for reasoning prompts, reward models
+        # for general ones); a flat {name: weight} applies to every prompt.
+        nested = all(isinstance(v, dict) for v in cfg.rewards.values())
+        self.weights_by_kind = ({k: {n: float(w) for n, w in v.items()} for k, v in cfg.rewards.items()} if nested
+                                else {"reasoning": {n: float(w) for n, w in cfg.rewards.items()}})
+        kinds = set(self.train_df["kind"]) if "kind" in self.train_df else {"reasoning"}
+        missing = kinds - set(self.weights_by_kind)
+        if missing:
+            raise ValueError(f"no rewards configured for prompts of kind {sorted(missing)}")
+        for weights in self.weights_by_kind.values():
+            for name in weights:
+                R.get(name)  # fail now, not after the first sampling, on an unknown reward
 
     # -- schedule and data -------------------------------------------------------------------------
     def _lr_factor(self, s: int) -> float:
@@ -147,29 +156,41 @@ class GRPOTrainer:
 
     def _batch(self, step: int) -> pd.DataFrame:
         """Prompts of a step: a fixed shuffle per epoch, derived from the seed, so a resumed run sees
-        exactly the prompts an uninterrupted one would."""
-        n, B = len(self.train_df), self.cfg.prompts_per_step
-        start = (step - 1) * B
+        exactly the prompts an uninterrupted one would. With several kinds of prompt (reasoning and
+        general, section 2.3.4), every step takes each kind in proportion to its share (at least one)."""
+        B = self.cfg.prompts_per_step
+        if "kind" not in self.train_df or self.train_df["kind"].nunique() == 1:
+            return self.train_df.iloc[self._draw(np.arange(len(self.train_df)), step, B, 0)]
+        groups = {k: np.flatnonzero(self.train_df["kind"].to_numpy() == k) for k in sorted(set(self.train_df["kind"]))}
+        quota = {k: max(1, round(B * len(ix) / len(self.train_df))) for k, ix in groups.items()}
+        largest = max(quota, key=lambda k: len(groups[k]))
+        quota[largest] = max(1, B - sum(q for k, q in quota.items() if k != largest))
         idx = []
-        while len(idx) < B:
-            epoch, offset = divmod(start + len(idx), n)
-            perm = np.random.RandomState(self.cfg.seed * 100003 + epoch).permutation(n)
-            idx.extend(perm[offset : offset + B - len(idx)].tolist())
+        for j, (k, ix) in enumerate(groups.items()):
+            idx.extend(ix[self._draw(ix, step, quota[k], j)].tolist())
         return self.train_df.iloc[idx]
+
+    def _draw(self, pool: np.ndarray, step: int, b: int, stream: int) -> list[int]:
+        """Positions in `pool` of step `step`'s b prompts: walk a per-epoch permutation of the pool."""
+        n, start, out = len(pool), (step - 1) * b, []
+        while len(out) < b:
+            epoch, offset = divmod(start + len(out), n)
+            perm = np.random.RandomState(self.cfg.seed * 100003 + epoch + 7919 * stream).permutation(n)
+            out.extend(perm[offset : offset + b - len(out)].tolist())
+        return out
 
     # -- one step --------------------------------------------------------------------------------
     def step(self) -> dict:
         c, G = self.cfg, self.cfg.num_generations
         self.step_no += 1
         batch = self._batch(self.step_no)
-        prompts = [render(q, c.template) for q in batch["question"]]
+        prompts = [self._prompt(q) for q in batch["question"]]
 
         t0 = time.perf_counter()
         out = self.generator.generate(prompts, SamplingParams(G, c.temperature, c.top_p, c.max_completion_length))
         t_gen = time.perf_counter() - t0
 
-        golds = [a for a in batch["answer"] for _ in range(G)]
-        total, per = R.score_batch(out.texts, golds, self.weights, c.reward_options)
+        total, per = self._score(batch, out.texts, G)
         rewards = torch.tensor(total, dtype=torch.float32)
         advantages = group_advantages(rewards, G, c.scale_rewards)
         mask = loss_mask(out.completion_mask, out.truncated, c.mask_truncated_completions)
@@ -224,8 +245,8 @@ class GRPOTrainer:
             "step": self.step_no,
             "reward_mean": float(rewards.mean()),
             "reward_std": float(rewards.std(unbiased=False)),
-            "accuracy": float(np.mean([r.score for r in per["accuracy"]])) if "accuracy" in per else float("nan"),
-            "format_rate": float(np.mean([r.score for r in per["format"]])) if "format" in per else float("nan"),
+            "accuracy": _mean_score(per.get("accuracy")),
+            "format_rate": _mean_score(per.get("format", per.get("format_readable"))),
             "kl": stats["kl_sum"] / max(1.0, stats["tokens"]) if ref is not None else None,
             "clip_fraction": stats["clipped_tokens"] / max(1.0, stats["tokens"]),
             "entropy": entropy_sum / n_tok,
@@ -237,18 +258,43 @@ class GRPOTrainer:
             "time_training": t_train,
         }
         for name, rs in per.items():
-            s = np.array([r.score for r in rs])
+            s = np.array([r.score for r in rs if r is not None])
             row[f"reward/{name}_mean"], row[f"reward/{name}_std"] = float(s.mean()), float(s.std())
         return row
+
+    def _prompt(self, question: str) -> str:
+        # "chat": the tokenizer's chat template (models after the cold start); else a named template
+        return chat_prompt(self.tok, question) if self.cfg.template == "chat" else render(question, self.cfg.template)
+
+    def _score(self, batch: pd.DataFrame, texts: list[str], G: int):
+        """Weighted reward sums, each prompt with the rewards of its kind; per[name] has None where a
+        reward does not apply. Reward models also see the question (section 2.3.4)."""
+        kinds = list(batch["kind"]) if "kind" in batch else ["reasoning"] * len(batch)
+        total, per = [0.0] * len(texts), {}
+        for kind, weights in self.weights_by_kind.items():
+            idx = [i for i in range(len(texts)) if kinds[i // G] == kind]
+            if not idx:
+                continue
+            t, p = R.score_batch([texts[i] for i in idx], [str(batch["answer"].iloc[i // G]) for i in idx], weights,
+                                 self.cfg.reward_options, prompts=[batch["question"].iloc[i // G] for i in idx])
+            for j, i in enumerate(idx):
+                total[i] = t[j]
+            for name, rs in p.items():
+                col = per.setdefault(name, [None] * len(texts))
+                for j, i in enumerate(idx):
+                    col[i] = rs[j]
+        return total, per
 
     # -- validation --------------------------------------------------------------------------------
     def validate(self) -> dict:
         c = self.cfg
         params = SamplingParams(c.eval_k, c.eval_temperature, c.eval_top_p, c.max_completion_length)
         problems = self.val_df.assign(benchmark="validation", problem_id=self.val_df["prompt_id"])
-        prompts = [render(q, c.template) for q in problems["question"]]
+        prompts = [self._prompt(q) for q in problems["question"]]
         # the accuracy reward, whatever the training rewards, and the same grading as the evaluation stage
-        s = summarize(sample_and_grade(self.generator, problems, prompts, params, "accuracy", c.reward_options))
+        fmt = "format_readable" if c.template == "chat" else "format"
+        s = summarize(sample_and_grade(self.generator, problems, prompts, params, "accuracy", c.reward_options,
+                                       format_reward=fmt))
         return {"val_pass@1": s["pass@1"], "val_format_rate": s["format_rate"], "val_length": s["mean_length"]}
 
     # -- checkpoints -------------------------------------------------------------------------------
@@ -325,7 +371,7 @@ class GRPOTrainer:
             log.info("resuming from step %d", self.step_no)
         elif self.val_df is not None and c.eval_every:
             self.history.append({"step": 0, **self.validate()})  # the base model's point on Figure 2
-        bar = tqdm(total=c.steps, initial=self.step_no, desc="R1-Zero GRPO", disable=not progress or not self.is_main,
+        bar = tqdm(total=c.steps, initial=self.step_no, desc="GRPO", disable=not progress or not self.is_main,
                    mininterval=1.0)
         live = self.state_dir / "metrics_live.csv"
         done_now = 0
@@ -380,3 +426,8 @@ class GRPOTrainer:
             return step
         save_policy(self.model, self.tok, out_dir)
         return self.step_no
+
+
+def _mean_score(rewards) -> float:
+    vals = [r.score for r in rewards or [] if r is not None]
+    return float(np.mean(vals)) if vals else float("nan")

@@ -95,3 +95,52 @@ def sft_step(engine, micro_batches: list[SFTBatch]) -> float:
         loss_sum += loss.item()
     engine.step()
     return engine.all_sum([loss_sum])[0]
+
+
+def train_sft(model, tokenizer, prompts: list[str], completions: list[str], *, epochs: int = 2,
+              learning_rate: float = 1e-3, batch_size: int = 32, micro_batch_size: int = 0, max_length: int = 256,
+              warmup_steps: int = 10, max_grad_norm: float = 1.0, seed: int = 0, deepspeed=None,
+              log_every: int = 10) -> list[dict]:
+    """SFT for a number of epochs (two in section 2.3.3) over shuffled (prompt, completion) pairs.
+
+    Returns one metrics row per update (step, epoch, loss, learning_rate). Cosine decay after warm-up.
+    """
+    import math
+    import random
+
+    from tqdm.auto import tqdm
+
+    from r1flow.training.engine import make_engine
+
+    if not prompts:
+        raise ValueError("no SFT examples")
+    opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(prompts) / batch_size)
+    total = epochs * steps_per_epoch
+
+    def lr_factor(s):
+        warm = min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0
+        return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    engine = make_engine(model, opt, max_grad_norm, deepspeed)
+    rng = random.Random(seed)
+    rows, step = [], 0
+    bar = tqdm(total=total, desc="SFT", unit="step")
+    for epoch in range(epochs):
+        order = list(range(len(prompts)))
+        rng.shuffle(order)
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            batch = collate(tokenizer, [prompts[i] for i in idx], [completions[i] for i in idx], max_length)
+            mb = micro_batch_size or len(idx)
+            loss = sft_step(engine, [batch[j : j + mb] for j in range(0, len(idx), mb)])
+            sched.step()
+            step += 1
+            rows.append({"step": step, "epoch": epoch + 1, "loss": loss, "learning_rate": sched.get_last_lr()[0]})
+            bar.update(1)
+            if step % log_every == 0:
+                bar.set_postfix(loss=f"{loss:.3f}")
+    bar.close()
+    model.eval()
+    return rows

@@ -12,10 +12,36 @@ def eval_model_input(name):
     return model_input(name)
 
 
+# Models before the cold start answer in the Table 1 template; from the cold start on they are chat models
+# answering in the readable pattern (section 2.3.1). A benchmark whose template is "model" uses each
+# model's own style, so base, R1-Zero, R1 and the students can share one held-out table.
+CHAT_STAGES = ("cold_start", "reasoning_rl", "r1_sft", "r1")
+
+
+def is_chat_model(name):
+    ext = config["evaluation"]["external_models"].get(name)
+    if ext is not None:
+        return bool(ext.get("chat"))
+    return name in CHAT_STAGES or name.startswith("distill_")
+
+
+def benchmark_spec(model, benchmark):
+    spec = dict(config["evaluation"]["benchmarks"][benchmark])
+    if spec.get("template") == "model":
+        if model in config["evaluation"]["external_models"]:
+            spec["template"] = "math"
+        elif is_chat_model(model):
+            spec["template"] = "plain"
+            spec["format_reward"] = spec.get("format_reward") or "format_readable"
+        else:
+            spec["template"] = "table1"
+    return shlex.quote(json.dumps(spec, sort_keys=True))
+
+
 def eval_model_args(name):
     ext = config["evaluation"]["external_models"].get(name)
     if ext is None:
-        return f"--model {model_arg(name)}"
+        return f"--model {model_arg(name)}" + (" --chat" if is_chat_model(name) else "")
     args = f"--model {shlex.quote(ext['path'])}"
     if ext.get("gguf_file"):
         args += f" --gguf-file {shlex.quote(ext['gguf_file'])}"
@@ -53,7 +79,7 @@ rule evaluate:
     params:
         model=lambda w: eval_model_args(w.model),
         model_ref=lambda w: shlex.quote(json.dumps(config["evaluation"]["external_models"].get(w.model, w.model))),
-        spec=lambda w: settings("evaluation", "benchmarks", w.benchmark),
+        spec=lambda w: benchmark_spec(w.model, w.benchmark),
         data=lambda w, input: f"--data {input.data}" if input.data else "",
         evaluation=sampling_settings(),
         rewards=settings("rewards"),

@@ -4,7 +4,7 @@
 rule r1_zero_report:
     input:
         summaries=expand(res("eval", "{model}", "{benchmark}", "summary.csv"),
-                         model=config["evaluation"]["models"], benchmark=BENCHMARKS),
+                         model=[m for m in config["evaluation"]["models"] if m in ("base", "r1_zero")], benchmark=BENCHMARKS),
         metrics=rules.r1_zero.output.metrics,
         validation_curve=rules.r1_zero.output.validation_curve,
     output:

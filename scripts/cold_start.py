@@ -1,0 +1,70 @@
+"""Rule `cold_start_data`: long-CoT data in the readable pattern (section 2.3.1), from few-shot prompting
+of the base model and from R1-Zero outputs, rewritten, then filtered for correctness and readability."""
+
+import argparse
+
+import pandas as pd
+import torch
+from _common import json_arg, setup
+
+from r1flow.data import cold_start as C
+from r1flow.data.artifacts import read_table, write_table
+from r1flow.data.prompts import render
+from r1flow.data.schemas import SFT_DATA, TASKS
+from r1flow.generation import SamplingParams, make_generator
+from r1flow.models import load_policy
+
+
+def sample(model_path, prompts, s, generation):
+    model, tok = load_policy(model_path)
+    gen = make_generator(model, tok, generation, model_path=model_path, seed=s["seed"], progress=True)
+    with torch.inference_mode():
+        return gen.generate(prompts, SamplingParams(s["samples_per_prompt"], s["temperature"], 1.0, s["max_new_tokens"])).texts
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--base", required=True)
+    ap.add_argument("--r1-zero", required=True)
+    ap.add_argument("--train", required=True)
+    ap.add_argument("--settings", type=json_arg, required=True, help="the config's r1.cold_start section")
+    ap.add_argument("--generation", type=json_arg, default=None)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--threads", type=int, default=None)
+    a = ap.parse_args()
+    setup(a.threads)
+    s = a.settings
+    tasks = read_table(a.train, TASKS).sample(frac=1.0, random_state=s["seed"]).head(s["prompts"])
+    k = s["samples_per_prompt"]
+    ids = [p for p in tasks["prompt_id"] for _ in range(k)]
+    qs = [q for q in tasks["question"] for _ in range(k)]
+    golds = [g for g in tasks["answer"] for _ in range(k)]
+    parts, report = [], {}
+    if "few_shot" in s["sources"]:
+        # one worked example with a long chain of thought in front of each question (few-shot prompting)
+        prompts = [C.FEW_SHOT.format(example=s["few_shot_example"], question=q) for q in tasks["question"]]
+        texts = sample(a.base, prompts, s, a.generation)
+        parts.append(("few_shot", [C.rewrite_few_shot(t) for t in texts]))
+    if "annotated" in s["sources"]:
+        notes = [C.annotate_chain(q) for q in qs]
+        parts.append(("annotated", [C.rewrite_few_shot(n) if n else None for n in notes]))
+    if "r1_zero" in s["sources"]:
+        texts = sample(a.r1_zero, [render(q, "table1") for q in tasks["question"]], s, a.generation)
+        parts.append(("r1_zero", [C.rewrite_r1_zero(t) for t in texts]))
+    frames = []
+    for source, rewritten in parts:
+        keep = [i for i, t in enumerate(rewritten) if t is not None]
+        why = C.readability([rewritten[i] for i in keep], [golds[i] for i in keep])
+        ok = [i for i, w in zip(keep, why) if not w]
+        report[source] = {"sampled": len(rewritten), "rewritten": len(keep), "kept": len(ok),
+                          "dropped": pd.Series([w for w in why if w]).value_counts().to_dict()}
+        frames.append(C.sft_rows([ids[i] for i in ok], [qs[i] for i in ok], [rewritten[i] for i in ok], source))
+    data = C.select(pd.concat([f for f in frames if not f.empty] or frames, ignore_index=True), s["size"], s["seed"])
+    if data.empty:
+        raise RuntimeError(f"no cold-start sample survived the filters: {report}")
+    write_table(data, a.out, SFT_DATA)
+    print(f"cold start: {len(data)} samples ({data['source'].value_counts().to_dict()}); filters: {report}")
+
+
+if __name__ == "__main__":
+    main()

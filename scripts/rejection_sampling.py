@@ -1,0 +1,61 @@
+"""Rule `rejection_sampling`: several samples per prompt from the reasoning-RL checkpoint; only correct,
+readable ones are kept (section 2.3.3): no mixed languages, long paragraphs or code blocks."""
+
+import argparse
+
+import pandas as pd
+import torch
+from _common import json_arg, setup
+
+from r1flow.data import cold_start as C
+from r1flow.data.artifacts import read_table, write_table
+from r1flow.data.prompts import chat_prompt
+from r1flow.data.schemas import SFT_DATA, TASKS
+from r1flow.generation import SamplingParams, make_generator
+from r1flow.models import load_policy
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", required=True, help="the reasoning-RL checkpoint")
+    ap.add_argument("--train", required=True)
+    ap.add_argument("--settings", type=json_arg, required=True, help="the config's r1.rejection_sampling section")
+    ap.add_argument("--generation", type=json_arg, default=None)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--threads", type=int, default=None)
+    a = ap.parse_args()
+    setup(a.threads)
+    s = a.settings
+    tasks = read_table(a.train, TASKS).sample(frac=1.0, random_state=s["seed"]).head(s["prompts"])
+    model, tok = load_policy(a.model)
+    gen = make_generator(model, tok, a.generation, model_path=a.model, seed=s["seed"], progress=True)
+    k = s["samples_per_prompt"]
+    with torch.inference_mode():
+        out = gen.generate([chat_prompt(tok, q) for q in tasks["question"]],
+                           SamplingParams(k, s["temperature"], 1.0, s["max_new_tokens"]))
+    texts = [t.strip() for t in out.texts]
+    ids = [p for p in tasks["prompt_id"] for _ in range(k)]
+    qs = [q for q in tasks["question"] for _ in range(k)]
+    golds = [g for g in tasks["answer"] for _ in range(k)]
+    why = C.readability(texts, golds, max_paragraph_chars=s["max_paragraph_chars"])
+    if s["judge"]["type"] == "model":  # a generative judge for answers the rules called wrong
+        judge_model, judge_tok = load_policy(s["judge"]["model"])
+        wrong = [i for i, w in enumerate(why) if w == "wrong"]
+        verdicts = C.model_judge(make_generator(judge_model, judge_tok, None), [qs[i] for i in wrong],
+                                 [golds[i] for i in wrong], [texts[i] for i in wrong])
+        for i, ok in zip(wrong, verdicts):
+            why[i] = "" if ok else "wrong"
+    keep = [i for i, w in enumerate(why) if not w]
+    rows = C.select(C.sft_rows([ids[i] for i in keep], [qs[i] for i in keep], [texts[i] for i in keep],
+                               "rejection_sampling"), s["target_size"], s["seed"])
+    if rows.empty:  # a real run would stop here; a toy one (the smoke config) goes on with the other SFT data
+        print("WARNING: rejection sampling kept no sample; the SFT stage gets non-reasoning data only")
+        rows = pd.DataFrame({"prompt_id": pd.Series(dtype=str), "messages": pd.Series(dtype=object),
+                             "source": pd.Series(dtype=str)})
+    write_table(rows, a.out, SFT_DATA)
+    print(f"rejection sampling: {len(texts)} samples, kept {len(rows)}; dropped "
+          f"{pd.Series([w for w in why if w]).value_counts().to_dict()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Rules `cold_start_sft`, `final_sft` and `distill`: supervised fine-tuning on conversational SFT data
+(sections 2.3.1, 2.3.3, 2.4). The model folder written is a chat model: it carries the R1 chat template
+and the readable pattern's marker as a token."""
+
+import argparse
+
+import pandas as pd
+from _common import json_arg, setup
+
+from r1flow.data.artifacts import read_table, write_table
+from r1flow.data.prompts import R1_CHAT_TEMPLATE
+from r1flow.data.schemas import SFT_DATA, SFT_METRICS
+from r1flow.models import load_policy, save_policy
+from r1flow.rewards.formats import READABLE_MARKER
+from r1flow.training.sft import train_sft
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", required=True, help="the model to fine-tune (folder or hub id)")
+    ap.add_argument("--data", nargs="+", required=True, help="SFT_DATA parquet files, concatenated")
+    ap.add_argument("--settings", type=json_arg, required=True, help="an SFT section of the config")
+    ap.add_argument("--stage", default="SFT")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--metrics", required=True)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--threads", type=int, default=None)
+    a = ap.parse_args()
+    setup(a.threads)
+    s = a.settings
+    data = pd.concat([read_table(p, SFT_DATA) for p in a.data], ignore_index=True)
+    model, tok = load_policy(a.model, a.dtype)
+    if not getattr(tok, "chat_template", None):  # the tiny base has none; real instruct models keep theirs
+        tok.chat_template = R1_CHAT_TEMPLATE
+    if tok.add_tokens([READABLE_MARKER]):  # one token for the marker, as a real special token would be
+        model.resize_token_embeddings(len(tok))
+    prompts, completions = [], []
+    for msgs in data["messages"]:
+        msgs = list(msgs)
+        prompts.append(tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True))
+        completions.append(" " + msgs[-1]["content"])
+    rows = train_sft(model, tok, prompts, completions, epochs=s["epochs"], learning_rate=s["learning_rate"],
+                     batch_size=s["batch_size"], micro_batch_size=s["micro_batch_size"], max_length=s["max_length"],
+                     warmup_steps=s["warmup_steps"], seed=s["seed"])
+    save_policy(model, tok, a.out)
+    write_table(pd.DataFrame(rows), a.metrics, SFT_METRICS)
+    print(f"{a.stage}: {len(data)} examples x {s['epochs']} epochs, {len(rows)} updates, "
+          f"loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f} -> {a.out}")
+
+
+if __name__ == "__main__":
+    main()
