@@ -1,0 +1,73 @@
+"""Cold-start rewriting and filtering, rejection-sampling filters, the model judge's parsing, and the
+non-reasoning and general-prompt tables (sections 2.3.1, 2.3.3, 2.3.4)."""
+
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+from r1flow.data import cold_start as C
+from r1flow.data.artifacts import read_table, write_table
+from r1flow.data.preferences import make_preferences
+from r1flow.data.schemas import SFT_DATA
+
+M = "|special_token|"
+
+
+def test_rewrites_into_the_readable_pattern():
+    assert C.rewrite_few_shot(" 7+5=12 12*2=24 24-3=21. So the answer is 21.") == (
+        f"{M} First 7+5=12, then 12*2=24, then 24-3=21. {M} The answer is \\boxed{{21}}.")
+    assert C.rewrite_r1_zero(" <think> 7+5=12 </think> <answer> 12 </answer>") == (
+        f"{M} 7+5=12 {M} The answer is \\boxed{{12}}.")
+    # malformed R1-Zero outputs are not rewritten: no answer, empty reasoning, text after the answer
+    for bad in ("<think> a </think>", "<think> </think><answer>3</answer>", "<think>a</think><answer>3</answer> more"):
+        assert C.rewrite_r1_zero(bad) is None
+    assert C.rewrite_few_shot("no worked steps here") is None
+
+
+def test_annotated_chain_solutions_are_right():
+    assert C.annotate_chain("Compute (7+5)*2-3") == "7+5=12 12*2=24 24-3=21. So the answer is 21."
+    assert C.annotate_chain("Compute ((4+3)*2-5)*3") == "4+3=7 7*2=14 14-5=9 9*3=27. So the answer is 27."
+    assert C.annotate_chain("Solve 2x+1=5") is None
+
+
+def test_readability_filters():
+    good = C.readable("7+5=12 12*2=24", "24")
+    texts = [good, C.readable("7+5=12 所以 12*2=24", "24"), f"{M} 7+5=12 {M}", C.readable("7+5=12", "13"),
+             C.readable("let me write code ```x=1``` here 7+5=12", "12"), C.readable("one " * 600 + "7+5=12", "12")]
+    golds = ["24", "24", "12", "12", "12", "12"]
+    assert C.readability(texts, golds, max_paragraph_chars=2000) == [
+        "", "mixed_language", "wrong", "wrong", "code_block", "long_paragraph"]
+
+
+def test_select_dedupes_and_caps():
+    rows = C.sft_rows(["a", "a", "b", "c"], ["q1", "q1", "q2", "q3"], ["x", "x", "y", "z"], "src")
+    assert len(C.select(rows, 10, 0)) == 3  # the duplicate (a, x) is dropped
+    assert len(C.select(rows, 2, 0)) == 2
+    assert C.select(rows.iloc[:0], 5, 0).empty
+
+
+def test_judge_prompt_and_parsing():
+    assert C.parse_judgement(" Yes, they match") and not C.parse_judgement("no") and not C.parse_judgement("maybe")
+    gen = SimpleNamespace(generate=lambda prompts, params: SimpleNamespace(
+        texts=[" yes" if "Model answer: 0.5" in p else " no" for p in prompts]))
+    out = C.model_judge(gen, ["q", "q"], ["1/2", "1/2"], [f"{M} r {M} \\boxed{{0.5}}", f"{M} r {M} \\boxed{{3}}"])
+    assert out == [True, False]
+
+
+def test_non_reasoning_and_general_prompts(tmp_path):
+    pairs = make_preferences(10, 10, seed=0)
+    nr = C.non_reasoning_rows(pairs, 12, 0)
+    assert len(nr) == 12 and all(m[-1]["role"] == "assistant" for m in nr["messages"])
+    write_table(nr, tmp_path / "nr.parquet", SFT_DATA)
+    back = read_table(tmp_path / "nr.parquet", SFT_DATA)
+    assert back["messages"].tolist() == nr["messages"].tolist()
+    g = C.general_prompts(pairs, 5)
+    assert len(g) == 5 and set(g["kind"]) == {"general"} and g["question"].is_unique
+
+
+@pytest.mark.parametrize("bad", [[{"role": "user", "content": "q"}], []])
+def test_sft_schema_needs_an_assistant_turn(bad, tmp_path):
+    df = pd.DataFrame({"prompt_id": ["p"], "messages": [bad], "source": ["s"]})
+    with pytest.raises(Exception, match="sft_data"):
+        write_table(df, tmp_path / "x.parquet", SFT_DATA)
