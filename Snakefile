@@ -29,6 +29,7 @@ localrules:
     tasks,
     r1_zero_report,
     benchmark_table,
+    stage_curves,
 
 
 rule all:
@@ -36,3 +37,4 @@ rule all:
     input:
         rules.r1_zero_report.output,
         rules.benchmark_table.output,
+        rules.stage_curves.output,

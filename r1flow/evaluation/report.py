@@ -120,3 +120,25 @@ def plot_benchmarks(table: pd.DataFrame, png) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
+
+
+def plot_stages(curves: dict[str, pd.DataFrame], sft_losses: dict[str, pd.DataFrame], png) -> None:
+    """Held-out pass@1 during every RL stage, and the loss of every SFT stage, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, c in curves.items():
+        a.plot(c["step"], c["val_pass@1"], "o-", ms=3, label=name)
+    a.set(xlabel="RL step", ylabel="held-out pass@1", title="RL stages: validation during training", ylim=(0, 1))
+    for name, m in sft_losses.items():
+        b.plot(m["step"], m["loss"], label=name)
+    b.set(xlabel="SFT update", ylabel="loss (completion tokens)", title="SFT stages", yscale="log")
+    for ax in (a, b):
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)

@@ -379,3 +379,33 @@ rule rl_only:
         "../../envs/train.yaml"
     shell:
         grpo_shell("rl_only_{wildcards.student}")
+
+
+RL_CURVES = {"r1_zero": rules.r1_zero.output.validation_curve, "reasoning_rl": rules.reasoning_rl.output.validation_curve,
+             "r1": rules.r1.output.validation_curve,
+             **{f"rl_only_{s}": res("rl_only", f"{s}_validation_curve.csv") for s in STUDENTS}}
+SFT_CURVES = {"cold_start": rules.cold_start_sft.output.metrics, "r1_sft": rules.final_sft.output.metrics,
+              **{f"distill_{s}": res("distill", f"{s}_sft_metrics.csv") for s in STUDENTS}}
+
+
+rule stage_curves:
+    input:
+        rl=list(RL_CURVES.values()),
+        sft=list(SFT_CURVES.values()),
+    output:
+        plot=report(res("plots", "stages.png"), caption="../report/stages.rst", category="R1"),
+        provenance=provenance("stage_curves"),
+    params:
+        rl=" ".join(f"{k}={v}" for k, v in RL_CURVES.items()),
+        sft=" ".join(f"{k}={v}" for k, v in SFT_CURVES.items()),
+    log:
+        res("logs", "stage_curves.log"),
+    benchmark:
+        res("benchmarks", "stage_curves.tsv")
+    resources:
+        **job_resources("stage_curves", mem_mb=1000, runtime=10),
+    conda:
+        "../../envs/eval.yaml"
+    shell:
+        "{PROVENANCE} --record {output.provenance} --rule stage_curves --inputs {input} --outputs {output} --"
+        " {PYTHON} {SCRIPTS}/stage_curves.py --rl {params.rl} --sft {params.sft} --out {output.plot} 2>&1 | tee {log}"
