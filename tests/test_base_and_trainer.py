@@ -131,3 +131,18 @@ def test_batches_mix_kinds_in_proportion_and_are_deterministic():
     single = t.train_df.iloc[:95].drop(columns="kind")
     t.train_df = single
     assert len(t._batch(3)) == 10
+
+
+def test_checkpoint_from_another_starting_model_is_not_resumed(tiny_policy, tmp_path):
+    """An upstream stage rerun (a new starting model) must start GRPO over, not resume its old state."""
+    import torch
+
+    from r1flow.models import load_policy
+    from r1flow.training.grpo import weights_fingerprint
+
+    model, _ = load_policy(str(tiny_policy[0]))
+    other, _ = load_policy(str(tiny_policy[0]))
+    assert weights_fingerprint(model) == weights_fingerprint(other)
+    with torch.no_grad():
+        next(other.parameters())[0, 0] += 1e-3
+    assert weights_fingerprint(model) != weights_fingerprint(other)

@@ -127,6 +127,9 @@ class GRPOTrainer:
         self.rank, self.world_size = self.engine.rank, self.engine.world_size
         if self.world_size > 1 and (generation or {}).get("backend") == "vllm":
             raise ValueError("the vllm generation backend with several DeepSpeed ranks is not supported yet")
+        # which policy training started from: a checkpoint made from another starting model (an upstream
+        # stage was rerun) must not be resumed, even when the GRPO settings are the same
+        self.start_fingerprint = weights_fingerprint(model)
         self.generator = make_generator(model, tokenizer, generation, model_path=model_path,
                                         batch_size=cfg.generation_batch_size, seed=cfg.seed, fast=cfg.fast_path)
         self.step_no = 0
@@ -319,6 +322,7 @@ class GRPOTrainer:
                         "python_rng": random.getstate()}, tmp / "trainer.pt")
             (tmp / "state.json").write_text(json.dumps({"step": self.step_no, "best": self.best,
                                                         "history": self.history, "config": self.cfg.fingerprint(),
+                                                        "start": self.start_fingerprint,
                                                         "world_size": self.world_size}))
             old = self.state_dir / "checkpoint.old"
             if final.exists():
@@ -335,6 +339,9 @@ class GRPOTrainer:
         state = json.loads((ck / "state.json").read_text())
         if state["config"] != self.cfg.fingerprint():
             log.warning("checkpoint in %s was made with other settings; starting over", ck)
+            return False
+        if state.get("start") != self.start_fingerprint:
+            log.warning("checkpoint in %s started from another model; starting over", ck)
             return False
         distributed = self.engine.shards_state
         if distributed != (ck / "engine").exists() or state.get("world_size", 1) != self.world_size:
@@ -431,3 +438,14 @@ class GRPOTrainer:
 def _mean_score(rewards) -> float:
     vals = [r.score for r in rewards or [] if r is not None]
     return float(np.mean(vals)) if vals else float("nan")
+
+
+@torch.no_grad()
+def weights_fingerprint(model) -> str:
+    """A cheap identity of a model's weights: every tensor's name, shape, first and last values and sum."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        flat = p.detach().reshape(-1).float().cpu()
+        h.update(f"{name}{tuple(p.shape)}{float(flat.double().sum()):.10e}".encode())
+        h.update(flat[:64].numpy().tobytes() + flat[-64:].numpy().tobytes())
+    return h.hexdigest()[:16]
