@@ -72,6 +72,7 @@ def test_summarize_counts_truncated_as_wrong():
     out = summarize(s, pass_ks=(1, 2), cons_k=2)
     # a: majority "1", its first sample right -> solved; b: only "3" voted, right -> solved
     assert out == {"num_problems": 2, "n": 2, "pass@1": 0.5, "pass@2": 1.0, "cons@k": 1.0, "cons_k": 2,
+                   "language_consistency": None,
                    "format_rate": 0.75, "mean_length": 25.0, "truncated_rate": 0.25}
 
 
