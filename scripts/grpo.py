@@ -4,7 +4,6 @@ import argparse
 import shutil
 
 import pandas as pd
-
 from _common import json_arg, setup
 
 from r1flow.data.artifacts import read_table, write_table

@@ -20,15 +20,14 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import time
-from pathlib import Path
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
 from r1flow.data.preferences import ASPECTS, prompt_text, response_text
+from r1flow.models import save_policy
 from r1flow.rewards.formats import READABLE_MARKER, split_readable
 
 log = logging.getLogger(__name__)
@@ -137,19 +136,6 @@ def evaluate_reward_model(model, tokenizer, pairs: pd.DataFrame, aspect: str | N
     return pairwise_accuracy(r_c, r_r)
 
 
-def save_reward_model(model, tokenizer, path: str | os.PathLike) -> None:
-    """save_pretrained into a sibling folder, then rename: a crash never leaves half a model."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-
-
 # -- training ------------------------------------------------------------------------------------------
 def train_reward_model(base_path: str | os.PathLike, pairs_df: pd.DataFrame, aspect: str,
                        out_dir: str | os.PathLike | None, steps: int = 100, lr: float = 1e-3, batch_size: int = 16,
@@ -201,5 +187,5 @@ def train_reward_model(base_path: str | os.PathLike, pairs_df: pd.DataFrame, asp
     log.info("reward model '%s': %d steps on %d pairs in %.1fs, final batch loss %.3f", aspect, steps, len(pairs),
              time.time() - t0, rows[-1]["loss"])
     if out_dir is not None:
-        save_reward_model(model, tok, out_dir)
+        save_policy(model, tok, out_dir)  # any transformers model: save_pretrained to a tmp folder, then rename
     return model, tok, pd.DataFrame(rows)
