@@ -4,22 +4,12 @@ of the base model and from R1-Zero outputs, rewritten, then filtered for correct
 import argparse
 
 import pandas as pd
-import torch
 from _common import json_arg, setup
 
 from r1flow.data import cold_start as C
 from r1flow.data.artifacts import read_table, write_table
 from r1flow.data.prompts import render
 from r1flow.data.schemas import SFT_DATA, TASKS
-from r1flow.generation import SamplingParams, make_generator
-from r1flow.models import load_policy
-
-
-def sample(model_path, prompts, s, generation):
-    model, tok = load_policy(model_path)
-    gen = make_generator(model, tok, generation, model_path=model_path, seed=s["seed"], progress=True)
-    with torch.inference_mode():
-        return gen.generate(prompts, SamplingParams(s["samples_per_prompt"], s["temperature"], 1.0, s["max_new_tokens"])).texts
 
 
 def main():
@@ -34,7 +24,7 @@ def main():
     a = ap.parse_args()
     setup(a.threads)
     s = a.settings
-    tasks = read_table(a.train, TASKS).sample(frac=1.0, random_state=s["seed"]).head(s["prompts"])
+    tasks = C.sample_prompts(read_table(a.train, TASKS), s)
     k = s["samples_per_prompt"]
     ids = [p for p in tasks["prompt_id"] for _ in range(k)]
     qs = [q for q in tasks["question"] for _ in range(k)]
@@ -43,13 +33,13 @@ def main():
     if "few_shot" in s["sources"]:
         # one worked example with a long chain of thought in front of each question (few-shot prompting)
         prompts = [C.FEW_SHOT.format(example=s["few_shot_example"], question=q) for q in tasks["question"]]
-        texts = sample(a.base, prompts, s, a.generation)
+        texts = C.sample_completions(a.base, prompts, s, a.generation)
         parts.append(("few_shot", [C.rewrite_few_shot(t) for t in texts]))
     if "annotated" in s["sources"]:
         notes = [C.annotate_chain(q) for q in qs]
         parts.append(("annotated", [C.rewrite_few_shot(n) if n else None for n in notes]))
     if "r1_zero" in s["sources"]:
-        texts = sample(a.r1_zero, [render(q, "table1") for q in tasks["question"]], s, a.generation)
+        texts = C.sample_completions(a.r1_zero, [render(q, "table1") for q in tasks["question"]], s, a.generation)
         parts.append(("r1_zero", [C.rewrite_r1_zero(t) for t in texts]))
     frames = []
     for source, rewritten in parts:

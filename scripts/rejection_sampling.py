@@ -4,14 +4,13 @@ readable ones are kept (section 2.3.3): no mixed languages, long paragraphs or c
 import argparse
 
 import pandas as pd
-import torch
 from _common import json_arg, setup
 
 from r1flow.data import cold_start as C
 from r1flow.data.artifacts import read_table, write_table
 from r1flow.data.prompts import chat_prompt
 from r1flow.data.schemas import SFT_DATA, TASKS
-from r1flow.generation import SamplingParams, make_generator
+from r1flow.generation import make_generator
 from r1flow.models import load_policy
 
 
@@ -26,14 +25,10 @@ def main():
     a = ap.parse_args()
     setup(a.threads)
     s = a.settings
-    tasks = read_table(a.train, TASKS).sample(frac=1.0, random_state=s["seed"]).head(s["prompts"])
-    model, tok = load_policy(a.model)
-    gen = make_generator(model, tok, a.generation, model_path=a.model, seed=s["seed"], progress=True)
+    tasks = C.sample_prompts(read_table(a.train, TASKS), s)
     k = s["samples_per_prompt"]
-    with torch.inference_mode():
-        out = gen.generate([chat_prompt(tok, q) for q in tasks["question"]],
-                           SamplingParams(k, s["temperature"], 1.0, s["max_new_tokens"]))
-    texts = [t.strip() for t in out.texts]
+    out = C.sample_completions(a.model, lambda tok: [chat_prompt(tok, q) for q in tasks["question"]], s, a.generation)
+    texts = [t.strip() for t in out]
     ids = [p for p in tasks["prompt_id"] for _ in range(k)]
     qs = [q for q in tasks["question"] for _ in range(k)]
     golds = [g for g in tasks["answer"] for _ in range(k)]

@@ -159,3 +159,24 @@ def non_reasoning_rows(pairs: pd.DataFrame, size: int, seed: int) -> pd.DataFram
                      "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
     df = pd.DataFrame(rows)
     return df.sample(n=min(size, len(df)), random_state=seed).reset_index(drop=True)
+
+
+def sample_prompts(tasks: pd.DataFrame, s: dict) -> pd.DataFrame:
+    """The training prompts a sampling stage draws from: a seeded shuffle, the first s["prompts"]."""
+    return tasks.sample(frac=1.0, random_state=s["seed"]).head(s["prompts"])
+
+
+def sample_completions(model_path: str, prompts, s: dict, generation: dict | None) -> list[str]:
+    """s["samples_per_prompt"] completions per prompt from a model folder, at s["temperature"].
+    `prompts` is a list of texts, or a function of the model's tokenizer (for chat templates)."""
+    import torch
+
+    from r1flow.generation import SamplingParams, make_generator
+    from r1flow.models import load_policy
+
+    model, tok = load_policy(model_path)
+    gen = make_generator(model, tok, generation, model_path=model_path, seed=s["seed"], progress=True)
+    texts = prompts(tok) if callable(prompts) else prompts
+    with torch.inference_mode():
+        out = gen.generate(texts, SamplingParams(s["samples_per_prompt"], s["temperature"], 1.0, s["max_new_tokens"]))
+    return out.texts
