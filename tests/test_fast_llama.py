@@ -246,3 +246,35 @@ def test_stop_all_rows_early():
     ids, cmask, trunc = fast_llama.sample(model, p_ids, p_mask, 2, 8, 0.0, 1.0, first, PAD)
     assert ids.shape == (4, 1) and torch.equal(ids[:, 0], free[:, 0])
     assert bool((cmask == 1).all()) and not trunc.any()
+
+
+_HALF_D = COMMON["hidden_size"] // COMMON["num_attention_heads"] // 2
+ROPE_TYPES = {
+    "default": {"rope_type": "default", "rope_theta": 10000.0},
+    "linear": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+    "yarn": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0, "original_max_position_embeddings": 8},
+    "longrope": {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 8,
+                 "short_factor": [1.0] * _HALF_D, "long_factor": [1.0 + i / 4 for i in range(_HALF_D)]},
+    "llama3": {"rope_type": "llama3", "factor": 4.0, "rope_theta": 10000.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8},
+}
+
+
+@pytest.mark.parametrize("rope", sorted(ROPE_TYPES))
+def test_each_rope_type_matches_transformers_or_is_refused(rope):
+    """Past max_position_embeddings (8 here; sequences reach 16) a rope type whose frequencies depend on
+    the sequence (dynamic, longrope) gives other log-probs than the HF forward: such types must be refused,
+    so callers fall back to the model's own forward; every accepted type must match it."""
+    model = _llama(rope_parameters=ROPE_TYPES[rope], max_position_embeddings=8)
+    assert getattr(model.model.rotary_emb, "rope_type", "default") == rope
+    p_ids, p_mask, c_ids, c_mask, G = _case()
+    if rope in ("dynamic", "longrope"):
+        assert not fast_llama.supports(model)
+        return
+    assert fast_llama.supports(model)
+    with torch.no_grad():
+        logps, _ = fast_llama.completion_logprobs(model, p_ids, p_mask, c_ids, c_mask, G)
+        ref, _ = _hf_logps(model, p_ids, p_mask, c_ids, c_mask, G)
+    m = c_mask.bool()
+    torch.testing.assert_close(logps[m], ref[m], rtol=0, atol=1e-5)

@@ -16,8 +16,9 @@ flow to its parameters):
   is needed.
 
 `supports(model)` says whether a model uses only the features implemented here; callers fall back to
-the model's own forward otherwise. Rotary cos/sin come from the model's own `rotary_emb`, so every rope
-scaling type transformers implements is handled the way transformers handles it.
+the model's own forward otherwise. Rotary cos/sin come from the model's own `rotary_emb`; only rope types
+whose frequencies are fixed (`_EXACT_ROPE`) are accepted, since those give the same cos/sin whether a
+sequence is run at once (training) or token by token (sampling).
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ __all__ = ["supports", "sample", "completion_logprobs"]
 # Concatenating q/k/v (and gate/up) weights costs one copy of them per call; worth it for the small
 # models this is for (fewer, larger matmuls), not for big ones, where separate matmuls are as fast.
 _FUSE_MAX_ELEMENTS = 64 * 1024 * 1024
-# rope types whose frequencies depend on the largest position in the call (transformers'
-# `dynamic_rope_update`): their cos/sin are computed step by step, exactly as incremental decoding does.
-_POSITION_DEPENDENT_ROPE = ("dynamic", "longrope")
+# Rope types whose frequencies are fixed, tested equal to the HF forward past max_position_embeddings.
+# `dynamic` and `longrope` rescale with the longest position of the call (transformers'
+# `dynamic_rope_update`), so a one-shot forward and incremental decoding disagree (by ~5 nats measured):
+# refused, the model's own forward is used instead.
+_EXACT_ROPE = ("default", "linear", "yarn", "llama3")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -73,6 +76,8 @@ def supports(model) -> bool:
             if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
                 return False
         base = model.model
+        if getattr(base.rotary_emb, "rope_type", "default") not in _EXACT_ROPE:
+            return False
         if type(base.embed_tokens) is not nn.Embedding or not _is_rmsnorm(base.norm):
             return False
         if not hasattr(base, "rotary_emb") or not _is_linear(model.lm_head, bias=False):
@@ -137,7 +142,6 @@ class _Weights(NamedTuple):
     H: int
     Hkv: int
     D: int
-    position_dependent_rope: bool
     q_prescaled: bool  # q rows of the projection already carry the 1/sqrt(head_dim) softmax scale
 
 
@@ -178,10 +182,8 @@ def _weights(model, prescale_q: bool = False) -> _Weights:
             layer.post_attention_layernorm.weight, float(layer.post_attention_layernorm.variance_epsilon),
             w_gu, m.down_proj.weight, m.down_proj.bias,
         ))
-    rope_type = getattr(base.rotary_emb, "rope_type", "default")
-    dependent = any(k in str(rope_type) for k in _POSITION_DEPENDENT_ROPE)
     return _Weights(layers, base.norm.weight, float(base.norm.variance_epsilon), model.lm_head.weight,
-                    base.embed_tokens, base.rotary_emb, H, Hkv, D, dependent, prescale_q)
+                    base.embed_tokens, base.rotary_emb, H, Hkv, D, prescale_q)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -395,7 +397,7 @@ def sample(model, prompt_ids, prompt_mask, n, max_new_tokens, temperature, top_p
     padd = padd.view(M * Hkv, n * g, P)
 
     pos0 = ppos[:, -1:].repeat_interleave(n, 0) + 1  # (B, 1) position of the first generated token
-    if T > 0 and not W.position_dependent_rope:
+    if T > 0:
         cos_all, sin_all = _rope_tables(W, h0[:1, None].expand(B, T, -1), pos0 + torch.arange(T, device=dev))
 
     C = max_new_tokens
@@ -409,10 +411,7 @@ def sample(model, prompt_ids, prompt_mask, n, max_new_tokens, temperature, top_p
             C = t + 1
             break
         x = W.embed(nxt[:, None])
-        if W.position_dependent_rope:
-            cos, sin = _rope_tables(W, x, pos0 + t)
-        else:
-            cos, sin = cos_all[:, t:t + 1], sin_all[:, t:t + 1]
+        cos, sin = cos_all[:, t:t + 1], sin_all[:, t:t + 1]
         for L, kpl, vpl, kcl, vcl in zip(W.layers, kp, vp, kc, vc):
             q, k, v = _qkv(W, L, _rms_norm(x, L.ln1, L.eps1), cos, sin)  # q is prescaled
             kcl[:, :, t] = k[:, 0]
