@@ -1,9 +1,11 @@
 """GRPO (eq. 1-3) against values computed by hand."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from r1flow.training.grpo_loss import Normalizer, group_advantages, grpo_loss, kl_k3, loss_mask
 
@@ -25,6 +27,52 @@ def test_advantages_dr_grpo_and_batch_scaling():
     assert group_advantages(r, 2, "batch").tolist() == pytest.approx([0.5 / std, -0.5 / std, 0.0, 0.0])
     with pytest.raises(ValueError, match="scale_rewards"):
         group_advantages(r, 2, "bogus")
+
+
+def _reward_weights(node):
+    """Every reward-weight mapping ({name: weight}) under a `rewards` key of a config tree."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "rewards" and isinstance(v, dict) and v and all(isinstance(w, (int, float)) for w in v.values()):
+                yield v
+            else:
+                yield from _reward_weights(v)
+
+
+def _config_weights():
+    found = []
+    for path in sorted(Path(__file__).resolve().parent.parent.glob("config/**/*.yaml")):
+        found += [w for w in _reward_weights(yaml.safe_load(path.read_text())) if w not in found]
+    return found
+
+
+@pytest.mark.parametrize("scale", ["group", "batch"])
+@pytest.mark.parametrize("value", [0.1, 1.475, 1 / 3, 0.7, 123.456])
+def test_equal_rewards_not_exact_in_float32_carry_no_signal(value, scale):
+    """Eight equal rewards of 0.1 (or 1.475) have a float32 std near 1e-8, not 0: dividing by it gave
+    every output +1 or -1. A group with one reward value has no signal (advantage 0), whatever scaling."""
+    r = torch.tensor([value] * 8 + [0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    a = group_advantages(r, 8, scale)
+    assert a[:8].tolist() == [0.0] * 8
+    assert a[8:].abs().max() > 0  # the other group still learns
+
+
+def test_equal_weighted_sums_of_every_config_carry_no_signal():
+    """Groups whose outputs all get the same per-reward scores, summed with each config's weights as
+    score_batch sums them: zero advantage. One output that differs: advantages of mean 0 and std 1."""
+    weights = _config_weights()
+    assert {"accuracy": 1.0, "format_readable": 0.25, "language_consistency": 0.25} in weights
+    scores = [0.0, 1.0, 0.9, 1 / 3, 0.95, 0.5]
+    G = 8
+    for w in weights:
+        for i, s in enumerate(scores):
+            same = [sum(w[n] * scores[(i + j) % len(scores)] for j, n in enumerate(w))] * G
+            a = group_advantages(torch.tensor(same), G)
+            assert a.tolist() == [0.0] * G, (w, s)
+            differ = torch.tensor(same[:-1] + [same[0] + 0.25])
+            b = group_advantages(differ, G)
+            assert b.mean().item() == pytest.approx(0.0, abs=1e-6)
+            assert b.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-5)
 
 
 def test_kl_estimator_eq2():

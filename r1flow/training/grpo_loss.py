@@ -40,24 +40,35 @@ LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 SCALE_REWARDS = ("group", "batch", "none")
 
 
+# Rewards this close (relative) are equal: float32 keeps ~7 digits, so closer values are rounding noise.
+_EQUAL_REL = 1e-6
+
+
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str = "group") -> torch.Tensor:
     """Eq. 3. rewards: (N,) in prompt-major order, N = prompts x G.
 
     std is the population std of the group (divide by G). A group whose rewards are all equal carries no
-    signal: its advantages are exactly 0 rather than 0/0.
+    signal, and its advantages are exactly 0. "Equal" allows for float32 rounding: a weighted sum such as
+    1.475 or eight rewards of 0.1 give a std near 1e-8, which divided into a centred value near 1e-8 would
+    push every output of the group by +1 or -1 (all one sign). Rewards within `_EQUAL_REL` of each other
+    (relative to their size, at least 1) count as equal; other groups are divided by their exact std, so
+    real differences keep the advantages of eq. 3 unchanged (no std + epsilon damping).
     """
     if scale_rewards not in SCALE_REWARDS:
         raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
-    r = rewards.float().view(-1, group_size)
-    centered = r - r.mean(dim=1, keepdim=True)
+    r = rewards.double().view(-1, group_size)
+    spread = r.max(dim=1, keepdim=True).values - r.min(dim=1, keepdim=True).values
+    size = r.abs().max(dim=1, keepdim=True).values.clamp(min=1.0)
+    signal = spread > _EQUAL_REL * size  # (groups, 1)
+    centered = torch.where(signal, r - r.mean(dim=1, keepdim=True), torch.zeros_like(r))
     if scale_rewards == "none":
-        return centered.flatten()
+        return centered.flatten().float()
     if scale_rewards == "group":
-        std = r.std(dim=1, unbiased=False, keepdim=True).expand_as(r)
+        std = r.std(dim=1, unbiased=False, keepdim=True)
     else:
-        std = rewards.float().std(unbiased=False).expand_as(r)
-    safe = torch.where(std > 0, std, torch.ones_like(std))
-    return torch.where(std > 0, centered / safe, torch.zeros_like(centered)).flatten()
+        std = r.std(unbiased=False).expand(r.shape[0], 1)
+    # Where a group has signal its std is at least spread / G > 0; elsewhere the 1 only avoids 0/0.
+    return (centered / torch.where(signal, std, torch.ones_like(std))).flatten().float()
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
