@@ -33,6 +33,20 @@ def _with_defaults(validator_class):
 _Validator = _with_defaults(jsonschema.Draft202012Validator)
 
 
+_BOUNDS = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
+
+
+def _out_of_bounds(kind: str, bound, value) -> str:
+    return f"expected a value {_BOUNDS[kind]} {bound}, got {value!r}"
+
+
+def require_positive(key: str, value: float) -> None:
+    """The schema's `exclusiveMinimum: 0` check, with its message, for callers of the Python API that
+    bypass the config (e.g. a sampling temperature, which log-probs divide by)."""
+    if not value > 0:
+        raise ConfigError(f"config key '{key}': {_out_of_bounds('exclusiveMinimum', 0, value)}")
+
+
 def _describe(err: jsonschema.ValidationError) -> str:
     key = ".".join(str(p) for p in err.absolute_path) or "<top level>"
     v, inst = err.validator, err.instance
@@ -40,9 +54,8 @@ def _describe(err: jsonschema.ValidationError) -> str:
         what = f"expected {err.validator_value}, got {inst!r}"
     elif v == "enum":
         what = f"expected one of {err.validator_value}, got {inst!r}"
-    elif v in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
-        op = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}[v]
-        what = f"expected a value {op} {err.validator_value}, got {inst!r}"
+    elif v in _BOUNDS:
+        what = _out_of_bounds(v, err.validator_value, inst)
     elif v == "additionalProperties":
         what = f"unknown key(s): {err.message}"
     elif v == "required":

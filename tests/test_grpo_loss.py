@@ -191,3 +191,37 @@ def test_micro_batches_sum_to_full_batch(loss_type):
     parts = sum(grpo_loss(logp[s], old[s], ref[s], adv[s], mask[s], normalizer=norm, **kw)[0]
                 for s in (slice(0, 2), slice(2, 6)))
     assert parts.item() == pytest.approx(full.item(), abs=1e-6)
+
+
+def test_temperature_zero_refused_by_the_python_api_with_the_config_message():
+    """Greedy sampling has no distribution to take log-probs of (logits / 0 gives NaN): GRPOConfig and
+    every log-prob function refuse it, with the message the config check gives."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from r1flow.config import ConfigError, validate_config
+    from r1flow.models import fast_llama
+    from r1flow.training import logprobs
+    from r1flow.training.grpo import GRPOConfig
+
+    schema = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+    with pytest.raises(ConfigError) as from_config:
+        validate_config({"r1_zero": {"grpo": {"temperature": 0}}}, schema)
+    expected = "expected a value > 0, got 0"
+    assert f"'r1_zero.grpo.temperature': {expected}" in str(from_config.value)
+
+    with pytest.raises(ConfigError, match=f"config key 'temperature': {expected}"):
+        GRPOConfig(temperature=0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    p, pm = torch.tensor([[1, 2]]), torch.ones(1, 2, dtype=torch.long)
+    c, cm = torch.tensor([[3, 4]]), torch.ones(1, 2, dtype=torch.long)
+    calls = {
+        "token_logprobs": lambda: logprobs.token_logprobs(torch.zeros(1, 2, 16), c, temperature=0),
+        "hf": lambda: logprobs.completion_logprobs(model, p, pm, c, cm, 1, temperature=0, fast=False),
+        "fast": lambda: logprobs.completion_logprobs(model, p, pm, c, cm, 1, temperature=0, fast=True),
+        "fast_llama": lambda: fast_llama.completion_logprobs(model, p, pm, c, cm, 1, temperature=0),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ConfigError, match=f"config key 'temperature': {expected}"):
+            call()
+    assert torch.isfinite(logprobs.completion_logprobs(model, p, pm, c, cm, 1, temperature=0.5)[0]).all()

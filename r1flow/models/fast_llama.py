@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from r1flow.config import require_positive
 from r1flow.generation import sample_next
 
 __all__ = ["supports", "sample", "completion_logprobs"]
@@ -310,6 +311,7 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
     and the (detached) entropy of softmax(logits / temperature) per token, or None.
     Values where completion_mask == 0 are finite but meaningless.
     """
+    require_positive("temperature", temperature)  # greedy (0) has no log-probs to train on
     W = _weights(model)
     M, P = prompt_ids.shape
     B, C = completion_ids.shape

@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from r1flow import rewards as R
+from r1flow.config import require_positive
 from r1flow.data.prompts import chat_prompt, render
 from r1flow.evaluation import sample_and_grade, summarize
 from r1flow.generation import SamplingParams, make_generator
@@ -96,6 +97,10 @@ class GRPOConfig:
         if unknown:
             raise ValueError(f"unknown GRPO settings {sorted(unknown)}; known: {sorted(known)}")
         return cls(**d)
+
+    def __post_init__(self):
+        # the config schema refuses these too; the Python API must not train on NaN log-probs either
+        require_positive("temperature", self.temperature)
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]

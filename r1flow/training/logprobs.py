@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import torch
 
+from r1flow.config import require_positive
+
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False):
     """log softmax(logits / T) at the sampled tokens, and optionally the entropy of that distribution.
 
-    Dividing by the sampling temperature makes pi_theta_old the distribution the samples came from.
+    Dividing by the sampling temperature makes pi_theta_old the distribution the samples came from
+    (temperature 0, greedy sampling, has no such distribution: refused, it would give NaN).
     """
+    require_positive("temperature", temperature)
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
@@ -43,6 +47,7 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
     With `fast`, supported architectures (Llama, Qwen2) run r1flow.models.fast_llama, which computes
     each prompt once per group instead of G times; results are the same (tested).
     """
+    require_positive("temperature", temperature)
     if fast:
         from r1flow.models import fast_llama
 
