@@ -1,6 +1,7 @@
 """The tiny base model and the GRPO trainer: HF-loadable artifacts, learning signal, exact resumption."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -52,11 +53,66 @@ def test_killed_run_resumes_where_it_stopped(tiny_policy, tmp_path):
     pd.testing.assert_frame_equal(resumed[cols].reset_index(drop=True), full[cols].reset_index(drop=True))
 
 
-def test_changed_settings_do_not_resume(tiny_policy, tmp_path):
+def test_changed_settings_do_not_resume_and_say_which(tiny_policy, tmp_path, caplog):
     path, _ = tiny_policy
     _trainer(path, tmp_path / "s").train(progress=False, stop_after=2)
     t = _trainer(path, tmp_path / "s", learning_rate=5e-4)
-    assert t._try_resume() is False
+    with caplog.at_level("WARNING", logger="r1flow.training.grpo"):
+        assert t._try_resume() is False
+    assert "learning_rate: 0.001 -> 0.0005" in caplog.text and "starting over from step 0" in caplog.text
+
+
+def test_settings_outside_the_trajectory_resume_to_the_same_run(tiny_policy, tmp_path):
+    """How often to validate or save, and how many sequences are decoded at once, do not change what is
+    trained: a run resumed with other values continues, and (validation drawing from its own stream)
+    its training steps equal an uninterrupted run's."""
+    path, _ = tiny_policy
+    full = _trainer(path, tmp_path / "a").train(progress=False)
+    _trainer(path, tmp_path / "b").train(progress=False, stop_after=3)
+    t = _trainer(path, tmp_path / "b", eval_every=2, save_every=5, generation_batch_size=256)
+    resumed = t.train(progress=False)
+    assert resumed["step"].tolist() == [1, 2, 3, 4, 5, 6]
+    cols = ["reward_mean", "accuracy", "completion_length", "loss", "kl"]
+    pd.testing.assert_frame_equal(resumed[cols], full[cols])
+    assert t.validation_curve()["step"].tolist() == [0, 4, 6]  # every 3 up to the checkpoint (step 2), then every 2
+
+
+def test_resume_reads_sharded_saves(tiny_policy, tmp_path, monkeypatch):
+    """Large models are saved in shards (model-0000i-of-n.safetensors + an index): resume loads them."""
+    import r1flow.training.grpo as grpo
+    from r1flow.models import save_policy
+
+    path, _ = tiny_policy
+    full = _trainer(path, tmp_path / "a").train(progress=False)
+
+    def sharded(model, tok, out):
+        save_policy(model, tok, out)
+        model.save_pretrained(out, max_shard_size="20KB")  # over the single file: shards and an index
+        (Path(out) / "model.safetensors").unlink()
+
+    monkeypatch.setattr(grpo, "save_policy", sharded)
+    _trainer(path, tmp_path / "b").train(progress=False, stop_after=3)
+    saved = tmp_path / "b" / "checkpoint" / "model"
+    assert (saved / "model.safetensors.index.json").exists() and len(list(saved.glob("model-*.safetensors"))) > 2
+    resumed = _trainer(path, tmp_path / "b").train(progress=False)
+    cols = ["reward_mean", "accuracy", "completion_length", "loss", "kl"]
+    pd.testing.assert_frame_equal(resumed[cols], full[cols])
+
+
+def test_best_weights_never_newer_than_the_restored_best_record(tiny_policy, tmp_path):
+    """Killed after a new best (step 3) but before the next checkpoint (step 4): the checkpoint of step 2
+    names no best, so the step-3 weights must not stand as the best after resuming from it."""
+    path, _ = tiny_policy
+    t = _trainer(path, tmp_path / "k")
+    t.train(progress=False, stop_after=3)
+    assert t.best["step"] == 3 and (tmp_path / "k" / "best-step3").exists()
+    r = _trainer(path, tmp_path / "k")
+    assert r._try_resume() and r.step_no == 2 and r.best["step"] == 0
+    assert not list((tmp_path / "k").glob("best*"))
+    r.train(progress=False)
+    kept = [d.name for d in (tmp_path / "k").glob("best*")]
+    assert kept == [f"best-step{r.best['step']}"]
+    assert r.export(tmp_path / "out") == r.best["step"]
 
 
 def test_metrics_and_validation_curve(tiny_policy, tmp_path):

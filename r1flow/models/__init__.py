@@ -33,6 +33,23 @@ def load_policy(name_or_path: str, dtype: str = "float32", device: str = "cpu", 
     return model, tok
 
 
+def load_weights(model, folder: str | os.PathLike) -> None:
+    """Load a saved policy's weights into `model` in place, one file at a time: a single
+    model.safetensors, or the shards of a large model's save listed in model.safetensors.index.json
+    (read by transformers). A tied lm_head is not stored and may be missing; anything else is an error."""
+    from safetensors.torch import load_file
+    from transformers.trainer_utils import load_sharded_checkpoint
+
+    folder = Path(folder)
+    if (folder / "model.safetensors.index.json").exists():
+        missing, unexpected = load_sharded_checkpoint(model, folder, strict=False)
+    else:
+        missing, unexpected = model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if unexpected or any(not (tied and "lm_head" in m) for m in missing):
+        raise RuntimeError(f"weights in {folder} do not fit the model: missing {missing}, unexpected {unexpected}")
+
+
 def save_policy(model, tokenizer, path: str | os.PathLike) -> None:
     """save_pretrained into a sibling folder, then rename: a crash never leaves half a model."""
     import shutil

@@ -41,7 +41,7 @@ from r1flow.config import require_positive
 from r1flow.data.prompts import chat_prompt, render
 from r1flow.evaluation import sample_and_grade, summarize
 from r1flow.generation import SamplingParams, make_generator
-from r1flow.models import save_policy
+from r1flow.models import load_weights, save_policy
 from r1flow.training.engine import DeepSpeedSettings, make_engine, shard
 from r1flow.training.grpo_loss import Normalizer, group_advantages, grpo_loss, loss_mask
 from r1flow.training.logprobs import completion_logprobs
@@ -102,8 +102,16 @@ class GRPOConfig:
         # the config schema refuses these too; the Python API must not train on NaN log-probs either
         require_positive("temperature", self.temperature)
 
-    def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+    # Settings that leave the training trajectory as it is: when and how validation runs (it draws from
+    # its own random stream), when checkpoints are saved, which one is exported, and how many sequences
+    # are decoded at once (a memory setting; after a change the sampled batches are other draws from the
+    # same distribution). A checkpoint made with other values of these is resumed.
+    NOT_TRAJECTORY = ("eval_every", "eval_prompts", "eval_k", "eval_temperature", "eval_top_p",
+                      "select_checkpoint", "save_every", "generation_batch_size")
+
+    def trajectory(self) -> dict:
+        """The settings a checkpoint must share with this run to be resumed."""
+        return {k: v for k, v in asdict(self).items() if k not in self.NOT_TRAJECTORY}
 
 
 class GRPOTrainer:
@@ -301,8 +309,14 @@ class GRPOTrainer:
         prompts = [self._prompt(q) for q in problems["question"]]
         # the accuracy reward, whatever the training rewards, and the same grading as the evaluation stage
         fmt = "format_readable" if c.template == "chat" else "format"
-        s = summarize(sample_and_grade(self.generator, problems, prompts, params, "accuracy", c.reward_options,
-                                       format_reward=fmt))
+        # validation draws from the sampler's generator but leaves its state as it found it, so when and
+        # how often validation runs does not change the training samples (nor the resume fingerprint)
+        rng = self.generator.state_dict()
+        try:
+            s = summarize(sample_and_grade(self.generator, problems, prompts, params, "accuracy", c.reward_options,
+                                           format_reward=fmt))
+        finally:
+            self.generator.load_state_dict(rng)
         return {"val_pass@1": s["pass@1"], "val_format_rate": s["format_rate"], "val_length": s["mean_length"]}
 
     # -- checkpoints -------------------------------------------------------------------------------
@@ -326,7 +340,7 @@ class GRPOTrainer:
                         "generator": self.generator.state_dict(), "torch_rng": torch.get_rng_state(),
                         "python_rng": random.getstate()}, tmp / "trainer.pt")
             (tmp / "state.json").write_text(json.dumps({"step": self.step_no, "best": self.best,
-                                                        "history": self.history, "config": self.cfg.fingerprint(),
+                                                        "history": self.history, "settings": asdict(self.cfg),
                                                         "start": self.start_fingerprint,
                                                         "world_size": self.world_size}))
             old = self.state_dir / "checkpoint.old"
@@ -335,15 +349,31 @@ class GRPOTrainer:
             os.replace(tmp, final)
             if old.exists():
                 shutil.rmtree(old)
+            self._prune_best()  # the checkpoint now names the best; older best folders are not needed
         self.engine.barrier()
+
+    def _best_dir(self, step: int) -> Path:
+        # one folder per best step, so a checkpoint's best record always names weights that exist: a new
+        # best saved after the last checkpoint (then a crash) cannot replace the one the checkpoint names
+        return self.state_dir / f"best-step{step}"
+
+    def _prune_best(self):
+        """Remove every best-step folder except the one self.best names."""
+        for d in self.state_dir.glob("best-step*"):
+            if d != self._best_dir(self.best["step"]):
+                shutil.rmtree(d)
 
     def _try_resume(self) -> bool:
         ck = self.state_dir / "checkpoint"
         if not (ck / "state.json").exists():
             return False
         state = json.loads((ck / "state.json").read_text())
-        if state["config"] != self.cfg.fingerprint():
-            log.warning("checkpoint in %s was made with other settings; starting over", ck)
+        then, now = state.get("settings", {}), asdict(self.cfg)
+        changed = sorted(k for k in set(then) | set(now) if then.get(k, "<unset>") != now.get(k, "<unset>"))
+        differs = [k for k in changed if k not in GRPOConfig.NOT_TRAJECTORY]
+        if differs:
+            log.warning("checkpoint in %s was made with other training settings (%s); starting over from step 0",
+                        ck, ", ".join(f"{k}: {then.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}" for k in differs))
             return False
         if state.get("start") != self.start_fingerprint:
             log.warning("checkpoint in %s started from another model; starting over", ck)
@@ -352,12 +382,10 @@ class GRPOTrainer:
         if distributed != (ck / "engine").exists() or state.get("world_size", 1) != self.world_size:
             log.warning("checkpoint in %s was made with another engine or number of ranks; starting over", ck)
             return False
-        from safetensors.torch import load_file
-
-        weights = load_file(str(ck / "model" / "model.safetensors"))
-        missing, unexpected = self.model.load_state_dict(weights, strict=False)
-        if unexpected or any("lm_head" not in m for m in missing):  # a tied lm_head is not stored
-            raise RuntimeError(f"checkpoint {ck} does not fit the model: missing {missing}, unexpected {unexpected}")
+        if changed:
+            log.info("resuming %s; changed settings apply from now on: %s", ck,
+                     ", ".join(f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in changed))
+        load_weights(self.model, ck / "model")
         tr = torch.load(ck / "trainer.pt", weights_only=False)
         if distributed:
             self.engine.load(ck / "engine")
@@ -368,6 +396,8 @@ class GRPOTrainer:
         torch.set_rng_state(tr["torch_rng"])
         random.setstate(tr["python_rng"])
         self.step_no, self.best, self.history = state["step"], state["best"], state["history"]
+        if self.is_main:  # bests found after this checkpoint are found again as the run repeats those steps
+            self._prune_best()
         if hasattr(self.generator, "sync_weights"):
             self.generator.sync_weights(self.model)
         return True
@@ -394,7 +424,7 @@ class GRPOTrainer:
                 if row["val_pass@1"] > self.best["val_pass@1"]:
                     self.best = {"step": self.step_no, "val_pass@1": row["val_pass@1"]}
                     if self.is_main:
-                        save_policy(self.model, self.tok, self.state_dir / "best")
+                        save_policy(self.model, self.tok, self._best_dir(self.step_no))
             self.history.append(row)
             if self.is_main:
                 pd.DataFrame(self.history).to_csv(live, index=False)  # for watching a run; not an artifact
@@ -426,8 +456,9 @@ class GRPOTrainer:
     def export(self, out_dir: str | os.PathLike) -> int:
         """Write the selected policy (best validation checkpoint or the last) as a HF model folder.
         Returns the step it comes from."""
-        if self.cfg.select_checkpoint == "best" and (self.state_dir / "best").exists() and self.best["step"] > 0:
-            src, step = self.state_dir / "best", self.best["step"]
+        best = self._best_dir(self.best["step"])
+        if self.cfg.select_checkpoint == "best" and self.best["step"] > 0 and best.exists():
+            src, step = best, self.best["step"]
             tmp = Path(out_dir).with_name(f".{Path(out_dir).name}.tmp")
             if tmp.exists():
                 shutil.rmtree(tmp)
