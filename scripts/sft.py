@@ -12,7 +12,7 @@ from r1flow.data.prompts import R1_CHAT_TEMPLATE
 from r1flow.data.schemas import SFT_DATA, SFT_METRICS
 from r1flow.models import load_policy, save_policy
 from r1flow.rewards.formats import READABLE_MARKER
-from r1flow.training.sft import train_sft
+from r1flow.training.sft import chat_pairs, train_sft
 
 
 def main():
@@ -34,11 +34,7 @@ def main():
         tok.chat_template = R1_CHAT_TEMPLATE
     if tok.add_tokens([READABLE_MARKER]):  # one token for the marker, as a real special token would be
         model.resize_token_embeddings(len(tok))
-    prompts, completions = [], []
-    for msgs in data["messages"]:
-        msgs = list(msgs)
-        prompts.append(tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True))
-        completions.append(" " + msgs[-1]["content"])
+    prompts, completions = chat_pairs(tok, data["messages"])
     rows = train_sft(model, tok, prompts, completions, epochs=s["epochs"], learning_rate=s["learning_rate"],
                      batch_size=s["batch_size"], micro_batch_size=s["micro_batch_size"], max_length=s["max_length"],
                      warmup_steps=s["warmup_steps"], seed=s["seed"])

@@ -68,6 +68,29 @@ def collate(tokenizer, prompts: list[str], completions: list[str], max_length: i
     return SFTBatch(input_ids, mask, lab_t)
 
 
+def chat_pairs(tokenizer, conversations) -> tuple[list[str], list[str]]:
+    """(prompt, completion) texts of conversations whose last message is the assistant's answer.
+
+    The prompt is what inference feeds the model: the chat template's generation prompt. The completion
+    is what the template renders after that prompt up to the end of the answer, so the model is trained
+    on the token sequence it must produce at inference (e.g. no space after Qwen's or SmolLM's
+    `<|im_start|>assistant\n`; the space after our own template's `Assistant:`). The end of turn is the
+    EOS token that `collate` appends."""
+    prompts, completions = [], []
+    for msgs in conversations:
+        msgs = list(msgs)
+        answer = msgs[-1]["content"]
+        prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(msgs, tokenize=False)
+        end = full.find(answer, len(prompt))
+        if not full.startswith(prompt) or end < 0:
+            raise ValueError("the chat template renders an assistant turn that does not continue its generation "
+                             f"prompt {prompt[-40:]!r}: cannot tell what the model must produce")
+        prompts.append(prompt)
+        completions.append(full[len(prompt):end + len(answer)])
+    return prompts, completions
+
+
 def sft_loss(model, batch: SFTBatch, num_tokens: int | float | None = None) -> torch.Tensor:
     """Sum of the completion tokens' negative log-likelihoods divided by `num_tokens` (default: the
     batch's own count, i.e. the mean per completion token)."""
@@ -134,10 +157,11 @@ def train_sft(model, tokenizer, prompts: list[str], completions: list[str], *, e
             idx = order[s : s + batch_size]
             batch = collate(tokenizer, [prompts[i] for i in idx], [completions[i] for i in idx], max_length)
             mb = micro_batch_size or len(idx)
+            lr = sched.get_last_lr()[0]  # the rate this update uses; sched.step() below sets the next one's
             loss = sft_step(engine, [batch[j : j + mb] for j in range(0, len(idx), mb)])
             sched.step()
             step += 1
-            rows.append({"step": step, "epoch": epoch + 1, "loss": loss, "learning_rate": sched.get_last_lr()[0]})
+            rows.append({"step": step, "epoch": epoch + 1, "loss": loss, "learning_rate": lr})
             bar.update(1)
             if step % log_every == 0:
                 bar.set_postfix(loss=f"{loss:.3f}")
