@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from slurm_cluster import LocalSlurm, Unavailable
+from slurm_cluster import LocalSlurm, Unavailable, ensure_packages
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
@@ -44,6 +44,12 @@ def slurm(tmp_path_factory):
         import snakemake_executor_plugin_slurm  # noqa: F401
     except ImportError:
         pytest.skip("snakemake-executor-plugin-slurm is not installed (pip install -e '.[test]')")
+    try:
+        # Installing the packages is a lasting change to the machine (they bring files of their own under
+        # /etc/slurm, e.g. plugstack.conf): done before the snapshot, which covers what the cluster writes.
+        ensure_packages(print)
+    except Unavailable as e:
+        pytest.skip(f"no local SLURM: {e}")
     etc = Path("/etc/slurm")
     before = {p: p.read_bytes() for p in etc.glob("*.conf")} if etc.exists() else {}
     cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
