@@ -62,7 +62,8 @@ def launcher():
 def model_settings(uses):
     """What a stage that runs a model is given, in this one place so that no stage drops one: every
     model loads in base_model.dtype; a stage that samples ("generate") gets the generation backend; one
-    that trains through r1flow.training.engine ("train") gets training.deepspeed."""
+    that trains through r1flow.training.engine ("train") gets training.deepspeed. Only GRPO does so far: the
+    SFT stages and the reward models train in one process (train_sft does not shard batches by rank)."""
     out = {"dtype": config["base_model"]["dtype"]}
     if "generate" in uses:
         out["generation"] = config["generation"]
