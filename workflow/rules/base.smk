@@ -11,7 +11,7 @@ rule base_model:
         loss=res("base", "pretrain_loss.csv"),
         provenance=provenance("base_model"),
     params:
-        command=job("build_base.py",
+        **job("build_base.py",
                     {"tiny": config["base_model"]["tiny"], "families": config["data"]["synthetic"]["families"],
                      "template": config["template"]},
                     "--exclude {input.validation} {input.test} --out {output.model} --loss {output.loss}"

@@ -82,8 +82,9 @@ JOB = "{params.command} 2>&1 | tee {log}"
 
 
 def job(script, settings=None, files="", model=None):
-    """A rule's `command` param, the one place that writes a job's command line: the provenance wrapper
-    (its record named after output.provenance, with every setting), the launcher, scripts/<script>, each
+    """A rule's params (`command`, and `settings` to rerun the job when one changes), the one place that
+    writes a job's command line: the provenance wrapper (its record named after output.provenance, with
+    every setting), the launcher, scripts/<script>, each
     setting as --key VALUE, then `files`, a template of {input.x}, {output.x}, {wildcards.x}, {threads},
     {job} (the job's name) and {state} (its resumable state, outside the declared outputs).
     A setting may be a function of the wildcards; True is a bare flag, None leaves the option out.
@@ -91,19 +92,25 @@ def job(script, settings=None, files="", model=None):
     own = {**(settings or {}), **(model_settings(model) if model is not None else {})}
     launch = launcher() if model and "train" in model else PYTHON
 
+    def resolved(wildcards):
+        values = {k: v(wildcards) if callable(v) else v for k, v in own.items()}
+        return {k: v for k, v in values.items() if v is not None}
+
+    def recorded_settings(wildcards):
+        return " ".join(_arg(v) for v in resolved(wildcards).values() if v is not True)
+
     def command(wildcards, input, output, threads):
-        resolved = {k: v(wildcards) if callable(v) else v for k, v in own.items()}
-        resolved = {k: v for k, v in resolved.items() if v is not None}
         args = " ".join(f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')} {_arg(v)}"
-                        for k, v in resolved.items())
-        recorded = " ".join(_arg(v) for v in resolved.values() if v is not True)
+                        for k, v in resolved(wildcards).items())
+        recorded = recorded_settings(wildcards)
         name = Path(output.provenance).stem
         paths = files.format(input=input, output=output, wildcards=wildcards, threads=threads, job=name,
                              state=res("state", name))
         record = f"--record {output.provenance} --rule {name} --settings {recorded} --inputs {input} --outputs {output}"
         return " ".join(p for p in (PROVENANCE, record, "--", launch, str(Path(SCRIPTS, script)), args, paths) if p)
 
-    return command
+    # Snakemake's params rerun trigger skips params computed from input or output: `settings` carries them
+    return {"command": command, "settings": recorded_settings}
 
 
 # The file arguments of the training scripts, the same for every GRPO stage and every SFT stage.

@@ -8,7 +8,7 @@ rule tasks:
         test=res("data", "tasks", "test.parquet"),
         provenance=provenance("tasks"),
     params:
-        command=job("make_tasks.py", {"data": config["data"]},
+        **job("make_tasks.py", {"data": config["data"]},
                     "--train {output.train} --validation {output.validation} --test {output.test}"),
     log:
         res("logs", "tasks.log"),

@@ -14,7 +14,7 @@ rule student_base:
     wildcard_constraints:
         student="|".join(STUDENTS) or "NONE",
     params:
-        command=job("build_base.py",
+        **job("build_base.py",
                     {"tiny": student_tiny, "families": config["data"]["synthetic"]["families"],
                      "template": config["template"]},
                     "--exclude {input.validation} {input.test} --out {output.model} --loss {output.loss}"
@@ -44,7 +44,7 @@ rule distill:
     wildcard_constraints:
         student="|".join(STUDENTS) or "NONE",
     params:
-        command=job("sft.py", {"settings": config["distillation"]["sft"], "model": student_model}, SFT_FILES,
+        **job("sft.py", {"settings": config["distillation"]["sft"], "model": student_model}, SFT_FILES,
                     model=()),
     threads: job_threads("distill")
     log:
@@ -73,7 +73,7 @@ rule rl_only:
     wildcard_constraints:
         student="|".join(STUDENTS) or "NONE",
     params:
-        command=job("grpo.py",
+        **job("grpo.py",
                     {"grpo": config["distillation"]["rl_only"], "rewards": config["rewards"],
                      "template": config["template"], "model": student_model},
                     GRPO_FILES, model=("generate", "train")),

@@ -14,7 +14,7 @@ rule evaluate:
         model="|".join(EVAL_MODELS) or "NONE",
         benchmark="|".join(BENCHMARKS) or "NONE",
     params:
-        command=job("evaluate.py",
+        **job("evaluate.py",
                     {"model": eval_model, "gguf_file": eval_gguf_file, "chat": eval_chat, "spec": benchmark_spec,
                      "data": benchmark_data_arg, "evaluation": sampling_settings(), "rewards": config["rewards"]},
                     "--name {wildcards.model} --benchmark {wildcards.benchmark} --samples {output.samples}"
@@ -42,7 +42,7 @@ rule benchmark_table:
         plot=report(res("plots", "benchmarks.png"), caption="../report/benchmarks.rst", category="Evaluation"),
         provenance=provenance("benchmark_table"),
     params:
-        command=job("tables.py", {"title": "Evaluation"},
+        **job("tables.py", {"title": "Evaluation"},
                     "--summaries {input.summaries} --table-csv {output.table_csv} --table-md {output.table_md}"
                     " --plot {output.plot}"),
     log:

@@ -13,7 +13,7 @@ rule reasoning_rl:
         validation_curve=res("reasoning_rl", "validation_curve.csv"),
         provenance=provenance("reasoning_rl"),
     params:
-        command=job("grpo.py",
+        **job("grpo.py",
                     {"grpo": config["r1"]["reasoning_rl"], "rewards": config["rewards"], "template": "chat",
                      "model": res("models", "cold_start")},
                     GRPO_FILES, model=("generate", "train")),

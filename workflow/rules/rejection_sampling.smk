@@ -10,7 +10,7 @@ rule rejection_sampling:
         data=res("data", "sft", "reasoning.parquet"),
         provenance=provenance("rejection_sampling"),
     params:
-        command=job("rejection_sampling.py", {"settings": config["r1"]["rejection_sampling"]},
+        **job("rejection_sampling.py", {"settings": config["r1"]["rejection_sampling"]},
                     "--model {input.model} --train {input.train} --out {output.data} --threads {threads}",
                     model=("generate",)),
     threads: job_threads("rejection_sampling")
@@ -31,7 +31,7 @@ rule preferences:
         pairs=res("data", "preferences.parquet"),
         provenance=provenance("preferences"),
     params:
-        command=job("preferences.py", {"settings": config["r1"]["reward_models"]["pairs"]}, "--out {output.pairs}"),
+        **job("preferences.py", {"settings": config["r1"]["reward_models"]["pairs"]}, "--out {output.pairs}"),
     log:
         res("logs", "preferences.log"),
     benchmark:
@@ -51,7 +51,7 @@ rule non_reasoning_data:
         data=res("data", "sft", "non_reasoning.parquet"),
         provenance=provenance("non_reasoning_data"),
     params:
-        command=job("non_reasoning.py", {"settings": config["r1"]["non_reasoning"]},
+        **job("non_reasoning.py", {"settings": config["r1"]["non_reasoning"]},
                     "--pairs {input.pairs} --out {output.data}"),
     log:
         res("logs", "non_reasoning_data.log"),
@@ -74,7 +74,7 @@ rule final_sft:
         metrics=res("r1_sft", "sft_metrics.csv"),
         provenance=provenance("final_sft"),
     params:
-        command=job("sft.py", {"settings": config["r1"]["final_sft"], "model": model_arg("base")}, SFT_FILES,
+        **job("sft.py", {"settings": config["r1"]["final_sft"], "model": model_arg("base")}, SFT_FILES,
                     model=()),
     threads: job_threads("final_sft")
     log:

@@ -21,7 +21,7 @@ rule r1_zero_report:
         length_plot=report(res("plots", "r1_zero_length.png"), caption="../report/length.rst", category="R1-Zero"),
         provenance=provenance("r1_zero_report"),
     params:
-        command=job("report.py", files="--summaries {input.summaries} --metrics {input.metrics}"
+        **job("report.py", files="--summaries {input.summaries} --metrics {input.metrics}"
                     " --validation-curve {input.validation_curve} --table-csv {output.table_csv}"
                     " --table-md {output.table_md} --accuracy-plot {output.accuracy_plot} --length-plot {output.length_plot}"),
     log:
@@ -44,7 +44,7 @@ rule stage_curves:
         plot=report(res("plots", "stages.png"), caption="../report/stages.rst", category="R1"),
         provenance=provenance("stage_curves"),
     params:
-        command=job("stage_curves.py", files=f"--rl {named_paths(RL_CURVES)} --sft {named_paths(SFT_CURVES)} --out {{output.plot}}"),
+        **job("stage_curves.py", files=f"--rl {named_paths(RL_CURVES)} --sft {named_paths(SFT_CURVES)} --out {{output.plot}}"),
     log:
         res("logs", "stage_curves.log"),
     benchmark:

@@ -14,7 +14,7 @@ rule reward_model:
     wildcard_constraints:
         aspect="helpfulness|harmlessness",
     params:
-        command=job("reward_model.py", {"settings": config["r1"]["reward_models"]["train"], "base": model_arg("base")},
+        **job("reward_model.py", {"settings": config["r1"]["reward_models"]["train"], "base": model_arg("base")},
                     "--pairs {input.pairs} --aspect {wildcards.aspect} --out {output.model}"
                     " --metrics {output.metrics} --threads {threads}", model=()),
     threads: job_threads("reward_model")
@@ -44,7 +44,7 @@ rule r1:
         validation_curve=res("r1", "validation_curve.csv"),
         provenance=provenance("r1"),
     params:
-        command=job("grpo.py",
+        **job("grpo.py",
                     {"grpo": config["r1"]["rl_all"]["grpo"], "rewards": rewards_with_models(), "template": "chat",
                      "model": res("models", "r1_sft"), "general": rules.preferences.output.pairs,
                      "general_prompts": config["r1"]["rl_all"]["general_prompts"]},

@@ -14,7 +14,7 @@ rule r1_zero:
         validation_curve=res("r1_zero", "validation_curve.csv"),
         provenance=provenance("r1_zero"),
     params:
-        command=job("grpo.py",
+        **job("grpo.py",
                     {"grpo": config["r1_zero"]["grpo"], "rewards": config["rewards"], "template": config["template"],
                      "model": model_arg("base")},
                     GRPO_FILES, model=("generate", "train")),
