@@ -19,6 +19,7 @@ def main():
     ap.add_argument("--train", required=True)
     ap.add_argument("--settings", type=json_arg, required=True, help="the config's r1.cold_start section")
     ap.add_argument("--generation", type=json_arg, default=None)
+    ap.add_argument("--dtype", default="float32", help="the dtype the models are loaded in")
     ap.add_argument("--out", required=True)
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()
@@ -33,13 +34,13 @@ def main():
     if "few_shot" in s["sources"]:
         # one worked example with a long chain of thought in front of each question (few-shot prompting)
         prompts = [C.FEW_SHOT.format(example=s["few_shot_example"], question=q) for q in tasks["question"]]
-        texts = C.sample_completions(a.base, prompts, s, a.generation)
+        texts = C.sample_completions(a.base, prompts, s, a.generation, a.dtype)
         parts.append(("few_shot", [C.rewrite_few_shot(t) for t in texts]))
     if "annotated" in s["sources"]:
         notes = [C.annotate_chain(q) for q in qs]
         parts.append(("annotated", [C.rewrite_few_shot(n) if n else None for n in notes]))
     if "r1_zero" in s["sources"]:
-        texts = C.sample_completions(a.r1_zero, [render(q, "table1") for q in tasks["question"]], s, a.generation)
+        texts = C.sample_completions(a.r1_zero, [render(q, "table1") for q in tasks["question"]], s, a.generation, a.dtype)
         parts.append(("r1_zero", [C.rewrite_r1_zero(t) for t in texts]))
     frames = []
     for source, rewritten in parts:

@@ -20,6 +20,7 @@ def main():
     ap.add_argument("--train", required=True)
     ap.add_argument("--settings", type=json_arg, required=True, help="the config's r1.rejection_sampling section")
     ap.add_argument("--generation", type=json_arg, default=None)
+    ap.add_argument("--dtype", default="float32", help="the dtype the models are loaded in")
     ap.add_argument("--out", required=True)
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()
@@ -27,14 +28,15 @@ def main():
     s = a.settings
     tasks = C.sample_prompts(read_table(a.train, TASKS), s)
     k = s["samples_per_prompt"]
-    out = C.sample_completions(a.model, lambda tok: [chat_prompt(tok, q) for q in tasks["question"]], s, a.generation)
+    out = C.sample_completions(a.model, lambda tok: [chat_prompt(tok, q) for q in tasks["question"]], s, a.generation,
+                                  a.dtype)
     texts = [t.strip() for t in out]
     ids = [p for p in tasks["prompt_id"] for _ in range(k)]
     qs = [q for q in tasks["question"] for _ in range(k)]
     golds = [g for g in tasks["answer"] for _ in range(k)]
     why = C.readability(texts, golds, max_paragraph_chars=s["max_paragraph_chars"])
     if s["judge"]["type"] == "model":  # a generative judge for answers the rules called wrong
-        judge_model, judge_tok = load_policy(s["judge"]["model"])
+        judge_model, judge_tok = load_policy(s["judge"]["model"], a.dtype)
         wrong = [i for i, w in enumerate(why) if w == "wrong"]
         verdicts = C.model_judge(make_generator(judge_model, judge_tok, None), [qs[i] for i in wrong],
                                  [golds[i] for i in wrong], [texts[i] for i in wrong])

@@ -19,11 +19,12 @@ def main():
     ap.add_argument("--settings", type=json_arg, default={},
                     help='JSON: {"steps", "lr", "batch_size", "seed", optional "weight_decay", "warmup_steps", '
                          '"max_grad_norm", "max_length"}')
+    ap.add_argument("--dtype", default="float32", help="the dtype the base model is loaded in")
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()
     setup(a.threads)
     pairs = read_table(a.pairs, PREFERENCES)
-    _, _, metrics = train_reward_model(a.base, pairs, a.aspect, a.out, **a.settings)
+    _, _, metrics = train_reward_model(a.base, pairs, a.aspect, a.out, dtype=a.dtype, **a.settings)
     write_table(metrics, a.metrics, RM_METRICS)
     tail = metrics.tail(10)
     print(f"{a.aspect} reward model: {len(metrics)} steps, last-10-step loss {tail['loss'].mean():.3f}, "

@@ -166,15 +166,16 @@ def sample_prompts(tasks: pd.DataFrame, s: dict) -> pd.DataFrame:
     return tasks.sample(frac=1.0, random_state=s["seed"]).head(s["prompts"])
 
 
-def sample_completions(model_path: str, prompts, s: dict, generation: dict | None) -> list[str]:
-    """s["samples_per_prompt"] completions per prompt from a model folder, at s["temperature"].
+def sample_completions(model_path: str, prompts, s: dict, generation: dict | None,
+                       dtype: str = "float32") -> list[str]:
+    """s["samples_per_prompt"] completions per prompt from a model folder (loaded in `dtype`), at s["temperature"].
     `prompts` is a list of texts, or a function of the model's tokenizer (for chat templates)."""
     import torch
 
     from r1flow.generation import SamplingParams, make_generator
     from r1flow.models import load_policy
 
-    model, tok = load_policy(model_path)
+    model, tok = load_policy(model_path, dtype)
     gen = make_generator(model, tok, generation, model_path=model_path, seed=s["seed"], progress=True)
     texts = prompts(tok) if callable(prompts) else prompts
     with torch.inference_mode():

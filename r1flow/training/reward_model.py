@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from r1flow.data.preferences import ASPECTS, prompt_text, response_text
-from r1flow.models import save_policy
+from r1flow.models import DTYPES, save_policy
 from r1flow.rewards.formats import READABLE_MARKER, split_readable
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ def evaluate_reward_model(model, tokenizer, pairs: pd.DataFrame, aspect: str | N
 def train_reward_model(base_path: str | os.PathLike, pairs_df: pd.DataFrame, aspect: str,
                        out_dir: str | os.PathLike | None, steps: int = 100, lr: float = 1e-3, batch_size: int = 16,
                        seed: int = 0, weight_decay: float = 0.0, warmup_steps: int = 0, max_grad_norm: float = 1.0,
-                       max_length: int | None = None):
+                       max_length: int | None = None, dtype: str = "float32"):
     """Train the `aspect` reward model on the pairs of that aspect; save it to `out_dir` (if given).
 
     Each step draws `batch_size` pairs (a fixed stream from `seed`), scores chosen and rejected in one
@@ -155,7 +155,7 @@ def train_reward_model(base_path: str | os.PathLike, pairs_df: pd.DataFrame, asp
         raise ValueError(f"no preference pairs with aspect '{aspect}' (aspects present: "
                          f"{sorted(pairs_df['aspect'].unique())})")
     torch.manual_seed(seed)  # the fresh score head is initialised from it
-    model, tok = load_reward_model(base_path)
+    model, tok = load_reward_model(base_path, dtype=DTYPES[dtype])
     max_length = max_length or max_length_of(model, tok)
     chosen, rejected = pair_texts(pairs, aspect)
 

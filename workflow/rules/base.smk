@@ -11,9 +11,11 @@ rule base_model:
         loss=res("base", "pretrain_loss.csv"),
         provenance=provenance("base_model"),
     params:
-        tiny=settings("base_model", "tiny"),
-        families=settings("data", "synthetic", "families"),
-        template=config["template"],
+        **job("build_base.py",
+                    {"tiny": config["base_model"]["tiny"], "families": config["data"]["synthetic"]["families"],
+                     "template": config["template"]},
+                    "--exclude {input.validation} {input.test} --out {output.model} --loss {output.loss}"
+                    " --threads {threads}"),
     threads: job_threads("base_model")
     log:
         res("logs", "base_model.log"),
@@ -24,8 +26,4 @@ rule base_model:
     conda:
         "../../envs/train.yaml"
     shell:
-        "{PROVENANCE} --record {output.provenance} --rule base_model"
-        " --settings {params.tiny} {params.families} {params.template} --inputs {input} --outputs {output} --"
-        " {PYTHON} {SCRIPTS}/build_base.py --tiny {params.tiny} --families {params.families}"
-        " --template {params.template} --exclude {input.validation} {input.test}"
-        " --out {output.model} --loss {output.loss} --threads {threads} 2>&1 | tee {log}"
+        JOB

@@ -1,5 +1,7 @@
-# Helpers shared by the rules: config validation, result paths, settings passed to scripts, resources.
+# Helpers of the rules, and the only functions of the workflow: config validation, result paths, the job
+# command of every rule (job) and the settings it passes, resources, models and benchmarks.
 import json
+import os
 import shlex
 import sys
 
@@ -33,14 +35,6 @@ def res(*parts):
     return str(Path(RESULTS, *parts))
 
 
-def settings(*keys):
-    """A config subtree as a shell-quoted JSON argument; as a param it also triggers reruns on change."""
-    node = config
-    for k in keys:
-        node = node[k]
-    return shlex.quote(json.dumps(node, sort_keys=True))
-
-
 def provenance(job):
     """Where a job's provenance record goes: results/provenance/<job>.json, a declared output."""
     return res("provenance", f"{job}.json")
@@ -65,6 +59,66 @@ def launcher():
     return f"{env}{PYTHON} -m torch.distributed.run --standalone --nproc_per_node {ds['nproc_per_node']}"
 
 
+def model_settings(uses):
+    """What a stage that runs a model is given, in this one place so that no stage drops one: every
+    model loads in base_model.dtype; a stage that samples ("generate") gets the generation backend; one
+    that trains through r1flow.training.engine ("train") gets training.deepspeed. Only GRPO does so far: the
+    SFT stages and the reward models train in one process (train_sft does not shard batches by rank)."""
+    out = {"dtype": config["base_model"]["dtype"]}
+    if "generate" in uses:
+        out["generation"] = config["generation"]
+    if "train" in uses:
+        out["deepspeed"] = config["training"]["deepspeed"]
+    return out
+
+
+def _arg(value):
+    """A setting on the command line: a string as is, anything else (a config subtree) as JSON."""
+    return shlex.quote(value if isinstance(value, str) else json.dumps(value, sort_keys=True))
+
+
+# Every rule's shell: the command its `command` param builds (see job), its output also in the log.
+JOB = "{params.command} 2>&1 | tee {log}"
+
+
+def job(script, settings=None, files="", model=None):
+    """A rule's params (`command`, and `settings` to rerun the job when one changes), the one place that
+    writes a job's command line: the provenance wrapper (its record named after output.provenance, with
+    every setting), the launcher, scripts/<script>, each
+    setting as --key VALUE, then `files`, a template of {input.x}, {output.x}, {wildcards.x}, {threads},
+    {job} (the job's name) and {state} (its resumable state, outside the declared outputs).
+    A setting may be a function of the wildcards; True is a bare flag, None leaves the option out.
+    `model`, for a script that runs a model, says how (model_settings); "train" starts it under launcher()."""
+    own = {**(settings or {}), **(model_settings(model) if model is not None else {})}
+    launch = launcher() if model and "train" in model else PYTHON
+
+    def resolved(wildcards):
+        values = {k: v(wildcards) if callable(v) else v for k, v in own.items()}
+        return {k: v for k, v in values.items() if v is not None}
+
+    def recorded_settings(wildcards):
+        return " ".join(_arg(v) for v in resolved(wildcards).values() if v is not True)
+
+    def command(wildcards, input, output, threads):
+        args = " ".join(f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')} {_arg(v)}"
+                        for k, v in resolved(wildcards).items())
+        recorded = recorded_settings(wildcards)
+        name = Path(output.provenance).stem
+        paths = files.format(input=input, output=output, wildcards=wildcards, threads=threads, job=name,
+                             state=res("state", name))
+        record = f"--record {output.provenance} --rule {name} --settings {recorded} --inputs {input} --outputs {output}"
+        return " ".join(p for p in (PROVENANCE, record, "--", launch, str(Path(SCRIPTS, script)), args, paths) if p)
+
+    # Snakemake's params rerun trigger skips params computed from input or output: `settings` carries them
+    return {"command": command, "settings": recorded_settings}
+
+
+# The file arguments of the training scripts, the same for every GRPO stage and every SFT stage.
+GRPO_FILES = ("--train {input.train} --validation {input.validation} --state {state} --out-model {output.model}"
+              " --metrics {output.metrics} --validation-curve {output.validation_curve} --stage {job} --threads {threads}")
+SFT_FILES = "--data {input.data} --out {output.model} --metrics {output.metrics} --stage {job} --threads {threads}"
+
+
 def job_threads(rule_name):
     return config["resources"].get(rule_name, {}).get("threads", config["threads"])
 
@@ -84,3 +138,113 @@ def model_arg(name):
     if name == "base" and not base_is_tiny():
         return config["base_model"]["path"]
     return res("models", name)
+
+
+# -- R1 (section 2.3) and distillation (section 2.4) ---------------------------------------------------
+STUDENTS = list(config["distillation"]["students"])
+
+
+def rewards_with_models():
+    """The rewards section with the reward models' folders filled in (trained here unless configured)."""
+    opts = json.loads(json.dumps(config["rewards"]))
+    for aspect in ("helpfulness", "harmlessness"):
+        opts[aspect]["path"] = config["r1"]["reward_models"][f"{aspect}_path"] or res("models", f"rm_{aspect}")
+    return opts
+
+
+def reward_model_inputs(wildcards):
+    return [res("models", f"rm_{a}") for a in ("helpfulness", "harmlessness")
+            if not config["r1"]["reward_models"][f"{a}_path"]]
+
+
+def student_tiny(wildcards):
+    """A tiny student is built like the embedded base, with the student's own sizes."""
+    return {**config["base_model"]["tiny"], **config["distillation"]["students"][wildcards.student]["tiny"]}
+
+
+def student_model(wildcards):
+    path = config["distillation"]["students"][wildcards.student]["path"]
+    return res("models", f"student_{wildcards.student}") if path == "tiny" else path
+
+
+def student_input(wildcards):
+    """A tiny student is built by a rule; an external one is a hub id or a path."""
+    return student_model(wildcards) if config["distillation"]["students"][wildcards.student]["path"] == "tiny" else []
+
+
+# -- evaluation (section 3) ----------------------------------------------------------------------------
+EVAL_MODELS = list(config["evaluation"]["models"]) + list(config["evaluation"]["external_models"])
+BENCHMARKS = list(config["evaluation"]["benchmarks"])
+# Models before the cold start answer in the Table 1 template; from the cold start on they are chat models
+# answering in the readable pattern (section 2.3.1). A benchmark whose template is "model" uses each
+# model's own style, so base, R1-Zero, R1 and the students can share one held-out table.
+CHAT_STAGES = ("cold_start", "reasoning_rl", "r1_sft", "r1")
+
+
+def external_model(name):
+    return config["evaluation"]["external_models"].get(name)
+
+
+def eval_model_input(wildcards):
+    ext = external_model(wildcards.model)
+    if ext is not None:
+        return ext["path"] if os.path.exists(ext["path"]) else []  # a local model is an input; a hub id is not
+    return model_input(wildcards.model)
+
+
+def is_chat_model(name):
+    ext = external_model(name)
+    if ext is not None:
+        return bool(ext.get("chat"))
+    return name in CHAT_STAGES or name.startswith("distill_")
+
+
+def eval_model(wildcards):
+    ext = external_model(wildcards.model)
+    return model_arg(wildcards.model) if ext is None else ext["path"]
+
+
+def eval_gguf_file(wildcards):
+    return (external_model(wildcards.model) or {}).get("gguf_file") or None
+
+
+def eval_chat(wildcards):
+    return is_chat_model(wildcards.model) or None
+
+
+def benchmark_spec(wildcards):
+    spec = dict(config["evaluation"]["benchmarks"][wildcards.benchmark])
+    if spec.get("template") == "model":
+        if external_model(wildcards.model) is not None:
+            spec["template"] = "math"
+        elif is_chat_model(wildcards.model):
+            spec["template"] = "plain"
+            spec["format_reward"] = spec.get("format_reward") or "format_readable"
+        else:
+            spec["template"] = "table1"
+    return spec
+
+
+def sampling_settings():
+    """The evaluation settings every benchmark shares, without the lists of models and benchmarks: a
+    job's params then change only when something it uses changes, so adding or editing one benchmark
+    reruns that benchmark alone."""
+    return {k: v for k, v in config["evaluation"].items() if k not in ("models", "external_models", "benchmarks")}
+
+
+def benchmark_data(wildcards):
+    """The synthetic held-out set is built by the `tasks` rule; a local benchmark file is an input."""
+    spec = config["evaluation"]["benchmarks"][wildcards.benchmark]
+    if spec["loader"] == "synthetic":
+        return rules.tasks.output.test
+    path = spec.get("path")
+    return path if path and os.path.exists(path) else []
+
+
+def benchmark_data_arg(wildcards):
+    return benchmark_data(wildcards) or None
+
+
+def named_paths(paths):
+    """{name: path} as `name=path ...`, how stage_curves.py takes its curves."""
+    return " ".join(f"{k}={v}" for k, v in paths.items())

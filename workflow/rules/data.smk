@@ -8,7 +8,8 @@ rule tasks:
         test=res("data", "tasks", "test.parquet"),
         provenance=provenance("tasks"),
     params:
-        data=settings("data"),
+        **job("make_tasks.py", {"data": config["data"]},
+                    "--train {output.train} --validation {output.validation} --test {output.test}"),
     log:
         res("logs", "tasks.log"),
     benchmark:
@@ -18,6 +19,4 @@ rule tasks:
     conda:
         "../../envs/train.yaml"
     shell:
-        "{PROVENANCE} --record {output.provenance} --rule tasks --settings {params.data} --outputs {output} --"
-        " {PYTHON} {SCRIPTS}/make_tasks.py --data {params.data} --train {output.train}"
-        " --validation {output.validation} --test {output.test} 2>&1 | tee {log}"
+        JOB

@@ -14,15 +14,10 @@ rule r1_zero:
         validation_curve=res("r1_zero", "validation_curve.csv"),
         provenance=provenance("r1_zero"),
     params:
-        base=model_arg("base"),
-        grpo=settings("r1_zero", "grpo"),
-        rewards=settings("rewards"),
-        template=config["template"],
-        dtype=config["base_model"]["dtype"],
-        state=res("state", "r1_zero"),
-        deepspeed=settings("training", "deepspeed"),
-        generation=settings("generation"),
-        launch=launcher(),
+        **job("grpo.py",
+                    {"grpo": config["r1_zero"]["grpo"], "rewards": config["rewards"], "template": config["template"],
+                     "model": model_arg("base")},
+                    GRPO_FILES, model=("generate", "train")),
     threads: job_threads("r1_zero")
     log:
         res("logs", "r1_zero.log"),
@@ -33,9 +28,4 @@ rule r1_zero:
     conda:
         "../../envs/train.yaml"
     shell:
-        "{PROVENANCE} --record {output.provenance} --rule r1_zero"
-        " --settings {params.grpo} {params.rewards} {params.template} {params.dtype} {params.base} {params.deepspeed} {params.generation} --inputs {input} --outputs {output} --"
-        " {params.launch} {SCRIPTS}/grpo.py --model {params.base} --train {input.train} --validation {input.validation}"
-        " --grpo {params.grpo} --rewards {params.rewards} --template {params.template} --dtype {params.dtype} --state {params.state}"
-        " --out-model {output.model} --metrics {output.metrics} --validation-curve {output.validation_curve}"
-        " --deepspeed {params.deepspeed} --generation {params.generation} --threads {threads} 2>&1 | tee {log}"
+        JOB

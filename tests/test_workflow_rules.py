@@ -1,0 +1,95 @@
+"""Every rule that runs a model is given the model settings (dtype, generation backend, DeepSpeed) by
+common.smk's job(): the smoke DAG planned with non-default settings, each job's printed command checked."""
+
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# What each job does with a model (the job's name is its provenance record's): dtype for every model it
+# loads, the generation backend where it samples, DeepSpeed (under torchrun) where GRPO trains it.
+GRPO = {"dtype", "generation", "deepspeed"}
+SAMPLES = {"dtype", "generation"}
+LOADS = {"dtype"}
+MODEL_JOBS = {"r1_zero": GRPO, "reasoning_rl": GRPO, "r1": GRPO, "rl_only_student": GRPO,
+              "cold_start_data": SAMPLES, "rejection_sampling": SAMPLES,
+              "cold_start_sft": LOADS, "final_sft": LOADS, "distill_student": LOADS,
+              "reward_model_helpfulness": LOADS, "reward_model_harmlessness": LOADS}
+EVALUATED = ("base", "r1_zero", "cold_start", "reasoning_rl", "r1_sft", "r1", "distill_student", "rl_only_student")
+MODEL_JOBS.update({f"evaluate_{m}_held_out": SAMPLES for m in EVALUATED})
+# Jobs that build or read no trained model: data, the tiny from-scratch pretraining, tables and plots.
+OTHER_JOBS = {"tasks", "preferences", "non_reasoning_data", "base_model", "student_base_student", "r1_zero_report",
+              "benchmark_table", "stage_curves"}
+
+SETTINGS = {"base_model": {"dtype": "bfloat16"},
+            "generation": {"backend": "transformers", "vllm": {"gpu_memory_utilization": 0.5}},
+            "training": {"deepspeed": {"enabled": True, "accelerator": "cpu", "nproc_per_node": 2}}}
+
+
+@pytest.fixture(scope="module")
+def commands(tmp_path_factory):
+    """{job: (provenance options, launcher + script + arguments)} from `snakemake -n -p`."""
+    wd = tmp_path_factory.mktemp("plan")
+    extra = wd / "settings.yaml"
+    extra.write_text(yaml.safe_dump(SETTINGS))
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(wd), "-n", "-p",
+           "--configfile", str(ROOT / "config" / "smoke.yaml"), str(extra)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    jobs = {}
+    for line in (p.stdout + p.stderr).splitlines():
+        if "provenance.py --record" not in line:
+            continue
+        words = shlex.split(line[line.index("/"):].split(" 2>&1 | tee ")[0])
+        cut = words.index("--")
+        wrapper, script = words[:cut], words[cut + 1:]
+        jobs[wrapper[wrapper.index("--rule") + 1]] = (wrapper, script)
+    return jobs
+
+
+def contains(given, subset):
+    """The configured (non-default) values are in what the script got, at any depth."""
+    if isinstance(subset, dict):
+        return isinstance(given, dict) and all(k in given and contains(given[k], v) for k, v in subset.items())
+    return given == subset
+
+
+def option(words, name):
+    return words[words.index(name) + 1] if name in words else None
+
+
+def test_every_job_is_classified(commands):
+    """A new rule must say here whether it runs a model."""
+    assert set(commands) == set(MODEL_JOBS) | OTHER_JOBS
+
+
+@pytest.mark.parametrize("job", sorted(MODEL_JOBS))
+def test_model_settings_reach_the_script_and_its_record(commands, job):
+    wrapper, script = commands[job]
+    recorded = wrapper[wrapper.index("--settings") + 1:wrapper.index("--inputs")]
+    assert option(script, "--dtype") == "bfloat16", job
+    assert "bfloat16" in recorded, job
+    expected = {"generation": SETTINGS["generation"], "deepspeed": SETTINGS["training"]["deepspeed"]}
+    for name, subset in expected.items():
+        value = option(script, f"--{name}")
+        if name not in MODEL_JOBS[job]:
+            assert value is None, (job, name)
+            continue
+        assert value is not None, (job, name)
+        assert contains(json.loads(value), subset), (job, name, value)
+        assert value in recorded, (job, name)
+    # GRPO under DeepSpeed starts one rank per device through torchrun; nothing else does
+    under_torchrun = script[:5] == ["env", "DS_ACCELERATOR=cpu", sys.executable, "-m", "torch.distributed.run"]
+    assert under_torchrun == ("deepspeed" in MODEL_JOBS[job]), job
+
+
+@pytest.mark.parametrize("job", sorted(OTHER_JOBS))
+def test_other_jobs_get_no_model_settings(commands, job):
+    _, script = commands[job]
+    assert not {"--dtype", "--generation", "--deepspeed"} & set(script), job

@@ -1,0 +1,90 @@
+# Distillation (section 2.4): a smaller dense student fine-tuned on the curated SFT data, no RL; and the
+# same student trained by R1-Zero-style RL alone (section 4.1), for the comparison.
+
+
+rule student_base:
+    """A small dense student (section 2.4); "tiny" builds one like the embedded base, smaller."""
+    input:
+        validation=rules.tasks.output.validation,
+        test=rules.tasks.output.test,
+    output:
+        model=directory(res("models", "student_{student}")),
+        loss=res("students", "{student}_pretrain_loss.csv"),
+        provenance=provenance("student_base_{student}"),
+    wildcard_constraints:
+        student="|".join(STUDENTS) or "NONE",
+    params:
+        **job("build_base.py",
+                    {"tiny": student_tiny, "families": config["data"]["synthetic"]["families"],
+                     "template": config["template"]},
+                    "--exclude {input.validation} {input.test} --out {output.model} --loss {output.loss}"
+                    " --threads {threads}"),
+    threads: job_threads("student_base")
+    log:
+        res("logs", "student_base_{student}.log"),
+    benchmark:
+        res("benchmarks", "student_base_{student}.tsv")
+    resources:
+        **job_resources("student_base", mem_mb=4000, runtime=30),
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        JOB
+
+
+rule distill:
+    """Section 2.4: SFT of the student on the curated SFT data (rejection samples + non-reasoning), no RL."""
+    input:
+        base=student_input,
+        data=[rules.rejection_sampling.output.data, rules.non_reasoning_data.output.data],
+    output:
+        model=directory(res("models", "distill_{student}")),
+        metrics=res("distill", "{student}_sft_metrics.csv"),
+        provenance=provenance("distill_{student}"),
+    wildcard_constraints:
+        student="|".join(STUDENTS) or "NONE",
+    params:
+        **job("sft.py", {"settings": config["distillation"]["sft"], "model": student_model}, SFT_FILES,
+                    model=()),
+    threads: job_threads("distill")
+    log:
+        res("logs", "distill_{student}.log"),
+    benchmark:
+        res("benchmarks", "distill_{student}.tsv")
+    resources:
+        **job_resources("distill", mem_mb=4000, runtime=60),
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        JOB
+
+
+rule rl_only:
+    """Section 4.1: the same student trained by R1-Zero-style RL alone."""
+    input:
+        model=student_input,
+        train=rules.tasks.output.train,
+        validation=rules.tasks.output.validation,
+    output:
+        model=directory(res("models", "rl_only_{student}")),
+        metrics=res("rl_only", "{student}_metrics.csv"),
+        validation_curve=res("rl_only", "{student}_validation_curve.csv"),
+        provenance=provenance("rl_only_{student}"),
+    wildcard_constraints:
+        student="|".join(STUDENTS) or "NONE",
+    params:
+        **job("grpo.py",
+                    {"grpo": config["distillation"]["rl_only"], "rewards": config["rewards"],
+                     "template": config["template"], "model": student_model},
+                    GRPO_FILES, model=("generate", "train")),
+    threads: job_threads("rl_only")
+    log:
+        res("logs", "rl_only_{student}.log"),
+    benchmark:
+        res("benchmarks", "rl_only_{student}.tsv")
+    resources:
+        **job_resources("rl_only", mem_mb=4000, runtime=60),
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        JOB

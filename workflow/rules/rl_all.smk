@@ -1,0 +1,62 @@
+# DeepSeek-R1, section 2.3.4: reward models of human preference (helpfulness, harmlessness), then RL
+# for all scenarios from the R1 SFT model, rule-based rewards on reasoning prompts and the reward
+# models on general prompts. Its output is this run's DeepSeek-R1.
+
+
+rule reward_model:
+    input:
+        base=model_input("base"),
+        pairs=rules.preferences.output.pairs,
+    output:
+        model=directory(res("models", "rm_{aspect}")),
+        metrics=res("reward_models", "{aspect}_metrics.csv"),
+        provenance=provenance("reward_model_{aspect}"),
+    wildcard_constraints:
+        aspect="helpfulness|harmlessness",
+    params:
+        **job("reward_model.py", {"settings": config["r1"]["reward_models"]["train"], "base": model_arg("base")},
+                    "--pairs {input.pairs} --aspect {wildcards.aspect} --out {output.model}"
+                    " --metrics {output.metrics} --threads {threads}", model=()),
+    threads: job_threads("reward_model")
+    log:
+        res("logs", "reward_model_{aspect}.log"),
+    benchmark:
+        res("benchmarks", "reward_model_{aspect}.tsv")
+    resources:
+        **job_resources("reward_model", mem_mb=4000, runtime=30),
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        JOB
+
+
+rule r1:
+    """RL for all scenarios (section 2.3.4); its output is this run's DeepSeek-R1."""
+    input:
+        model=rules.final_sft.output.model,
+        train=rules.tasks.output.train,
+        validation=rules.tasks.output.validation,
+        pairs=rules.preferences.output.pairs,
+        reward_models=reward_model_inputs,
+    output:
+        model=directory(res("models", "r1")),
+        metrics=res("r1", "metrics.csv"),
+        validation_curve=res("r1", "validation_curve.csv"),
+        provenance=provenance("r1"),
+    params:
+        **job("grpo.py",
+                    {"grpo": config["r1"]["rl_all"]["grpo"], "rewards": rewards_with_models(), "template": "chat",
+                     "model": res("models", "r1_sft"), "general": rules.preferences.output.pairs,
+                     "general_prompts": config["r1"]["rl_all"]["general_prompts"]},
+                    GRPO_FILES, model=("generate", "train")),
+    threads: job_threads("r1")
+    log:
+        res("logs", "r1.log"),
+    benchmark:
+        res("benchmarks", "r1.tsv")
+    resources:
+        **job_resources("r1", mem_mb=4000, runtime=60),
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        JOB
