@@ -8,8 +8,8 @@ from _common import json_arg, setup
 
 from r1flow.data.artifacts import write_table
 from r1flow.data.schemas import EVAL_SUMMARY, SAMPLES
-from r1flow.evaluation import run_benchmark
 from r1flow.evaluation.benchmarks import BenchmarkSpec
+from r1flow.evaluation.runner import run_benchmark
 from r1flow.generation import make_generator
 from r1flow.models import load_policy, load_tokenizer
 

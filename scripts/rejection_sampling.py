@@ -12,6 +12,7 @@ from r1flow.data.prompts import chat_prompt
 from r1flow.data.schemas import SFT_DATA, TASKS
 from r1flow.generation import make_generator
 from r1flow.models import load_policy
+from r1flow.training import sft_data as S
 
 
 def main():
@@ -27,16 +28,16 @@ def main():
     s = a.settings
     tasks = C.sample_prompts(read_table(a.train, TASKS), s)
     k = s["samples_per_prompt"]
-    out = C.sample_completions(a.model, lambda tok: [chat_prompt(tok, q) for q in tasks["question"]], s, a.generation)
+    out = S.sample_completions(a.model, lambda tok: [chat_prompt(tok, q) for q in tasks["question"]], s, a.generation)
     texts = [t.strip() for t in out]
     ids = [p for p in tasks["prompt_id"] for _ in range(k)]
     qs = [q for q in tasks["question"] for _ in range(k)]
     golds = [g for g in tasks["answer"] for _ in range(k)]
-    why = C.readability(texts, golds, max_paragraph_chars=s["max_paragraph_chars"])
+    why = S.readability(texts, golds, max_paragraph_chars=s["max_paragraph_chars"])
     if s["judge"]["type"] == "model":  # a generative judge for answers the rules called wrong
         judge_model, judge_tok = load_policy(s["judge"]["model"])
         wrong = [i for i, w in enumerate(why) if w == "wrong"]
-        verdicts = C.model_judge(make_generator(judge_model, judge_tok, None), [qs[i] for i in wrong],
+        verdicts = S.model_judge(make_generator(judge_model, judge_tok, None), [qs[i] for i in wrong],
                                  [golds[i] for i in wrong], [texts[i] for i in wrong])
         for i, ok in zip(wrong, verdicts):
             why[i] = "" if ok else "wrong"

@@ -8,10 +8,10 @@ import pandas as pd
 from _common import json_arg, setup
 
 from r1flow.data.artifacts import read_table, write_table
+from r1flow.data.formats import READABLE_MARKER
 from r1flow.data.prompts import R1_CHAT_TEMPLATE
 from r1flow.data.schemas import SFT_DATA, SFT_METRICS
 from r1flow.models import load_policy, save_policy
-from r1flow.rewards.formats import READABLE_MARKER
 from r1flow.training.sft import train_sft
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -35,8 +36,6 @@ def load_policy(name_or_path: str, dtype: str = "float32", device: str = "cpu", 
 
 def save_policy(model, tokenizer, path: str | os.PathLike) -> None:
     """save_pretrained into a sibling folder, then rename: a crash never leaves half a model."""
-    import shutil
-
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     if tmp.exists():

@@ -38,12 +38,12 @@ from tqdm.auto import tqdm
 
 from r1flow import rewards as R
 from r1flow.data.prompts import chat_prompt, render
-from r1flow.evaluation import sample_and_grade, summarize
 from r1flow.generation import SamplingParams, make_generator
 from r1flow.models import save_policy
+from r1flow.models.logprobs import completion_logprobs
+from r1flow.rewards.grading import sample_and_grade, summarize
 from r1flow.training.engine import DeepSpeedSettings, make_engine, shard
 from r1flow.training.grpo_loss import Normalizer, group_advantages, grpo_loss, loss_mask
-from r1flow.training.logprobs import completion_logprobs
 
 log = logging.getLogger(__name__)
 

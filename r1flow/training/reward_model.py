@@ -12,7 +12,8 @@ scenarios." Two models, one per aspect:
 A reward model is a sequence classifier with one output (AutoModelForSequenceClassification,
 num_labels=1) initialised from a causal LM folder: the transformer body is the LM's, a fresh linear
 head reads the hidden state at the last non-pad token. Training and scoring share `render_for_rm` and
-`rm_response`, so the reward model is always scored on exactly what it was trained on.
+`rm_response` (r1flow.models.reward_model), so the reward model is always scored on exactly what it was
+trained on.
 """
 
 from __future__ import annotations
@@ -28,28 +29,9 @@ import torch.nn.functional as F
 
 from r1flow.data.preferences import ASPECTS, prompt_text, response_text
 from r1flow.models import save_policy
-from r1flow.rewards.formats import READABLE_MARKER, split_readable
+from r1flow.models.reward_model import load_reward_model, max_length_of, render_for_rm, rm_response, score_texts
 
 log = logging.getLogger(__name__)
-
-
-def render_for_rm(prompt_text: str, response_text: str) -> str:
-    """The one plain-text rendering a reward model reads, in training and in scoring alike."""
-    return f"User: {prompt_text}\nAssistant: {response_text}"
-
-
-def rm_response(response: str, aspect: str, marker: str = READABLE_MARKER) -> str:
-    """What the reward model of `aspect` sees of a response (section 2.3.4).
-
-    helpfulness: the summary only (the whole response when the readable pattern is absent);
-    harmlessness: the whole response, reasoning process included.
-    """
-    if aspect == "helpfulness":
-        parts = split_readable(response, marker)
-        return response if parts is None else parts[1].strip()
-    if aspect == "harmlessness":
-        return response
-    raise ValueError(f"unknown reward model aspect {aspect!r}; expected one of {ASPECTS}")
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
@@ -67,50 +49,6 @@ def pairwise_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> float
     """Share of pairs with r_chosen > r_rejected; ties count half, so a constant model scores 0.5."""
     wins = (r_chosen > r_rejected).float() + 0.5 * (r_chosen == r_rejected).float()
     return wins.mean().item()
-
-
-# -- model and tokenizer -----------------------------------------------------------------------------
-def prepare_tokenizer(tok):
-    """Right padding, so every text keeps positions 0..n-1 whatever batch it is scored in (with RoPE,
-    left padding is invariant too, but a model with absolute positions would not be; the classifier
-    reads the rightmost non-pad token either way). Truncation keeps the end, where the score is read."""
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "right"
-    tok.truncation_side = "left"
-    return tok
-
-
-def load_reward_model(path: str | os.PathLike, num_labels: int = 1, dtype: torch.dtype = torch.float32):
-    """A sequence classifier with one output and its tokenizer, from a causal LM or a reward model folder."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tok = prepare_tokenizer(AutoTokenizer.from_pretrained(path))
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
-    # LlamaForSequenceClassification scores the last token that is not pad_token_id; without it, a batch
-    # of more than one text cannot be scored at all
-    model.config.pad_token_id = tok.pad_token_id
-    return model, tok
-
-
-def max_length_of(model, tokenizer) -> int:
-    limit = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
-    return int(min(limit, tokenizer.model_max_length))
-
-
-def score_texts(model, tokenizer, texts: list[str], batch_size: int = 16, max_length: int | None = None,
-                grad: bool = False) -> torch.Tensor:
-    """One scalar reward per rendered text, shape (len(texts),)."""
-    max_length = max_length or max_length_of(model, tokenizer)
-    out = []
-    ctx = torch.enable_grad() if grad else torch.no_grad()
-    with ctx:
-        for i in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
-                            return_tensors="pt", add_special_tokens=False)
-            enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-            out.append(model(**enc).logits[:, 0].float())
-    return torch.cat(out) if out else torch.zeros(0)
 
 
 def pair_texts(pairs: pd.DataFrame, aspect: str | None = None) -> tuple[list[str], list[str]]:

@@ -15,9 +15,14 @@ micro-batching and data parallelism change nothing but the float summation order
 
 from __future__ import annotations
 
+import math
+import random
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
+
+from r1flow.training.engine import make_engine
 
 IGNORE = -100
 
@@ -105,13 +110,6 @@ def train_sft(model, tokenizer, prompts: list[str], completions: list[str], *, e
 
     Returns one metrics row per update (step, epoch, loss, learning_rate). Cosine decay after warm-up.
     """
-    import math
-    import random
-
-    from tqdm.auto import tqdm
-
-    from r1flow.training.engine import make_engine
-
     if not prompts:
         raise ValueError("no SFT examples")
     opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.0)

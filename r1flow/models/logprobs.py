@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from r1flow.models import fast_llama
+
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False):
     """log softmax(logits / T) at the sampled tokens, and optionally the entropy of that distribution.
@@ -44,8 +46,6 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
     each prompt once per group instead of G times; results are the same (tested).
     """
     if fast:
-        from r1flow.models import fast_llama
-
         if fast_llama.supports(model):
             return fast_llama.completion_logprobs(
                 model, prompt_ids[::group_size], prompt_mask[::group_size], completion_ids, completion_mask,
