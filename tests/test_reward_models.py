@@ -15,7 +15,12 @@ from r1flow.data.formats import READABLE_MARKER, split_readable
 from r1flow.data.preferences import make_preferences, prompt_text
 from r1flow.data.schemas import PREFERENCES, RM_METRICS
 from r1flow.models.reward_model import render_for_rm, rm_response
-from r1flow.training.reward_model import bradley_terry_loss, evaluate_reward_model, pairwise_accuracy, train_reward_model
+from r1flow.training.reward_model import (
+    bradley_terry_loss,
+    evaluate_reward_model,
+    pairwise_accuracy,
+    train_reward_model,
+)
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 # measured on the tiny_policy fixture, 1 thread: helpfulness ~7-9 s, held-out pairwise accuracy 0.85-0.89;
