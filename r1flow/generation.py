@@ -55,7 +55,8 @@ class Generator:
         self.fast = fast and fast_llama.supports(model)
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self.progress = progress  # a progress bar over sequences, for long evaluation runs
+        # a progress bar over sequences, for long evaluation runs; never in a log file (disable=None: not a tty)
+        self.progress = progress
         self.rng = torch.Generator().manual_seed(seed)
         stop = {tokenizer.eos_token_id}
         gen_cfg = getattr(model, "generation_config", None)
@@ -75,7 +76,8 @@ class Generator:
         enc = tok(prompts, add_special_tokens=False)["input_ids"]
         per_chunk = max(1, self.batch_size // params.n)  # prompts per decoding batch
         parts = []
-        with tqdm(total=len(enc) * params.n, unit="seq", desc="generating", disable=not self.progress) as bar:
+        with tqdm(total=len(enc) * params.n, unit="seq", desc="generating",
+                  disable=None if self.progress else True) as bar:
             for i in range(0, len(enc), per_chunk):
                 parts.append(self._decode(enc[i : i + per_chunk], params))
                 bar.update(parts[-1][0].shape[0])

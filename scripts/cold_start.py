@@ -2,6 +2,7 @@
 of the base model and from R1-Zero outputs, rewritten, then filtered for correctness and readability."""
 
 import argparse
+import logging
 
 import pandas as pd
 from _common import json_arg, setup
@@ -11,6 +12,8 @@ from r1flow.data.artifacts import read_table, write_table
 from r1flow.data.prompts import render
 from r1flow.data.schemas import SFT_DATA, TASKS
 from r1flow.training import sft_data as S
+
+log = logging.getLogger("scripts.cold_start")
 
 
 def main():
@@ -54,7 +57,7 @@ def main():
     if data.empty:
         raise RuntimeError(f"no cold-start sample survived the filters: {report}")
     write_table(data, a.out, SFT_DATA)
-    print(f"cold start: {len(data)} samples ({data['source'].value_counts().to_dict()}); filters: {report}")
+    log.info(f"cold start: {len(data)} samples ({data['source'].value_counts().to_dict()}); filters: {report}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 readable ones are kept (section 2.3.3): no mixed languages, long paragraphs or code blocks."""
 
 import argparse
+import logging
 
 import pandas as pd
 from _common import json_arg, setup
@@ -13,6 +14,8 @@ from r1flow.data.schemas import SFT_DATA, TASKS
 from r1flow.generation import make_generator
 from r1flow.models import load_policy
 from r1flow.training import sft_data as S
+
+log = logging.getLogger("scripts.rejection_sampling")
 
 
 def main():
@@ -45,12 +48,12 @@ def main():
     rows = C.select(C.sft_rows([ids[i] for i in keep], [qs[i] for i in keep], [texts[i] for i in keep],
                                "rejection_sampling"), s["target_size"], s["seed"])
     if rows.empty:  # a real run would stop here; a toy one (the smoke config) goes on with the other SFT data
-        print("WARNING: rejection sampling kept no sample; the SFT stage gets non-reasoning data only")
+        log.warning("rejection sampling kept no sample; the SFT stage gets non-reasoning data only")
         rows = pd.DataFrame({"prompt_id": pd.Series(dtype=str), "messages": pd.Series(dtype=object),
                              "source": pd.Series(dtype=str)})
     write_table(rows, a.out, SFT_DATA)
-    print(f"rejection sampling: {len(texts)} samples, kept {len(rows)}; dropped "
-          f"{pd.Series([w for w in why if w]).value_counts().to_dict()}")
+    log.info(f"rejection sampling: {len(texts)} samples, kept {len(rows)}; dropped "
+             f"{pd.Series([w for w in why if w]).value_counts().to_dict()}")
 
 
 if __name__ == "__main__":

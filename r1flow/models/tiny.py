@@ -144,7 +144,8 @@ def pretrain(model, tokenizer, docs: list[tuple[str, str]], steps: int, batch_si
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     model.train()
     log, t0 = [], time.time()
-    bar = tqdm(range(steps), desc="pretrain base", disable=not progress, mininterval=1.0)
+    # disable=None: no bar when stderr is not a terminal (a SLURM log)
+    bar = tqdm(range(steps), desc="pretrain base", disable=None if progress else True, mininterval=1.0)
     for step in bar:
         idx = torch.randint(len(docs), (batch_size,), generator=g).tolist()
         # prompts left-padded, completions right-padded, as at sampling time

@@ -68,6 +68,8 @@ def evaluate_reward_model(model, tokenizer, pairs: pd.DataFrame, aspect: str | N
     was_training = model.training
     model.eval()
     chosen, rejected = pair_texts(pairs, aspect)
+    # tokens per text as scored (truncated to max_length), for the throughput in the log
+    n_tok = [min(len(ids), max_length) for ids in tok(chosen + rejected, add_special_tokens=False)["input_ids"]]
     r_c = score_texts(model, tokenizer, chosen, batch_size)
     r_r = score_texts(model, tokenizer, rejected, batch_size)
     model.train(was_training)
@@ -78,7 +80,7 @@ def evaluate_reward_model(model, tokenizer, pairs: pd.DataFrame, aspect: str | N
 def train_reward_model(base_path: str | os.PathLike, pairs_df: pd.DataFrame, aspect: str,
                        out_dir: str | os.PathLike | None, steps: int = 100, lr: float = 1e-3, batch_size: int = 16,
                        seed: int = 0, weight_decay: float = 0.0, warmup_steps: int = 0, max_grad_norm: float = 1.0,
-                       max_length: int | None = None):
+                       max_length: int | None = None, log_every: int = 10):
     """Train the `aspect` reward model on the pairs of that aspect; save it to `out_dir` (if given).
 
     Each step draws `batch_size` pairs (a fixed stream from `seed`), scores chosen and rejected in one
@@ -105,7 +107,7 @@ def train_reward_model(base_path: str | os.PathLike, pairs_df: pd.DataFrame, asp
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     g = torch.Generator().manual_seed(seed)
-    rows, t0 = [], time.time()
+    rows, t0, tokens = [], time.time(), 0
     model.train()
     for step in range(1, steps + 1):
         idx = torch.randint(len(pairs), (min(batch_size, len(pairs)),), generator=g).tolist()
@@ -121,6 +123,10 @@ def train_reward_model(base_path: str | os.PathLike, pairs_df: pd.DataFrame, asp
         sched.step()
         rows.append({"step": step, "loss": loss.item(), "accuracy": pairwise_accuracy(r_c.detach(), r_r.detach()),
                      "learning_rate": lr_now})
+        tokens += sum(n_tok[i] + n_tok[len(pairs) + i] for i in idx)
+        if step % log_every == 0 or step == steps:
+            log.info("reward model '%s' step %d/%d: loss %.4f, batch accuracy %.3f, lr %.3g, %.0f tokens/s", aspect,
+                     step, steps, rows[-1]["loss"], rows[-1]["accuracy"], lr_now, tokens / (time.time() - t0))
     model.eval()
     log.info("reward model '%s': %d steps on %d pairs in %.1fs, final batch loss %.3f", aspect, steps, len(pairs),
              time.time() - t0, rows[-1]["loss"])
