@@ -68,8 +68,6 @@ def evaluate_reward_model(model, tokenizer, pairs: pd.DataFrame, aspect: str | N
     was_training = model.training
     model.eval()
     chosen, rejected = pair_texts(pairs, aspect)
-    # tokens per text as scored (truncated to max_length), for the throughput in the log
-    n_tok = [min(len(ids), max_length) for ids in tok(chosen + rejected, add_special_tokens=False)["input_ids"]]
     r_c = score_texts(model, tokenizer, chosen, batch_size)
     r_r = score_texts(model, tokenizer, rejected, batch_size)
     model.train(was_training)
@@ -98,6 +96,8 @@ def train_reward_model(base_path: str | os.PathLike, pairs_df: pd.DataFrame, asp
     model, tok = load_reward_model(base_path)
     max_length = max_length or max_length_of(model, tok)
     chosen, rejected = pair_texts(pairs, aspect)
+    # tokens per text as scored (truncated to max_length), for the throughput in the log
+    n_tok = [min(len(ids), max_length) for ids in tok(chosen + rejected, add_special_tokens=False)["input_ids"]]
 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
 
