@@ -14,6 +14,10 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
+
+from r1flow.models import fast_llama
+from r1flow.models.decoding import pad_batch, sample_next
 
 
 @dataclass(frozen=True)
@@ -40,47 +44,19 @@ class Completions:
         return self.completion_mask.sum(1)
 
 
-def pad_batch(seqs: list[list[int]], pad: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> (ids, mask). Prompts are left-padded (every row's next token is at the end),
-    completions right-padded (every row starts at the same position)."""
-    width = max(map(len, seqs), default=0)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        cols = slice(width - len(s), width) if left else slice(0, len(s))
-        ids[r, cols] = torch.tensor(s, dtype=torch.long)
-        mask[r, cols] = 1
-    return ids, mask
-
-
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
-    """One token per row: greedy at temperature 0, else nucleus sampling (top-p) at the temperature."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the top token is always kept)
-        drop = sorted_p.cumsum(-1) - sorted_p >= top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
 class Generator:
     """Transformers backend. `batch_size` bounds how many sequences are decoded together."""
 
     def __init__(self, model, tokenizer, batch_size: int = 256, seed: int = 0, fast: bool = True,
                  progress: bool = False):
-        from r1flow.models import fast_llama
-
         self.model = model
         # Llama/Qwen2 models decode through r1flow.models.fast_llama: same tokens (tested), each prompt
         # prefilled once for its n samples, no per-step cache reallocation
         self.fast = fast and fast_llama.supports(model)
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self.progress = progress  # a progress bar over sequences, for long evaluation runs
+        # a progress bar over sequences, for long evaluation runs; never in a log file (disable=None: not a tty)
+        self.progress = progress
         self.rng = torch.Generator().manual_seed(seed)
         stop = {tokenizer.eos_token_id}
         gen_cfg = getattr(model, "generation_config", None)
@@ -99,10 +75,9 @@ class Generator:
         tok = self.tokenizer
         enc = tok(prompts, add_special_tokens=False)["input_ids"]
         per_chunk = max(1, self.batch_size // params.n)  # prompts per decoding batch
-        from tqdm.auto import tqdm
-
         parts = []
-        with tqdm(total=len(enc) * params.n, unit="seq", desc="generating", disable=not self.progress) as bar:
+        with tqdm(total=len(enc) * params.n, unit="seq", desc="generating",
+                  disable=None if self.progress else True) as bar:
             for i in range(0, len(enc), per_chunk):
                 parts.append(self._decode(enc[i : i + per_chunk], params))
                 bar.update(parts[-1][0].shape[0])
@@ -134,8 +109,6 @@ class Generator:
         row_ids, row_mask = ids.repeat_interleave(params.n, 0), mask.repeat_interleave(params.n, 0)
         try:
             if self.fast:
-                from r1flow.models import fast_llama
-
                 comp, cmask, truncated = fast_llama.sample(
                     model, ids, mask, params.n, params.max_new_tokens, params.temperature, params.top_p,
                     self.stop_ids, pad, self.rng)

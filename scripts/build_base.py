@@ -1,6 +1,7 @@
 """Rule `base_model`: build the embedded stand-in for DeepSeek-V3-Base (a tiny Llama, pretrained briefly)."""
 
 import argparse
+import logging
 
 import pandas as pd
 from _common import json_arg, setup
@@ -8,6 +9,8 @@ from _common import json_arg, setup
 from r1flow.data.artifacts import read_table
 from r1flow.data.schemas import TASKS
 from r1flow.models.tiny import build_base_model
+
+log = logging.getLogger("scripts.build_base")
 
 
 def main():
@@ -24,9 +27,9 @@ def main():
     exclude = set()
     for path in a.exclude:
         exclude |= set(read_table(path, TASKS)["question"])
-    log = build_base_model(a.tiny, a.families, a.template, a.out, exclude)
-    pd.DataFrame(log).to_csv(a.loss, index=False)
-    print(f"base model -> {a.out} (final pretraining loss {log[-1]['loss']:.3f})")
+    losses = build_base_model(a.tiny, a.families, a.template, a.out, exclude)
+    pd.DataFrame(losses).to_csv(a.loss, index=False)
+    log.info(f"base model -> {a.out} (final pretraining loss {losses[-1]['loss']:.3f})")
 
 
 if __name__ == "__main__":

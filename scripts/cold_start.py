@@ -2,6 +2,7 @@
 of the base model and from R1-Zero outputs, rewritten, then filtered for correctness and readability."""
 
 import argparse
+import logging
 
 import pandas as pd
 from _common import json_arg, setup
@@ -10,6 +11,9 @@ from r1flow.data import cold_start as C
 from r1flow.data.artifacts import read_table, write_table
 from r1flow.data.prompts import render
 from r1flow.data.schemas import SFT_DATA, TASKS
+from r1flow.training import sft_data as S
+
+log = logging.getLogger("scripts.cold_start")
 
 
 def main():
@@ -34,18 +38,18 @@ def main():
     if "few_shot" in s["sources"]:
         # one worked example with a long chain of thought in front of each question (few-shot prompting)
         prompts = [C.FEW_SHOT.format(example=s["few_shot_example"], question=q) for q in tasks["question"]]
-        texts = C.sample_completions(a.base, prompts, s, a.generation, a.dtype)
+        texts = S.sample_completions(a.base, prompts, s, a.generation, a.dtype)
         parts.append(("few_shot", [C.rewrite_few_shot(t) for t in texts]))
     if "annotated" in s["sources"]:
         notes = [C.annotate_chain(q) for q in qs]
         parts.append(("annotated", [C.rewrite_few_shot(n) if n else None for n in notes]))
     if "r1_zero" in s["sources"]:
-        texts = C.sample_completions(a.r1_zero, [render(q, "table1") for q in tasks["question"]], s, a.generation, a.dtype)
+        texts = S.sample_completions(a.r1_zero, [render(q, "table1") for q in tasks["question"]], s, a.generation, a.dtype)
         parts.append(("r1_zero", [C.rewrite_r1_zero(t) for t in texts]))
     frames = []
     for source, rewritten in parts:
         keep = [i for i, t in enumerate(rewritten) if t is not None]
-        why = C.readability([rewritten[i] for i in keep], [golds[i] for i in keep])
+        why = S.readability([rewritten[i] for i in keep], [golds[i] for i in keep])
         ok = [i for i, w in zip(keep, why) if not w]
         report[source] = {"sampled": len(rewritten), "rewritten": len(keep), "kept": len(ok),
                           "dropped": pd.Series([w for w in why if w]).value_counts().to_dict()}
@@ -54,7 +58,7 @@ def main():
     if data.empty:
         raise RuntimeError(f"no cold-start sample survived the filters: {report}")
     write_table(data, a.out, SFT_DATA)
-    print(f"cold start: {len(data)} samples ({data['source'].value_counts().to_dict()}); filters: {report}")
+    log.info(f"cold start: {len(data)} samples ({data['source'].value_counts().to_dict()}); filters: {report}")
 
 
 if __name__ == "__main__":

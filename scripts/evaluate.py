@@ -1,6 +1,7 @@
 """Rule `evaluate`: one model on one benchmark; per-sample records and a summary row (section 3)."""
 
 import argparse
+import logging
 
 import pandas as pd
 import torch
@@ -8,10 +9,12 @@ from _common import json_arg, setup
 
 from r1flow.data.artifacts import write_table
 from r1flow.data.schemas import EVAL_SUMMARY, SAMPLES
-from r1flow.evaluation import run_benchmark
 from r1flow.evaluation.benchmarks import BenchmarkSpec
+from r1flow.evaluation.runner import run_benchmark
 from r1flow.generation import make_generator
 from r1flow.models import load_policy, load_tokenizer
+
+log = logging.getLogger("scripts.evaluate")
 
 
 def main():
@@ -45,8 +48,8 @@ def main():
     write_table(samples, a.samples, SAMPLES)
     write_table(pd.DataFrame([{"model": a.name, **row}]), a.summary, EVAL_SUMMARY)
     cons = f"  cons@{row['cons_k']} {row['cons@k']:.3f}" if row.get("cons@k") is not None else ""
-    print(f"{a.name} on {spec.name}: pass@1 {row['pass@1']:.3f}{cons}  format {row['format_rate']:.3f}  "
-          f"({row['num_problems']} problems x {row['n']} samples)")
+    log.info(f"{a.name} on {spec.name}: pass@1 {row['pass@1']:.3f}{cons}  format {row['format_rate']:.3f}  "
+             f"({row['num_problems']} problems x {row['n']} samples)")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Rules `r1_zero`, `reasoning_rl`, `r1` and `rl_only`: GRPO (sections 2.2, 2.3.2, 2.3.4, 4.1). Resumes from --state."""
 
 import argparse
+import logging
 import shutil
 
 import pandas as pd
@@ -11,6 +12,8 @@ from r1flow.data.cold_start import general_prompts
 from r1flow.data.schemas import GRPO_METRICS, PREFERENCES, TASKS
 from r1flow.models import load_policy
 from r1flow.training.grpo import GRPOConfig, GRPOTrainer
+
+log = logging.getLogger("scripts.grpo")
 
 
 def main():
@@ -54,7 +57,8 @@ def main():
     write_table(metrics, a.metrics, GRPO_METRICS)
     trainer.validation_curve().to_csv(a.validation_curve, index=False)
     step = trainer.export(a.out_model)
-    print(f"{a.stage}: {cfg.steps} steps; exported the {cfg.select_checkpoint} checkpoint (step {step}) -> {a.out_model}")
+    log.info(f"{a.stage}: {cfg.steps} steps; exported the {cfg.select_checkpoint} checkpoint (step {step}) "
+             f"-> {a.out_model}")
     if not a.keep_state:
         shutil.rmtree(a.state, ignore_errors=True)
 

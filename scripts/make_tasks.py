@@ -1,12 +1,15 @@
 """Rule `tasks`: write the train / validation / test prompt tables."""
 
 import argparse
+import logging
 
 from _common import json_arg, setup
 
 from r1flow.data import tasks
 from r1flow.data.artifacts import write_table
 from r1flow.data.schemas import TASKS
+
+log = logging.getLogger("scripts.make_tasks")
 
 
 def main():
@@ -19,7 +22,7 @@ def main():
     splits = tasks.prepare_splits(a.data)
     for split, df in splits.items():
         write_table(df, getattr(a, split), TASKS)
-        print(f"{split}: {len(df)} prompts -> {getattr(a, split)}")
+        log.info(f"{split}: {len(df)} prompts -> {getattr(a, split)}")
 
 
 if __name__ == "__main__":

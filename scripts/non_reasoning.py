@@ -2,12 +2,15 @@
 2.3.3), from the preferred answers of the synthetic preference pairs, plus greetings without reasoning."""
 
 import argparse
+import logging
 
 from _common import json_arg, setup
 
 from r1flow.data.artifacts import read_table, write_table
 from r1flow.data.cold_start import non_reasoning_rows
 from r1flow.data.schemas import PREFERENCES, SFT_DATA
+
+log = logging.getLogger("scripts.non_reasoning")
 
 
 def main():
@@ -20,7 +23,7 @@ def main():
     pairs = read_table(a.pairs, PREFERENCES)
     rows = non_reasoning_rows(pairs, a.settings["size"], a.settings["seed"])
     write_table(rows, a.out, SFT_DATA)
-    print(f"non-reasoning data: {len(rows)} samples ({rows['source'].value_counts().to_dict()})")
+    log.info(f"non-reasoning data: {len(rows)} samples ({rows['source'].value_counts().to_dict()})")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """Synthetic preference pairs for the reward models of section 2.3.4 (helpfulness, harmlessness)."""
 
 import argparse
+import logging
 
 from _common import json_arg, setup
 
 from r1flow.data.artifacts import write_table
 from r1flow.data.preferences import make_preferences
 from r1flow.data.schemas import PREFERENCES
+
+log = logging.getLogger("scripts.preferences")
 
 
 def main():
@@ -21,7 +24,7 @@ def main():
     df = make_preferences(s.pop("helpfulness"), s.pop("harmlessness"), **s)
     write_table(df, a.out, PREFERENCES)
     counts = {k: int(v) for k, v in df["aspect"].value_counts().items()}
-    print(f"preferences: {counts} pairs -> {a.out}")
+    log.info(f"preferences: {counts} pairs -> {a.out}")
 
 
 if __name__ == "__main__":

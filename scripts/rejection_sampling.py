@@ -2,6 +2,7 @@
 readable ones are kept (section 2.3.3): no mixed languages, long paragraphs or code blocks."""
 
 import argparse
+import logging
 
 import pandas as pd
 from _common import json_arg, setup
@@ -12,6 +13,9 @@ from r1flow.data.prompts import chat_prompt
 from r1flow.data.schemas import SFT_DATA, TASKS
 from r1flow.generation import make_generator
 from r1flow.models import load_policy
+from r1flow.training import sft_data as S
+
+log = logging.getLogger("scripts.rejection_sampling")
 
 
 def main():
@@ -28,17 +32,16 @@ def main():
     s = a.settings
     tasks = C.sample_prompts(read_table(a.train, TASKS), s)
     k = s["samples_per_prompt"]
-    out = C.sample_completions(a.model, lambda tok: [chat_prompt(tok, q) for q in tasks["question"]], s, a.generation,
-                                  a.dtype)
+    out = S.sample_completions(a.model, lambda tok: [chat_prompt(tok, q) for q in tasks["question"]], s, a.generation, a.dtype)
     texts = [t.strip() for t in out]
     ids = [p for p in tasks["prompt_id"] for _ in range(k)]
     qs = [q for q in tasks["question"] for _ in range(k)]
     golds = [g for g in tasks["answer"] for _ in range(k)]
-    why = C.readability(texts, golds, max_paragraph_chars=s["max_paragraph_chars"])
+    why = S.readability(texts, golds, max_paragraph_chars=s["max_paragraph_chars"])
     if s["judge"]["type"] == "model":  # a generative judge for answers the rules called wrong
         judge_model, judge_tok = load_policy(s["judge"]["model"], a.dtype)
         wrong = [i for i, w in enumerate(why) if w == "wrong"]
-        verdicts = C.model_judge(make_generator(judge_model, judge_tok, None), [qs[i] for i in wrong],
+        verdicts = S.model_judge(make_generator(judge_model, judge_tok, None), [qs[i] for i in wrong],
                                  [golds[i] for i in wrong], [texts[i] for i in wrong])
         for i, ok in zip(wrong, verdicts):
             why[i] = "" if ok else "wrong"
@@ -46,12 +49,12 @@ def main():
     rows = C.select(C.sft_rows([ids[i] for i in keep], [qs[i] for i in keep], [texts[i] for i in keep],
                                "rejection_sampling"), s["target_size"], s["seed"])
     if rows.empty:  # a real run would stop here; a toy one (the smoke config) goes on with the other SFT data
-        print("WARNING: rejection sampling kept no sample; the SFT stage gets non-reasoning data only")
+        log.warning("rejection sampling kept no sample; the SFT stage gets non-reasoning data only")
         rows = pd.DataFrame({"prompt_id": pd.Series(dtype=str), "messages": pd.Series(dtype=object),
                              "source": pd.Series(dtype=str)})
     write_table(rows, a.out, SFT_DATA)
-    print(f"rejection sampling: {len(texts)} samples, kept {len(rows)}; dropped "
-          f"{pd.Series([w for w in why if w]).value_counts().to_dict()}")
+    log.info(f"rejection sampling: {len(texts)} samples, kept {len(rows)}; dropped "
+             f"{pd.Series([w for w in why if w]).value_counts().to_dict()}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Rule `r1_zero_report`: the results table (CSV and markdown) and the training plots."""
 
 import argparse
+import logging
 
 import pandas as pd
 from _common import setup
@@ -8,6 +9,8 @@ from _common import setup
 from r1flow.data.artifacts import read_table
 from r1flow.data.schemas import EVAL_SUMMARY, GRPO_METRICS
 from r1flow.evaluation.report import plot_training, write_tables
+
+log = logging.getLogger("scripts.report")
 
 
 def main():
@@ -25,7 +28,7 @@ def main():
                          "R1-Zero on held-out prompts")
     plot_training(read_table(a.metrics, GRPO_METRICS), pd.read_csv(a.validation_curve),
                   a.accuracy_plot, a.length_plot)
-    print(table.to_string(index=False))
+    log.info("\n%s", table.to_string(index=False))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """Train one Bradley-Terry reward model of section 2.3.4 (helpfulness or harmlessness) from a causal LM."""
 
 import argparse
+import logging
 
 from _common import json_arg, setup
 
 from r1flow.data.artifacts import read_table, write_table
 from r1flow.data.schemas import PREFERENCES, RM_METRICS
 from r1flow.training.reward_model import train_reward_model
+
+log = logging.getLogger("scripts.reward_model")
 
 
 def main():
@@ -27,8 +30,8 @@ def main():
     _, _, metrics = train_reward_model(a.base, pairs, a.aspect, a.out, dtype=a.dtype, **a.settings)
     write_table(metrics, a.metrics, RM_METRICS)
     tail = metrics.tail(10)
-    print(f"{a.aspect} reward model: {len(metrics)} steps, last-10-step loss {tail['loss'].mean():.3f}, "
-          f"batch pairwise accuracy {tail['accuracy'].mean():.3f} -> {a.out}")
+    log.info(f"{a.aspect} reward model: {len(metrics)} steps, last-10-step loss {tail['loss'].mean():.3f}, "
+             f"batch pairwise accuracy {tail['accuracy'].mean():.3f} -> {a.out}")
 
 
 if __name__ == "__main__":

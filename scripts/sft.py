@@ -3,16 +3,19 @@
 and the readable pattern's marker as a token."""
 
 import argparse
+import logging
 
 import pandas as pd
 from _common import json_arg, setup
 
 from r1flow.data.artifacts import read_table, write_table
+from r1flow.data.formats import READABLE_MARKER
 from r1flow.data.prompts import R1_CHAT_TEMPLATE
 from r1flow.data.schemas import SFT_DATA, SFT_METRICS
 from r1flow.models import load_policy, save_policy
-from r1flow.rewards.formats import READABLE_MARKER
 from r1flow.training.sft import chat_pairs, train_sft
+
+log = logging.getLogger("scripts.sft")
 
 
 def main():
@@ -40,8 +43,8 @@ def main():
                      warmup_steps=s["warmup_steps"], seed=s["seed"])
     save_policy(model, tok, a.out)
     write_table(pd.DataFrame(rows), a.metrics, SFT_METRICS)
-    print(f"{a.stage}: {len(data)} examples x {s['epochs']} epochs, {len(rows)} updates, "
-          f"loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f} -> {a.out}")
+    log.info(f"{a.stage}: {len(data)} examples x {s['epochs']} epochs, {len(rows)} updates, "
+             f"loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f} -> {a.out}")
 
 
 if __name__ == "__main__":

@@ -82,3 +82,21 @@ def test_invalid_config_names_key_and_expectation(patch, needle):
     with pytest.raises(ConfigError) as e:
         validate_config(patch, SCHEMA)
     assert needle in str(e.value)
+
+
+def test_grpo_defaults_agree_with_the_schema():
+    """GRPO's defaults are written twice, in the config schema (what a run gets) and in GRPOConfig (what a
+    test or notebook gets); they must be the same, key by key."""
+    import dataclasses
+
+    from r1flow.training.grpo import GRPOConfig
+
+    props = yaml.safe_load(SCHEMA.read_text())["$defs"]["grpo"]["properties"]
+    fields = {f.name: f for f in dataclasses.fields(GRPOConfig)}
+    # set by scripts/grpo.py from other config sections (the stage's template, the `rewards` section)
+    assert set(fields) - set(props) == {"template", "reward_options"}
+    assert set(props) <= set(fields)
+    config = GRPOConfig()
+    differ = {k: (p.get("default"), getattr(config, k)) for k, p in props.items()
+              if p.get("default") != getattr(config, k) or type(p.get("default")) is not type(getattr(config, k))}
+    assert not differ, f"schema default vs GRPOConfig default: {differ}"

@@ -9,7 +9,7 @@ from conftest import FAMILIES
 
 from r1flow.data.tasks import generate_tasks
 from r1flow.models import load_policy
-from r1flow.training.grpo import GRPOConfig, GRPOTrainer
+from r1flow.training.grpo import GRPOConfig, GRPOTrainer, progress_line
 
 
 def test_base_model_is_a_plain_transformers_model(tiny_policy):
@@ -171,7 +171,7 @@ def test_no_validation_still_writes_valid_metrics(tiny_policy, tmp_path):
 
 def test_batches_mix_kinds_in_proportion_and_are_deterministic():
     """RL for all scenarios (section 2.3.4): every step holds reasoning and general prompts."""
-    from r1flow.training.grpo import GRPOConfig, GRPOTrainer
+    from r1flow.training.grpo import GRPOConfig, GRPOTrainer, progress_line
 
     t = GRPOTrainer.__new__(GRPOTrainer)
     t.cfg = GRPOConfig(prompts_per_step=10)
@@ -202,3 +202,15 @@ def test_checkpoint_from_another_starting_model_is_not_resumed(tiny_policy, tmp_
     with torch.no_grad():
         next(other.parameters())[0, 0] += 1e-3
     assert weights_fingerprint(model) != weights_fingerprint(other)
+
+
+def test_progress_line_reads_in_a_log_file():
+    """One line per validation: means since the previous line, the latest validation, the time split."""
+    row = dict(reward_mean=0.5, accuracy=0.25, kl=None, clip_fraction=0.1, entropy=1.5, completion_length=20.0,
+               time_generation=3.0, time_training=1.0)
+    rows = [{"step": 3, **row}, {"step": 4, **row, "accuracy": 0.75, "kl": 0.002, "val_pass@1": 0.4}]
+    line = progress_line(rows, 10, {"step": 4, "val_pass@1": 0.4})
+    assert line == ("step 4/10: reward 0.500, accuracy 0.500, kl 0.002, clip fraction 0.100, entropy 1.500, "
+                    "length 20.0, val pass@1 0.400 (best 0.400 at step 4); time 6.0s generating, 2.0s training "
+                    "over 2 step(s)")
+    assert "\r" not in line and "\n" not in line

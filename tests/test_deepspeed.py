@@ -87,7 +87,7 @@ def test_zero2_on_two_cpu_ranks_matches_one_process(tiny_policy, tmp_path, offlo
         pytest.skip("deepspeed is not installed (pip install -e '.[distributed]')")
     out = tmp_path / "result.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "ds_worker.py"), "--model", str(tiny_policy[0]), "--out", str(out)]
+           str(ROOT / "tests" / "helpers" / "ds_worker.py"), "--model", str(tiny_policy[0]), "--out", str(out)]
     if offload:
         cmd.append("--offload-optimizer")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}

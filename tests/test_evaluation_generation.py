@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from r1flow.evaluation import (
+from r1flow.models.decoding import sample_next
+from r1flow.rewards.grading import (
     cons_at_k,
     equivalence_groups,
     majority_vote,
@@ -17,7 +18,6 @@ from r1flow.evaluation import (
     sample_and_grade,
     summarize,
 )
-from r1flow.generation import sample_next
 
 
 def test_pass_at_1():

@@ -7,7 +7,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from r1flow.models import fast_llama
-from r1flow.generation import sample_next
+from r1flow.models.decoding import sample_next
 
 VOCAB, PAD = 100, 0
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -200,7 +200,7 @@ def test_temperature_zero_refused_by_the_python_api_with_the_config_message():
 
     from r1flow.config import ConfigError, validate_config
     from r1flow.models import fast_llama
-    from r1flow.training import logprobs
+    from r1flow.models import logprobs
     from r1flow.training.grpo import GRPOConfig
 
     schema = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"

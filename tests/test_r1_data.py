@@ -10,6 +10,7 @@ from r1flow.data import cold_start as C
 from r1flow.data.artifacts import read_table, write_table
 from r1flow.data.preferences import make_preferences
 from r1flow.data.schemas import SFT_DATA
+from r1flow.training import sft_data as S
 
 M = "|special_token|"
 
@@ -36,7 +37,7 @@ def test_readability_filters():
     texts = [good, C.readable("7+5=12 所以 12*2=24", "24"), f"{M} 7+5=12 {M}", C.readable("7+5=12", "13"),
              C.readable("let me write code ```x=1``` here 7+5=12", "12"), C.readable("one " * 600 + "7+5=12", "12")]
     golds = ["24", "24", "12", "12", "12", "12"]
-    assert C.readability(texts, golds, max_paragraph_chars=2000) == [
+    assert S.readability(texts, golds, max_paragraph_chars=2000) == [
         "", "mixed_language", "wrong", "wrong", "code_block", "long_paragraph"]
 
 
@@ -51,7 +52,7 @@ def test_judge_prompt_and_parsing():
     assert C.parse_judgement(" Yes, they match") and not C.parse_judgement("no") and not C.parse_judgement("maybe")
     gen = SimpleNamespace(generate=lambda prompts, params: SimpleNamespace(
         texts=[" yes" if "Model answer: 0.5" in p else " no" for p in prompts]))
-    out = C.model_judge(gen, ["q", "q"], ["1/2", "1/2"], [f"{M} r {M} \\boxed{{0.5}}", f"{M} r {M} \\boxed{{3}}"])
+    out = S.model_judge(gen, ["q", "q"], ["1/2", "1/2"], [f"{M} r {M} \\boxed{{0.5}}", f"{M} r {M} \\boxed{{3}}"])
     assert out == [True, False]
 
 

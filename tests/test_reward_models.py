@@ -11,15 +11,14 @@ import torch
 
 from r1flow import rewards as R
 from r1flow.data.artifacts import ArtifactError, read_table, write_table
+from r1flow.data.formats import READABLE_MARKER, split_readable
 from r1flow.data.preferences import make_preferences, prompt_text
 from r1flow.data.schemas import PREFERENCES, RM_METRICS
-from r1flow.rewards.formats import READABLE_MARKER, split_readable
+from r1flow.models.reward_model import render_for_rm, rm_response
 from r1flow.training.reward_model import (
     bradley_terry_loss,
     evaluate_reward_model,
     pairwise_accuracy,
-    render_for_rm,
-    rm_response,
     train_reward_model,
 )
 

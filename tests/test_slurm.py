@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from slurm_cluster import LocalSlurm, Unavailable, ensure_packages
+from helpers.slurm_cluster import LocalSlurm, Unavailable, ensure_packages
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.slurm, pytest.mark.e2e]

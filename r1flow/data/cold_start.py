@@ -10,6 +10,8 @@ Only correct samples are kept, then unreadable ones are dropped (mixed languages
 malformed). Rejection sampling keeps the correct samples of the reasoning-RL checkpoint and drops chains
 of thought with mixed languages, long paragraphs or code blocks.
 
+Sampling from models, the readability filter and the model judge are in r1flow.training.sft_data.
+
 Every SFT table has a conversational `messages` column (user, then assistant), which Hugging Face
 tooling (TRL's SFTTrainer, datasets) reads directly.
 """
@@ -20,9 +22,7 @@ import re
 
 import pandas as pd
 
-from r1flow import rewards as R
-from r1flow.rewards.formats import READABLE_MARKER, split_readable
-from r1flow.rewards.math_answer import extract_answer
+from r1flow.data.formats import READABLE_MARKER, split_readable
 
 # The few-shot prompt: one worked example in the form the base model has seen, then the question.
 FEW_SHOT = "{example}\n{question}:"
@@ -68,30 +68,6 @@ def annotate_chain(question: str) -> str | None:
     return " ".join(steps) + f". So the answer is {value}."
 
 
-def readability(texts: list[str], golds: list[str], marker: str = READABLE_MARKER, target: str = "en",
-                max_paragraph_chars: int = 2000) -> list[str]:
-    """Why each readable completion would be dropped ('' = keep): wrong answer, malformed (no summary,
-    markers out of place), mixed languages, a paragraph longer than max_paragraph_chars, a code block."""
-    fmt = R.get("format_readable")(texts, golds, marker=marker)
-    lang = R.get("language_consistency")(texts, golds, target=target, marker=marker)
-    acc = R.get("accuracy")(texts, golds)
-    out = []
-    for t, f, la, a in zip(texts, fmt, lang, acc):
-        if a.score < 1:
-            out.append("wrong")
-        elif f.score < 1:
-            out.append("malformed:" + f.reason)
-        elif la.reason != "no_words" and la.score < 1:
-            out.append("mixed_language")
-        elif "```" in t:
-            out.append("code_block")
-        elif max(len(p) for p in re.split(r"\n\s*\n", t)) > max_paragraph_chars:
-            out.append("long_paragraph")
-        else:
-            out.append("")
-    return out
-
-
 def sft_rows(prompt_ids, questions, completions, source: str) -> pd.DataFrame:
     """SFT records: a user turn (the question) and an assistant turn (the completion)."""
     return pd.DataFrame({
@@ -129,16 +105,6 @@ def parse_judgement(text: str) -> bool:
     return bool(m) and m.group(1) == "yes"
 
 
-def model_judge(generator, questions, golds, completions) -> list[bool]:
-    """Greedy yes/no verdicts from the configured judge model (DeepSeek-V3 in the paper)."""
-    from r1flow.generation import SamplingParams
-
-    preds = [extract_answer(c) or summary_of(c) for c in completions]
-    prompts = [judge_prompt(q, g, p) for q, g, p in zip(questions, golds, preds)]
-    out = generator.generate(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=4))
-    return [parse_judgement(t) for t in out.texts]
-
-
 def general_prompts(pairs: pd.DataFrame, n: int) -> pd.DataFrame:
     """General (non-reasoning) prompts for RL of all scenarios, from the preference pairs' prompts: no
     rule-based answer, scored by the reward models (section 2.3.4)."""
@@ -164,20 +130,3 @@ def non_reasoning_rows(pairs: pd.DataFrame, size: int, seed: int) -> pd.DataFram
 def sample_prompts(tasks: pd.DataFrame, s: dict) -> pd.DataFrame:
     """The training prompts a sampling stage draws from: a seeded shuffle, the first s["prompts"]."""
     return tasks.sample(frac=1.0, random_state=s["seed"]).head(s["prompts"])
-
-
-def sample_completions(model_path: str, prompts, s: dict, generation: dict | None,
-                       dtype: str = "float32") -> list[str]:
-    """s["samples_per_prompt"] completions per prompt from a model folder (loaded in `dtype`), at s["temperature"].
-    `prompts` is a list of texts, or a function of the model's tokenizer (for chat templates)."""
-    import torch
-
-    from r1flow.generation import SamplingParams, make_generator
-    from r1flow.models import load_policy
-
-    model, tok = load_policy(model_path, dtype)
-    gen = make_generator(model, tok, generation, model_path=model_path, seed=s["seed"], progress=True)
-    texts = prompts(tok) if callable(prompts) else prompts
-    with torch.inference_mode():
-        out = gen.generate(texts, SamplingParams(s["samples_per_prompt"], s["temperature"], 1.0, s["max_new_tokens"]))
-    return out.texts

@@ -29,7 +29,7 @@ import random
 
 import pandas as pd
 
-from r1flow.rewards.formats import READABLE_MARKER
+from r1flow.data.formats import READABLE_MARKER
 
 ASPECTS = ("helpfulness", "harmlessness")
 UNHELPFUL_KINDS = ("dont_know", "repeat", "off_topic")

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from r1flow.data.artifacts import read_table
 from r1flow.data.prompts import render
+from r1flow.data.schemas import TASKS
 from r1flow.rewards.math_answer import last_boxed
 
 # Zero-shot templates. "math" is the instruction DeepSeek-R1's evaluation uses for math problems.
@@ -175,9 +177,6 @@ def load_livecodebench(spec):
 
 def load_synthetic(spec):
     """The held-out split of the synthetic tasks (a TASKS parquet produced by the `tasks` rule)."""
-    from r1flow.data.artifacts import read_table
-    from r1flow.data.schemas import TASKS
-
     df = read_table(spec.path, TASKS)
     return _table(spec, df.to_dict("records"), lambda r: r["question"], lambda r: r["answer"],
                   lambda r, n: r["prompt_id"])

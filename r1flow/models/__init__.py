@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -52,8 +53,6 @@ def load_weights(model, folder: str | os.PathLike) -> None:
 
 def save_policy(model, tokenizer, path: str | os.PathLike) -> None:
     """save_pretrained into a sibling folder, then rename: a crash never leaves half a model."""
-    import shutil
-
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     if tmp.exists():

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1flow.config import require_positive
-from r1flow.generation import sample_next
+from r1flow.models.decoding import sample_next
 
 __all__ = ["supports", "sample", "completion_logprobs"]
 

@@ -18,6 +18,9 @@ from tqdm.auto import tqdm
 
 from r1flow.data import tasks as T
 from r1flow.data.prompts import render
+from r1flow.models import save_policy
+from r1flow.models.decoding import pad_batch
+from r1flow.models.logprobs import completion_logprobs
 
 SPECIAL = {"bos": "<s>", "eos": "</s>", "pad": "<pad>"}
 TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
@@ -132,9 +135,6 @@ def pretrain(model, tokenizer, docs: list[tuple[str, str]], steps: int, batch_si
     the capacity of a model this small is better spent on the reasoning than on random question digits.
     Log-probs come from the same function GRPO uses, so the fast Llama path speeds this up too.
     """
-    from r1flow.generation import pad_batch
-    from r1flow.training.logprobs import completion_logprobs
-
     g = torch.Generator().manual_seed(seed)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     prompts = tokenizer([p for p, _ in docs], add_special_tokens=False)["input_ids"]
@@ -144,7 +144,8 @@ def pretrain(model, tokenizer, docs: list[tuple[str, str]], steps: int, batch_si
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     model.train()
     log, t0 = [], time.time()
-    bar = tqdm(range(steps), desc="pretrain base", disable=not progress, mininterval=1.0)
+    # disable=None: no bar when stderr is not a terminal (a SLURM log)
+    bar = tqdm(range(steps), desc="pretrain base", disable=None if progress else True, mininterval=1.0)
     for step in bar:
         idx = torch.randint(len(docs), (batch_size,), generator=g).tolist()
         # prompts left-padded, completions right-padded, as at sampling time
@@ -169,8 +170,6 @@ def build_base_model(cfg: dict, families: dict, template: str, out_dir, exclude:
 
     cfg: the `base_model.tiny` config section (sizes, corpus size and mix, steps, learning rate, seed).
     """
-    from r1flow.models import save_policy
-
     torch.manual_seed(cfg["seed"])
     docs = build_corpus(cfg["seed"], cfg["corpus_size"], families, cfg["corpus_mix"], template, exclude,
                         cfg.get("shorthand_error_rate", 0.6), cfg.get("textbook_share", 0.0))

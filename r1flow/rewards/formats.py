@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import re
 
+from r1flow.data.formats import READABLE_MARKER, split_readable
 from r1flow.rewards import Reward, per_sample, register
 
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 FORMAT_RE = re.compile(r"^\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*$", re.DOTALL)
-READABLE_MARKER = "|special_token|"
 
 
 @register("format")
@@ -42,14 +42,6 @@ def format_think(completion: str, gold: str = "") -> Reward:
     if not m.group(2).strip():
         return Reward(0.0, "no_answer_after_think")
     return Reward(1.0, "ok")
-
-
-def split_readable(completion: str, marker: str = READABLE_MARKER) -> tuple[str, str] | None:
-    """(reasoning_process, summary) of a readable completion, or None when the pattern does not hold."""
-    parts = completion.split(marker)
-    if len(parts) != 3 or parts[0].strip():
-        return None
-    return parts[1], parts[2]
 
 
 @register("format_readable")

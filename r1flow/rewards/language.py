@@ -18,8 +18,8 @@ from __future__ import annotations
 import re
 import unicodedata
 
+from r1flow.data.formats import READABLE_MARKER, split_readable
 from r1flow.rewards import Reward, per_sample, register
-from r1flow.rewards.formats import READABLE_MARKER, split_readable
 
 MATH_RE = re.compile(r"\$\$.*?\$\$|\$.*?\$|\\\(.*?\\\)|\\\[.*?\\\]|\\[A-Za-z]+", re.DOTALL)
 HAN = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef"

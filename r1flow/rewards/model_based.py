@@ -9,8 +9,8 @@ Options (from the config's `rewards` section): `path`, the reward model folder (
 `batch_size` (default 16); `max_length` (default: the model's position limit); `marker`, the readable
 pattern's marker.
 
-torch and transformers are imported on first use: the reward package is also imported by the
-verifier worker processes, which must start fast.
+torch, transformers and pandas (r1flow.models.reward_model, r1flow.data.preferences) are imported on
+first use: the reward package is also imported by the verifier worker processes, which must start fast.
 
 Reward.score is the raw reward model output, an unbounded float with an arbitrary offset: GRPO
 normalises rewards within each group (eq. 3), so only differences between a prompt's outputs matter.
@@ -25,14 +25,14 @@ from __future__ import annotations
 import functools
 import os
 
+from r1flow.data.formats import READABLE_MARKER, split_readable
 from r1flow.rewards import Reward, register
-from r1flow.rewards.formats import READABLE_MARKER, split_readable
 
 
 @functools.lru_cache(maxsize=4)
 def _load(path: str):
     """The reward model of a folder, loaded once per process (a GRPO run scores thousands of batches)."""
-    from r1flow.training.reward_model import load_reward_model
+    from r1flow.models.reward_model import load_reward_model
 
     model, tok = load_reward_model(path)
     model.eval()
@@ -48,7 +48,7 @@ def _score(aspect: str, completions, golds, prompts=None, path: str | None = Non
     import torch
 
     from r1flow.data.preferences import prompt_text
-    from r1flow.training.reward_model import render_for_rm, rm_response, score_texts
+    from r1flow.models.reward_model import render_for_rm, rm_response, score_texts
 
     if path is None:
         raise ValueError(f"reward '{aspect}' needs the option 'path' (the reward model folder)")

@@ -39,12 +39,12 @@ from tqdm.auto import tqdm
 from r1flow import rewards as R
 from r1flow.config import require_positive
 from r1flow.data.prompts import chat_prompt, render
-from r1flow.evaluation import sample_and_grade, summarize
 from r1flow.generation import SamplingParams, make_generator
 from r1flow.models import load_weights, save_policy
+from r1flow.models.logprobs import completion_logprobs
+from r1flow.rewards.grading import sample_and_grade, summarize
 from r1flow.training.engine import DeepSpeedSettings, make_engine, shard
 from r1flow.training.grpo_loss import Normalizer, group_advantages, grpo_loss, loss_mask
-from r1flow.training.logprobs import completion_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -413,9 +413,12 @@ class GRPOTrainer:
             log.info("resuming from step %d", self.step_no)
         elif self.val_df is not None and c.eval_every:
             self.history.append({"step": 0, **self.validate()})  # the base model's point on Figure 2
-        bar = tqdm(total=c.steps, initial=self.step_no, desc="GRPO", disable=not progress or not self.is_main,
-                   mininterval=1.0)
+        # disable=None: no bar when stderr is not a terminal (a SLURM log); the log lines below say it all
+        bar = tqdm(total=c.steps, initial=self.step_no, desc="GRPO", mininterval=1.0,
+                   disable=None if progress and self.is_main else True)
         live = self.state_dir / "metrics_live.csv"
+        # one log line per validation, or per checkpoint when validation is off
+        log_every, logged = c.eval_every or c.save_every, self.step_no
         done_now = 0
         while self.step_no < c.steps:
             row = self.step()
@@ -433,6 +436,9 @@ class GRPOTrainer:
                             len=f"{row['completion_length']:.0f}",
                             val=f"{self.best['val_pass@1']:.2f}" if self.best["step"] else "-", refresh=False)
             done_now += 1
+            if self.is_main and (self.step_no % log_every == 0 or self.step_no == c.steps):
+                log.info(progress_line([h for h in self.history if h["step"] > logged], c.steps, self.best))
+                logged = self.step_no
             if self.step_no % c.save_every == 0 or self.step_no == c.steps:
                 self._save_checkpoint()
             if stop_after is not None and done_now >= stop_after:
@@ -469,6 +475,26 @@ class GRPOTrainer:
             return step
         save_policy(self.model, self.tok, out_dir)
         return self.step_no
+
+
+def progress_line(rows: list[dict], steps: int, best: dict) -> str:
+    """One readable line over the steps since the previous one: means of the training signals (section
+    2.2.4's accuracy, reward and response length; KL to the reference, clip fraction and entropy for the
+    health of eq. 1), the latest validation pass@1, and where the time went."""
+    last = rows[-1]
+
+    def mean(key):
+        vals = [r[key] for r in rows if r.get(key) is not None and not math.isnan(r[key])]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    t_gen, t_train = sum(r["time_generation"] for r in rows), sum(r["time_training"] for r in rows)
+    val = f"{last['val_pass@1']:.3f}" if "val_pass@1" in last else "-"
+    if best["step"]:
+        val += f" (best {best['val_pass@1']:.3f} at step {best['step']})"
+    return (f"step {last['step']}/{steps}: reward {mean('reward_mean'):.3f}, accuracy {mean('accuracy'):.3f}, "
+            f"kl {mean('kl'):.4g}, clip fraction {mean('clip_fraction'):.3f}, entropy {mean('entropy'):.3f}, "
+            f"length {mean('completion_length'):.1f}, val pass@1 {val}; time {t_gen:.1f}s generating, "
+            f"{t_train:.1f}s training over {len(rows)} step(s)")
 
 
 def _mean_score(rewards) -> float:

@@ -12,7 +12,8 @@ scenarios." Two models, one per aspect:
 A reward model is a sequence classifier with one output (AutoModelForSequenceClassification,
 num_labels=1) initialised from a causal LM folder: the transformer body is the LM's, a fresh linear
 head reads the hidden state at the last non-pad token. Training and scoring share `render_for_rm` and
-`rm_response`, so the reward model is always scored on exactly what it was trained on.
+`rm_response` (r1flow.models.reward_model), so the reward model is always scored on exactly what it was
+trained on.
 """
 
 from __future__ import annotations
@@ -28,28 +29,9 @@ import torch.nn.functional as F
 
 from r1flow.data.preferences import ASPECTS, prompt_text, response_text
 from r1flow.models import DTYPES, save_policy
-from r1flow.rewards.formats import READABLE_MARKER, split_readable
+from r1flow.models.reward_model import load_reward_model, max_length_of, render_for_rm, rm_response, score_texts
 
 log = logging.getLogger(__name__)
-
-
-def render_for_rm(prompt_text: str, response_text: str) -> str:
-    """The one plain-text rendering a reward model reads, in training and in scoring alike."""
-    return f"User: {prompt_text}\nAssistant: {response_text}"
-
-
-def rm_response(response: str, aspect: str, marker: str = READABLE_MARKER) -> str:
-    """What the reward model of `aspect` sees of a response (section 2.3.4).
-
-    helpfulness: the summary only (the whole response when the readable pattern is absent);
-    harmlessness: the whole response, reasoning process included.
-    """
-    if aspect == "helpfulness":
-        parts = split_readable(response, marker)
-        return response if parts is None else parts[1].strip()
-    if aspect == "harmlessness":
-        return response
-    raise ValueError(f"unknown reward model aspect {aspect!r}; expected one of {ASPECTS}")
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
@@ -67,50 +49,6 @@ def pairwise_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> float
     """Share of pairs with r_chosen > r_rejected; ties count half, so a constant model scores 0.5."""
     wins = (r_chosen > r_rejected).float() + 0.5 * (r_chosen == r_rejected).float()
     return wins.mean().item()
-
-
-# -- model and tokenizer -----------------------------------------------------------------------------
-def prepare_tokenizer(tok):
-    """Right padding, so every text keeps positions 0..n-1 whatever batch it is scored in (with RoPE,
-    left padding is invariant too, but a model with absolute positions would not be; the classifier
-    reads the rightmost non-pad token either way). Truncation keeps the end, where the score is read."""
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "right"
-    tok.truncation_side = "left"
-    return tok
-
-
-def load_reward_model(path: str | os.PathLike, num_labels: int = 1, dtype: torch.dtype = torch.float32):
-    """A sequence classifier with one output and its tokenizer, from a causal LM or a reward model folder."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tok = prepare_tokenizer(AutoTokenizer.from_pretrained(path))
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
-    # LlamaForSequenceClassification scores the last token that is not pad_token_id; without it, a batch
-    # of more than one text cannot be scored at all
-    model.config.pad_token_id = tok.pad_token_id
-    return model, tok
-
-
-def max_length_of(model, tokenizer) -> int:
-    limit = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
-    return int(min(limit, tokenizer.model_max_length))
-
-
-def score_texts(model, tokenizer, texts: list[str], batch_size: int = 16, max_length: int | None = None,
-                grad: bool = False) -> torch.Tensor:
-    """One scalar reward per rendered text, shape (len(texts),)."""
-    max_length = max_length or max_length_of(model, tokenizer)
-    out = []
-    ctx = torch.enable_grad() if grad else torch.no_grad()
-    with ctx:
-        for i in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
-                            return_tensors="pt", add_special_tokens=False)
-            enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-            out.append(model(**enc).logits[:, 0].float())
-    return torch.cat(out) if out else torch.zeros(0)
 
 
 def pair_texts(pairs: pd.DataFrame, aspect: str | None = None) -> tuple[list[str], list[str]]:
@@ -140,7 +78,7 @@ def evaluate_reward_model(model, tokenizer, pairs: pd.DataFrame, aspect: str | N
 def train_reward_model(base_path: str | os.PathLike, pairs_df: pd.DataFrame, aspect: str,
                        out_dir: str | os.PathLike | None, steps: int = 100, lr: float = 1e-3, batch_size: int = 16,
                        seed: int = 0, weight_decay: float = 0.0, warmup_steps: int = 0, max_grad_norm: float = 1.0,
-                       max_length: int | None = None, dtype: str = "float32"):
+                       max_length: int | None = None, dtype: str = "float32", log_every: int = 10):
     """Train the `aspect` reward model on the pairs of that aspect; save it to `out_dir` (if given).
 
     Each step draws `batch_size` pairs (a fixed stream from `seed`), scores chosen and rejected in one
@@ -158,6 +96,8 @@ def train_reward_model(base_path: str | os.PathLike, pairs_df: pd.DataFrame, asp
     model, tok = load_reward_model(base_path, dtype=DTYPES[dtype])
     max_length = max_length or max_length_of(model, tok)
     chosen, rejected = pair_texts(pairs, aspect)
+    # tokens per text as scored (truncated to max_length), for the throughput in the log
+    n_tok = [min(len(ids), max_length) for ids in tok(chosen + rejected, add_special_tokens=False)["input_ids"]]
 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
 
@@ -167,7 +107,7 @@ def train_reward_model(base_path: str | os.PathLike, pairs_df: pd.DataFrame, asp
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     g = torch.Generator().manual_seed(seed)
-    rows, t0 = [], time.time()
+    rows, t0, tokens = [], time.time(), 0
     model.train()
     for step in range(1, steps + 1):
         idx = torch.randint(len(pairs), (min(batch_size, len(pairs)),), generator=g).tolist()
@@ -183,6 +123,10 @@ def train_reward_model(base_path: str | os.PathLike, pairs_df: pd.DataFrame, asp
         sched.step()
         rows.append({"step": step, "loss": loss.item(), "accuracy": pairwise_accuracy(r_c.detach(), r_r.detach()),
                      "learning_rate": lr_now})
+        tokens += sum(n_tok[i] + n_tok[len(pairs) + i] for i in idx)
+        if step % log_every == 0 or step == steps:
+            log.info("reward model '%s' step %d/%d: loss %.4f, batch accuracy %.3f, lr %.3g, %.0f tokens/s", aspect,
+                     step, steps, rows[-1]["loss"], rows[-1]["accuracy"], lr_now, tokens / (time.time() - t0))
     model.eval()
     log.info("reward model '%s': %d steps on %d pairs in %.1fs, final batch loss %.3f", aspect, steps, len(pairs),
              time.time() - t0, rows[-1]["loss"])

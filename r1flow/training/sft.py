@@ -15,11 +15,19 @@ micro-batching and data parallelism change nothing but the float summation order
 
 from __future__ import annotations
 
+import logging
+import math
+import random
+import time
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
+
+from r1flow.training.engine import make_engine
 
 IGNORE = -100
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -128,13 +136,6 @@ def train_sft(model, tokenizer, prompts: list[str], completions: list[str], *, e
 
     Returns one metrics row per update (step, epoch, loss, learning_rate). Cosine decay after warm-up.
     """
-    import math
-    import random
-
-    from tqdm.auto import tqdm
-
-    from r1flow.training.engine import make_engine
-
     if not prompts:
         raise ValueError("no SFT examples")
     opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
@@ -148,8 +149,8 @@ def train_sft(model, tokenizer, prompts: list[str], completions: list[str], *, e
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     engine = make_engine(model, opt, max_grad_norm, deepspeed)
     rng = random.Random(seed)
-    rows, step = [], 0
-    bar = tqdm(total=total, desc="SFT", unit="step")
+    rows, step, tokens, t0 = [], 0, 0, time.perf_counter()
+    bar = tqdm(total=total, desc="SFT", unit="step", disable=None)  # no bar when stderr is not a terminal
     for epoch in range(epochs):
         order = list(range(len(prompts)))
         rng.shuffle(order)
@@ -163,8 +164,11 @@ def train_sft(model, tokenizer, prompts: list[str], completions: list[str], *, e
             step += 1
             rows.append({"step": step, "epoch": epoch + 1, "loss": loss, "learning_rate": lr})
             bar.update(1)
-            if step % log_every == 0:
+            tokens += int(batch.attention_mask.sum())
+            if step % log_every == 0 or step == total:
                 bar.set_postfix(loss=f"{loss:.3f}")
+                log.info("SFT step %d/%d (epoch %d): loss %.4f, lr %.3g, %.0f tokens/s", step, total, epoch + 1,
+                         loss, rows[-1]["learning_rate"], tokens / (time.perf_counter() - t0))
     bar.close()
     model.eval()
     return rows

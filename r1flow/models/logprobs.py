@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from r1flow.config import require_positive
+from r1flow.models import fast_llama
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False):
@@ -49,8 +50,6 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
     """
     require_positive("temperature", temperature)
     if fast:
-        from r1flow.models import fast_llama
-
         if fast_llama.supports(model):
             return fast_llama.completion_logprobs(
                 model, prompt_ids[::group_size], prompt_mask[::group_size], completion_ids, completion_mask,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for r1flow
 
 from r1flow import rewards as R  # noqa: E402
 from r1flow.models import load_policy  # noqa: E402

@@ -123,7 +123,7 @@ class LocalSlurm:
         parts = "\n".join(
             f"PartitionName={p} Nodes={h} Default={'YES' if i == 0 else 'NO'} MaxTime=INFINITE State=UP"
             for i, p in enumerate(self.partitions))
-        conf = f"""# written by r1flow's SLURM test (tests/slurm_cluster.py); restored when the test ends
+        conf = f"""# written by r1flow's SLURM test (tests/helpers/slurm_cluster.py); restored when the test ends
 ClusterName=r1flowtest
 SlurmctldHost={h}
 SlurmUser=root

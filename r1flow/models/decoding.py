@@ -1,0 +1,33 @@
+"""Token-level pieces shared by the sampling loops (r1flow.generation, r1flow.models.fast_llama) and the
+training forwards: token lists padded into batches, and one token drawn from logits."""
+
+from __future__ import annotations
+
+import torch
+
+
+def pad_batch(seqs: list[list[int]], pad: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids, mask). Prompts are left-padded (every row's next token is at the end),
+    completions right-padded (every row starts at the same position)."""
+    width = max(map(len, seqs), default=0)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        cols = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[r, cols] = torch.tensor(s, dtype=torch.long)
+        mask[r, cols] = 1
+    return ids, mask
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
+    """One token per row: greedy at temperature 0, else nucleus sampling (top-p) at the temperature."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the top token is always kept)
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,76 @@
+"""Bradley-Terry reward models (section 2.3.4) as models: loading one, what it reads of a response, scoring.
+
+Shared by their training (r1flow.training.reward_model) and the model-based rewards
+(r1flow.rewards.model_based), so a reward model is always scored on exactly what it was trained on.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from r1flow.data.formats import READABLE_MARKER, split_readable
+from r1flow.data.preferences import ASPECTS
+
+
+def render_for_rm(prompt_text: str, response_text: str) -> str:
+    """The one plain-text rendering a reward model reads, in training and in scoring alike."""
+    return f"User: {prompt_text}\nAssistant: {response_text}"
+
+
+def rm_response(response: str, aspect: str, marker: str = READABLE_MARKER) -> str:
+    """What the reward model of `aspect` sees of a response (section 2.3.4).
+
+    helpfulness: the summary only (the whole response when the readable pattern is absent);
+    harmlessness: the whole response, reasoning process included.
+    """
+    if aspect == "helpfulness":
+        parts = split_readable(response, marker)
+        return response if parts is None else parts[1].strip()
+    if aspect == "harmlessness":
+        return response
+    raise ValueError(f"unknown reward model aspect {aspect!r}; expected one of {ASPECTS}")
+
+
+def prepare_tokenizer(tok):
+    """Right padding, so every text keeps positions 0..n-1 whatever batch it is scored in (with RoPE,
+    left padding is invariant too, but a model with absolute positions would not be; the classifier
+    reads the rightmost non-pad token either way). Truncation keeps the end, where the score is read."""
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    tok.truncation_side = "left"
+    return tok
+
+
+def load_reward_model(path: str | os.PathLike, num_labels: int = 1, dtype: torch.dtype = torch.float32):
+    """A sequence classifier with one output and its tokenizer, from a causal LM or a reward model folder."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = prepare_tokenizer(AutoTokenizer.from_pretrained(path))
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
+    # LlamaForSequenceClassification scores the last token that is not pad_token_id; without it, a batch
+    # of more than one text cannot be scored at all
+    model.config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def max_length_of(model, tokenizer) -> int:
+    limit = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
+    return int(min(limit, tokenizer.model_max_length))
+
+
+def score_texts(model, tokenizer, texts: list[str], batch_size: int = 16, max_length: int | None = None,
+                grad: bool = False) -> torch.Tensor:
+    """One scalar reward per rendered text, shape (len(texts),)."""
+    max_length = max_length or max_length_of(model, tokenizer)
+    out = []
+    ctx = torch.enable_grad() if grad else torch.no_grad()
+    with ctx:
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
+                            return_tensors="pt", add_special_tokens=False)
+            enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+            out.append(model(**enc).logits[:, 0].float())
+    return torch.cat(out) if out else torch.zeros(0)

@@ -1,0 +1,60 @@
+"""The model-facing half of the cold-start (section 2.3.1) and rejection-sampling (section 2.3.3) stages:
+completions sampled from a model folder, the readability filter (rule-based rewards) and the model judge.
+The text rewriting and table building they feed are in r1flow.data.cold_start."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from r1flow import rewards as R
+from r1flow.data.cold_start import judge_prompt, parse_judgement, summary_of
+from r1flow.data.formats import READABLE_MARKER
+from r1flow.generation import SamplingParams, make_generator
+from r1flow.models import load_policy
+from r1flow.rewards.math_answer import extract_answer
+
+
+def readability(texts: list[str], golds: list[str], marker: str = READABLE_MARKER, target: str = "en",
+                max_paragraph_chars: int = 2000) -> list[str]:
+    """Why each readable completion would be dropped ('' = keep): wrong answer, malformed (no summary,
+    markers out of place), mixed languages, a paragraph longer than max_paragraph_chars, a code block."""
+    fmt = R.get("format_readable")(texts, golds, marker=marker)
+    lang = R.get("language_consistency")(texts, golds, target=target, marker=marker)
+    acc = R.get("accuracy")(texts, golds)
+    out = []
+    for t, f, la, a in zip(texts, fmt, lang, acc):
+        if a.score < 1:
+            out.append("wrong")
+        elif f.score < 1:
+            out.append("malformed:" + f.reason)
+        elif la.reason != "no_words" and la.score < 1:
+            out.append("mixed_language")
+        elif "```" in t:
+            out.append("code_block")
+        elif max(len(p) for p in re.split(r"\n\s*\n", t)) > max_paragraph_chars:
+            out.append("long_paragraph")
+        else:
+            out.append("")
+    return out
+
+
+def model_judge(generator, questions, golds, completions) -> list[bool]:
+    """Greedy yes/no verdicts from the configured judge model (DeepSeek-V3 in the paper)."""
+    preds = [extract_answer(c) or summary_of(c) for c in completions]
+    prompts = [judge_prompt(q, g, p) for q, g, p in zip(questions, golds, preds)]
+    out = generator.generate(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=4))
+    return [parse_judgement(t) for t in out.texts]
+
+
+def sample_completions(model_path: str, prompts, s: dict, generation: dict | None,
+                       dtype: str = "float32") -> list[str]:
+    """s["samples_per_prompt"] completions per prompt from a model folder (loaded in `dtype`), at s["temperature"].
+    `prompts` is a list of texts, or a function of the model's tokenizer (for chat templates)."""
+    model, tok = load_policy(model_path, dtype)
+    gen = make_generator(model, tok, generation, model_path=model_path, seed=s["seed"], progress=True)
+    texts = prompts(tok) if callable(prompts) else prompts
+    with torch.inference_mode():
+        out = gen.generate(texts, SamplingParams(s["samples_per_prompt"], s["temperature"], 1.0, s["max_new_tokens"]))
+    return out.texts
