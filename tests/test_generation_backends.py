@@ -88,6 +88,9 @@ def test_vllm_glue_against_a_stand_in_engine(tiny_policy, monkeypatch):
                                 NS(token_ids=[9, 9, 9], finish_reason="length", stop_reason=None)])
                     for _ in requests]
 
+        def reset_prefix_cache(self):
+            calls["reset"] = calls.get("reset", 0) + 1
+
     fake = types.ModuleType("vllm")
     fake.LLM, fake.SamplingParams = LLM, lambda **kw: kw
     monkeypatch.setitem(sys.modules, "vllm", fake)
@@ -106,3 +109,4 @@ def test_vllm_glue_against_a_stand_in_engine(tiny_policy, monkeypatch):
     assert calls["generate"][1][1]["seed"] != sp["seed"]  # a fresh seed per call
     gen.sync_weights(model)
     assert [n for n, _ in calls["loaded"]] == list(model.state_dict())
+    assert calls["reset"] == 1  # the prefix cache is dropped with the old weights
