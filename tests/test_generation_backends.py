@@ -319,3 +319,46 @@ def test_truncated_importance_sampling_in_the_trainer(tiny_policy, tmp_path, mon
     assert row["is_ratio_mean"] == pytest.approx(sum(ratios) / len(ratios), rel=1e-5)
     assert row["is_capped_fraction"] == pytest.approx(capped / len(ratios))
     assert 0 < row["is_capped_fraction"] < 1  # the tokens with log-prob -15 under the sampler are capped
+
+
+def test_cluster_config_runs_colocated_vllm_on_its_8_ranks(tiny_policy, tmp_path, monkeypatch):
+    """config/cluster/r1_zero_qwen2.5.yaml: vLLM with 8 ZeRO-2 ranks in colocated mode; its generation and
+    GRPO settings are accepted by the trainer on a rank of 8 (a stand-in engine and vllm module)."""
+    from pathlib import Path
+
+    import yaml
+
+    from r1flow.models import load_policy
+    from r1flow.training.engine import LocalEngine
+    from r1flow.training.grpo import GRPOConfig
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parent.parent / "config" / "cluster" / "r1_zero_qwen2.5.yaml").read_text())
+    assert cfg["training"]["deepspeed"]["nproc_per_node"] == 8 and cfg["training"]["deepspeed"]["zero_stage"] == 2
+    gen = cfg["generation"]
+    assert gen["backend"] == "vllm" and gen["vllm"]["colocate"] is True
+    grpo = GRPOConfig.from_dict(cfg["r1_zero"]["grpo"])
+    assert grpo.prompts_per_step % 8 == 0 and grpo.vllm_importance_sampling_cap is not None
+
+    _, tok = load_policy(str(tiny_policy[0]))
+    events = []
+    _stand_in_vllm(monkeypatch, tok, events)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+
+    class Rank3Of8(LocalEngine):
+        rank, world_size, loss_scale = 3, 8, 8.0
+
+        def __init__(self):
+            pass
+
+    import pandas as pd
+
+    from r1flow.training.grpo import GRPOTrainer
+
+    monkeypatch.setattr("r1flow.training.grpo.make_engine", lambda *a, **k: Rank3Of8())
+    model, tok = load_policy(str(tiny_policy[0]))
+    small = GRPOConfig.from_dict({**cfg["r1_zero"]["grpo"], "rewards": {"format": 1.0}, "micro_batch_size": 0})
+    GRPOTrainer(model, None, tok, small, pd.DataFrame({"question": ["q"], "answer": ["1"]}), None, tmp_path,
+                generation=gen, model_path=str(tiny_policy[0]))
+    init = events[0][1]
+    assert init["distributed_executor_backend"] == "external_launcher" and init["enable_sleep_mode"] is True
+    assert init["gpu_memory_utilization"] == gen["vllm"]["gpu_memory_utilization"]
