@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from r1flow.models import fast_llama
-from r1flow.models.decoding import pad_batch, sample_next
+from r1flow.models.decoding import GroupGenerators, pad_batch, sample_next
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 64
+    logprobs: bool = False  # also return the sampler's log-prob of each sampled token (where the backend can)
 
 
 @dataclass
@@ -38,6 +39,10 @@ class Completions:
     completion_mask: torch.Tensor  # (N, C) 1 on generated tokens up to and including EOS
     truncated: torch.Tensor  # (N,) bool: no EOS within max_new_tokens
     texts: list[str]
+    # (N, C) float: the sampler's own log-prob of each completion token (vLLM, when asked); NaN where the
+    # sampler gave none (a stop token vLLM did not keep), 0 on padding. None: the backend keeps none
+    # (the transformers backend samples from the training model itself).
+    sampler_logprobs: torch.Tensor | None = None
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -71,15 +76,20 @@ class Generator:
         self.rng.set_state(state["rng"])
 
     @torch.no_grad()  # not inference_mode: the outputs are reused as inputs of the training forward
-    def generate(self, prompts: list[str], params: SamplingParams) -> Completions:
+    def generate(self, prompts: list[str], params: SamplingParams, seeds: list[int] | None = None) -> Completions:
+        """`seeds`: one per prompt; each prompt's n samples then come from their own random stream
+        (GroupGenerators) and `self.rng` is left as it is. Without seeds they draw from `self.rng`."""
         tok = self.tokenizer
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         enc = tok(prompts, add_special_tokens=False)["input_ids"]
         per_chunk = max(1, self.batch_size // params.n)  # prompts per decoding batch
         parts = []
         with tqdm(total=len(enc) * params.n, unit="seq", desc="generating",
                   disable=None if self.progress else True) as bar:
             for i in range(0, len(enc), per_chunk):
-                parts.append(self._decode(enc[i : i + per_chunk], params))
+                rng = self.rng if seeds is None else GroupGenerators(seeds[i : i + per_chunk], params.n)
+                parts.append(self._decode(enc[i : i + per_chunk], params, rng))
                 bar.update(parts[-1][0].shape[0])
         P = max(p[0].shape[1] for p in parts)
         C = max(p[2].shape[1] for p in parts)
@@ -100,9 +110,10 @@ class Generator:
         texts = tok.batch_decode(completion_ids.masked_fill(completion_mask == 0, pad), skip_special_tokens=True)
         return Completions(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, texts)
 
-    def _decode(self, prompts: list[list[int]], params: SamplingParams):
+    def _decode(self, prompts: list[list[int]], params: SamplingParams, rng=None):
         """n completions for each tokenized prompt; returns per-row prompt ids/mask, completion ids/mask, truncated."""
         model, pad = self.model, self.tokenizer.pad_token_id
+        rng = self.rng if rng is None else rng
         was_training = model.training
         model.eval()
         ids, mask = pad_batch(prompts, pad, left=True)
@@ -111,16 +122,17 @@ class Generator:
             if self.fast:
                 comp, cmask, truncated = fast_llama.sample(
                     model, ids, mask, params.n, params.max_new_tokens, params.temperature, params.top_p,
-                    self.stop_ids, pad, self.rng)
+                    self.stop_ids, pad, rng)
             else:
-                comp, cmask, truncated = self._decode_hf(row_ids, row_mask, params)
+                comp, cmask, truncated = self._decode_hf(row_ids, row_mask, params, rng)
         finally:
             model.train(was_training)
         return row_ids, row_mask, comp, cmask, truncated
 
-    def _decode_hf(self, ids, mask, params: SamplingParams):
+    def _decode_hf(self, ids, mask, params: SamplingParams, rng=None):
         """Reference decoding loop through the model's own forward and KV cache (any causal LM)."""
         model, pad = self.model, self.tokenizer.pad_token_id
+        rng = self.rng if rng is None else rng
         B = ids.shape[0]
         pos = (mask.cumsum(1) - 1).clamp(min=0)
         # transformers 5.x calls the KV cache `cache`; 4.x called it `past_key_values`
@@ -131,7 +143,7 @@ class Generator:
         new, done = [], torch.zeros(B, dtype=torch.bool)
         attn = mask
         for t in range(params.max_new_tokens):
-            nxt = sample_next(logits, params.temperature, params.top_p, self.rng)
+            nxt = sample_next(logits, params.temperature, params.top_p, rng)
             nxt = nxt.masked_fill(done, pad)
             new.append(nxt)
             done = done | torch.isin(nxt, self.stop_ids)
@@ -149,50 +161,93 @@ class Generator:
 
 
 # -- vLLM backend ---------------------------------------------------------------------------------------
-# UNEXERCISED: written against vLLM's documented offline API (vllm.LLM, vllm.SamplingParams,
-# LLM.generate with token-id prompts, LLM.collective_rpc) but never run here (no GPU, vLLM not installed).
-# Its tests skip without vLLM and a GPU.
+# UNEXERCISED ON vLLM: written against vLLM 0.33.0's offline API (the version envs/generate-vllm.yaml pins;
+# names checked in its source: vllm.LLM(enable_prefix_caching, enable_sleep_mode, logprobs_mode,
+# distributed_executor_backend="external_launcher"), LLM.generate with token-id prompts and one
+# SamplingParams per prompt, SamplingParams(seed, logprobs=0), CompletionOutput.logprobs,
+# LLM.reset_prefix_cache, LLM.sleep(level) / LLM.wake_up(tags), LLM.collective_rpc) but never run here (no
+# GPU, vLLM not installed). tests/test_generation_backends.py checks our side against a stand-in module;
+# the test against real vLLM skips without vLLM and a GPU.
 
 
-def completions_from_token_lists(prompt_tokens: list[list[int]], outputs: list[list[tuple[list[int], bool]]],
-                                 tokenizer) -> Completions:
-    """Build `Completions` (prompt-major rows) from per-prompt lists of (completion token ids, truncated).
-    Shared by backends that return token lists; the tensors are what GRPO trains on."""
+def completions_from_token_lists(prompt_tokens: list[list[int]], outputs: list[list[tuple]], tokenizer) -> Completions:
+    """Build `Completions` (prompt-major rows) from per-prompt lists of (completion token ids, truncated)
+    or (completion token ids, truncated, sampler log-prob per token). Shared by backends that return token
+    lists; the tensors are what GRPO trains on. Log-probs (all outputs or none) become `sampler_logprobs`."""
     pad = tokenizer.pad_token_id
-    rows_p, rows_c, trunc = [], [], []
+    rows_p, rows_c, trunc, rows_lp = [], [], [], []
     for p, outs in zip(prompt_tokens, outputs):
-        for toks, cut in outs:
+        for toks, cut, *lp in outs:
             rows_p.append(list(p))
             rows_c.append(list(toks))
             trunc.append(bool(cut))
+            rows_lp.append(lp[0] if lp else None)
     prompt_ids, prompt_mask = pad_batch(rows_p, pad, left=True)
     completion_ids, completion_mask = pad_batch(rows_c, pad, left=False)
     texts = tokenizer.batch_decode(completion_ids.masked_fill(completion_mask == 0, pad), skip_special_tokens=True)
+    sampler = None
+    if rows_lp and all(lp is not None for lp in rows_lp):
+        sampler = torch.zeros(completion_ids.shape, dtype=torch.float32)
+        for r, lp in enumerate(rows_lp):
+            if len(lp) != len(rows_c[r]):
+                raise ValueError(f"row {r}: {len(lp)} log-probs for {len(rows_c[r])} tokens")
+            sampler[r, : len(lp)] = torch.tensor([float("nan") if v is None else v for v in lp], dtype=torch.float32)
     return Completions(prompt_ids, prompt_mask, completion_ids, completion_mask, torch.tensor(trunc, dtype=torch.bool),
-                       texts)
+                       texts, sampler)
 
 
 class VLLMGenerator:
-    """vLLM backend with the same `generate(prompts, SamplingParams) -> Completions` as `Generator`.
+    """vLLM backend with the same `generate(prompts, SamplingParams, seeds) -> Completions` as `Generator`.
 
-    Prompts go in as token ids (the same tokenization as the transformers backend); each request's
-    n samples come from one seeded vLLM request, so a run is reproducible for a fixed vLLM version and
-    hardware. `sync_weights(model)` copies a training policy's weights into the engine (GRPO samples from
-    the current policy, eq. 1's pi_theta_old).
+    Prompts go in as token ids (the same tokenization as the transformers backend). With `seeds` (one per
+    prompt, as GRPO passes) each prompt is its own seeded request; without, one seed per call from the
+    run's seed and a call counter. Either way a run is reproducible for a fixed vLLM version and hardware.
+
+    Weights: `sync_weights(model)` copies a training policy's weights into the engine (GRPO samples from
+    the current policy, eq. 1's pi_theta_old), then resets vLLM's prefix cache: its keys and values were
+    computed by the old weights, and every GRPO prompt shares a long template prefix (Table 1), which
+    would otherwise be served from the stale cache.
+
+    Colocated mode (`colocate`): each training rank (torchrun / DeepSpeed) runs its own engine in its own
+    process, on the GPU of its LOCAL_RANK, taking `gpu_memory_utilization` of that GPU; under torchrun
+    with several ranks the engine uses vLLM's "external_launcher" executor, which reuses the ranks'
+    torch.distributed group (each rank then generates on its own: vLLM's "external DP"). `sleep_mode`
+    (vLLM's enable_sleep_mode): `sleep()` frees the engine's GPU memory while the trainer trains (level 1:
+    weights to CPU, KV cache dropped; level 2: both dropped, since `sync_weights` reloads them anyway),
+    and `sync_weights` / `generate` wake it.
+
+    Sampler log-probs: `SamplingParams(logprobs=True)` requests vLLM's log-prob of each sampled token
+    (vLLM `logprobs=0`), taken after temperature and top-p (`logprobs_mode="processed_logprobs"`), i.e. of
+    the distribution the token was drawn from, for truncated importance sampling in GRPO.
     """
 
     def __init__(self, model_path: str, tokenizer, seed: int = 0, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.9, max_model_len: int | None = None, dtype: str = "auto",
-                 enforce_eager: bool = False):
+                 enforce_eager: bool = False, enable_prefix_caching: bool = True, colocate: bool = False,
+                 sleep_mode: bool = False, sleep_level: int = 1):
         import vllm  # imported here: vLLM is optional and needs a GPU
 
+        if sleep_level not in (1, 2):
+            raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level}")
         self.vllm = vllm
         self.tokenizer = tokenizer
         self.seed = seed
         self.calls = 0
-        self.llm = vllm.LLM(model=model_path, tokenizer=model_path, tensor_parallel_size=tensor_parallel_size,
-                            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                            dtype=dtype, seed=seed, enforce_eager=enforce_eager)
+        self.colocate, self.sleep_mode, self.sleep_level = colocate, sleep_mode, sleep_level
+        self.asleep = False
+        kw = dict(model=model_path, tokenizer=model_path, tensor_parallel_size=tensor_parallel_size,
+                  gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, dtype=dtype,
+                  seed=seed, enforce_eager=enforce_eager, enable_prefix_caching=enable_prefix_caching,
+                  logprobs_mode="processed_logprobs")
+        if sleep_mode:
+            kw["enable_sleep_mode"] = True
+        if colocate and launched_ranks() > 1:
+            if tensor_parallel_size != 1:
+                raise ValueError("colocated vLLM runs one engine per training rank: tensor_parallel_size must be 1")
+            # one engine per torchrun rank, on cuda:LOCAL_RANK, in this process (vLLM then turns off its
+            # V1 multiprocessing); it joins the process group DeepSpeed initialised
+            kw["distributed_executor_backend"] = "external_launcher"
+        self.llm = vllm.LLM(**kw)
 
     def state_dict(self):
         return {"calls": self.calls}
@@ -200,43 +255,92 @@ class VLLMGenerator:
     def load_state_dict(self, state):
         self.calls = state["calls"]
 
-    def generate(self, prompts: list[str], params: SamplingParams) -> Completions:
+    # -- GPU memory while training (sleep mode) ---------------------------------------------------------
+    def sleep(self) -> None:
+        """Free the engine's GPU memory for training (sleep mode only; otherwise nothing)."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=self.sleep_level)
+            self.asleep = True
+
+    def wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    def generate(self, prompts: list[str], params: SamplingParams, seeds: list[int] | None = None) -> Completions:
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        self.wake()
         enc = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        # a fresh seed per call (from the run's seed and a call counter, which checkpoints keep), so a
-        # resumed run draws what an uninterrupted one would
-        self.calls += 1
-        sp = self.vllm.SamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
-                                      max_tokens=params.max_new_tokens, seed=self.seed * 1_000_003 + self.calls)
+
+        def sp(seed):
+            kw = dict(n=params.n, temperature=params.temperature, top_p=params.top_p,
+                      max_tokens=params.max_new_tokens, seed=seed)
+            if params.logprobs:
+                kw["logprobs"] = 0  # the sampled token's log-prob only
+            return self.vllm.SamplingParams(**kw)
+
+        if seeds is None:
+            # a fresh seed per call (from the run's seed and a call counter, which checkpoints keep), so a
+            # resumed run draws what an uninterrupted one would
+            self.calls += 1
+            sampling = sp(self.seed * 1_000_003 + self.calls)
+        else:
+            sampling = [sp(int(s)) for s in seeds]  # one request per prompt, each with its group's seed
         requests = [{"prompt_token_ids": ids} for ids in enc]
-        results = self.llm.generate(requests, sp, use_tqdm=False)
-        outputs = [[self._tokens(o) for o in r.outputs] for r in results]
+        results = self.llm.generate(requests, sampling, use_tqdm=False)
+        outputs = [[self._tokens(o, params.logprobs) for o in r.outputs] for r in results]
         return completions_from_token_lists(enc, outputs, self.tokenizer)
 
-    def _tokens(self, o) -> tuple[list[int], bool]:
-        """(completion token ids ending with the stop token when the output stopped, truncated).
+    def _tokens(self, o, logprobs: bool = False) -> tuple:
+        """(completion token ids ending with the stop token when the output stopped, truncated[, log-probs]).
         The stop token must be in the completion, as in the transformers backend: GRPO's loss on it is
-        what teaches the policy to stop. vLLM keeps an EOS token in `token_ids`; it is added if absent."""
+        what teaches the policy to stop. vLLM keeps an EOS token in `token_ids`; it is added if absent
+        (its sampler log-prob is then unknown: None). With `logprobs`, o.logprobs holds one
+        {token id: Logprob} per generated token, the sampled token among them."""
         toks = list(o.token_ids)
+        lps = None
+        if logprobs:
+            if o.logprobs is None or len(o.logprobs) != len(toks):
+                raise ValueError("vLLM returned no log-prob per sampled token although logprobs=0 was requested")
+            lps = [float(pos[t].logprob) for pos, t in zip(o.logprobs, toks)]
         if o.finish_reason == "stop" and (not toks or toks[-1] != self.tokenizer.eos_token_id) and \
                 getattr(o, "stop_reason", None) is None:
             toks.append(self.tokenizer.eos_token_id)
-        return toks, o.finish_reason == "length"
+            if lps is not None:
+                lps.append(None)
+        cut = o.finish_reason == "length"
+        return (toks, cut) if lps is None else (toks, cut, lps)
 
     def sync_weights(self, model) -> None:
-        """Load the training model's current weights into the vLLM engine's model."""
+        """Load the training model's current weights into the vLLM engine's model, then drop the prefix
+        cache (keys and values of the old weights). Wakes a sleeping engine: weights first, loaded, then
+        its KV cache, so the two are never both resident beside the training state."""
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
         weights = [(name, p.detach()) for name, p in model.state_dict().items()]
         engine = self.llm.llm_engine
         executor = getattr(engine, "model_executor", None)
         worker = getattr(executor, "driver_worker", None)
-        if worker is not None:  # engine with an in-process driver worker
+        if worker is not None:  # engine with an in-process driver worker (colocated, or no multiprocessing)
             worker.model_runner.model.load_weights(weights)
-            return
-        # newer engines: run the load on each worker (in-process when VLLM_ENABLE_V1_MULTIPROCESSING=0)
-        self.llm.collective_rpc(_load_weights_on_worker, args=(weights,))
+        else:  # run the load on each worker
+            self.llm.collective_rpc(_load_weights_on_worker, args=(weights,))
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
+        self.llm.reset_prefix_cache()
 
 
 def _load_weights_on_worker(worker, weights):
     worker.model_runner.model.load_weights(weights)
+
+
+def launched_ranks() -> int:
+    """Processes in this job (torchrun's WORLD_SIZE; 1 outside torchrun)."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 BACKENDS = ("transformers", "vllm")

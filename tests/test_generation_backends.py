@@ -88,6 +88,9 @@ def test_vllm_glue_against_a_stand_in_engine(tiny_policy, monkeypatch):
                                 NS(token_ids=[9, 9, 9], finish_reason="length", stop_reason=None)])
                     for _ in requests]
 
+        def reset_prefix_cache(self):
+            calls["reset"] = calls.get("reset", 0) + 1
+
     fake = types.ModuleType("vllm")
     fake.LLM, fake.SamplingParams = LLM, lambda **kw: kw
     monkeypatch.setitem(sys.modules, "vllm", fake)
@@ -106,3 +109,256 @@ def test_vllm_glue_against_a_stand_in_engine(tiny_policy, monkeypatch):
     assert calls["generate"][1][1]["seed"] != sp["seed"]  # a fresh seed per call
     gen.sync_weights(model)
     assert [n for n, _ in calls["loaded"]] == list(model.state_dict())
+    assert calls["reset"] == 1  # the prefix cache is dropped with the old weights
+
+
+# -- a stand-in vllm module that records what the code asks of it --------------------------------------
+def _stand_in_vllm(monkeypatch, tok, events, logprob_of=None):
+    """A `vllm` module whose LLM records every call in `events` (in order). Each request returns three
+    outputs per sample request of n = 3 (or n outputs of [5, 6, EOS]); with logprobs requested, each token
+    carries `logprob_of(token)`."""
+    import sys
+    import types
+    from types import SimpleNamespace as NS
+
+    class LLM:
+        def __init__(self, **kw):
+            events.append(("init", kw))
+            runner = NS(model=NS(load_weights=lambda w: events.append(("load_weights", [n for n, _ in w]))))
+            self.llm_engine = NS(model_executor=NS(driver_worker=NS(model_runner=runner)))
+
+        def generate(self, requests, sp, use_tqdm=True):
+            events.append(("generate", requests, sp))
+            sps = sp if isinstance(sp, list) else [sp] * len(requests)
+            eos, res = tok.eos_token_id, []
+            for s in sps:
+                outs = []
+                for j in range(s["n"]):
+                    toks = [5 + j, 6, eos] if j % 2 == 0 else [7, 8]  # odd outputs: EOS not kept
+                    lps = None
+                    if s.get("logprobs") is not None:
+                        lps = [{t: NS(logprob=logprob_of(t), rank=1)} for t in toks]
+                    outs.append(NS(token_ids=toks, finish_reason="stop", stop_reason=None, logprobs=lps))
+                res.append(NS(outputs=outs))
+            return res
+
+        def reset_prefix_cache(self):
+            events.append(("reset_prefix_cache",))
+
+        def sleep(self, level=1):
+            events.append(("sleep", level))
+
+        def wake_up(self, tags=None):
+            events.append(("wake_up", tags))
+
+    fake = types.ModuleType("vllm")
+    fake.LLM, fake.SamplingParams = LLM, lambda **kw: kw
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+
+
+def _names(events):
+    return [e[0] for e in events]
+
+
+def test_vllm_sampler_logprobs_and_per_prompt_seeds(tiny_policy, monkeypatch):
+    """logprobs=0 is requested when asked (and only then); the sampled tokens' log-probs come back as
+    Completions.sampler_logprobs: NaN for a stop token vLLM did not return, 0 on padding. Seeds: one
+    seeded request per prompt."""
+    from r1flow.generation import VLLMGenerator
+    from r1flow.models import load_policy
+
+    _, tok = load_policy(str(tiny_policy[0]))
+    events = []
+    _stand_in_vllm(monkeypatch, tok, events, logprob_of=lambda t: -0.01 * t)
+    gen = VLLMGenerator("some/model", tok, seed=0)
+    init = events[0][1]
+    assert init["enable_prefix_caching"] is True and init["logprobs_mode"] == "processed_logprobs"
+    assert "enable_sleep_mode" not in init and "distributed_executor_backend" not in init
+
+    out = gen.generate(["a", "b"], SamplingParams(n=2, max_new_tokens=3))
+    assert "logprobs" not in events[-1][2] and out.sampler_logprobs is None
+
+    out = gen.generate(["a", "b"], SamplingParams(n=2, max_new_tokens=3, logprobs=True), seeds=[11, 12])
+    sps = events[-1][2]
+    assert [s["seed"] for s in sps] == [11, 12] and all(s["logprobs"] == 0 and s["n"] == 2 for s in sps)
+    eos = tok.eos_token_id
+    lp = out.sampler_logprobs
+    assert lp.shape == out.completion_ids.shape == (4, 3)
+    assert lp[0].tolist() == pytest.approx([-0.05, -0.06, -0.01 * eos])
+    assert lp[1, :2].tolist() == pytest.approx([-0.07, -0.08]) and torch.isnan(lp[1, 2])  # appended EOS
+    assert out.completion_ids[1].tolist() == [7, 8, eos]
+    with pytest.raises(ValueError, match="seeds for"):
+        gen.generate(["a"], SamplingParams(n=1), seeds=[1, 2])
+
+
+def _vllm_trainer(tiny_policy, tmp_path, vllm_settings, cfg_extra=None, engine=None, monkeypatch=None):
+    import pandas as pd
+
+    from r1flow.models import load_policy
+    from r1flow.training.grpo import GRPOConfig, GRPOTrainer
+
+    if engine is not None:
+        monkeypatch.setattr("r1flow.training.grpo.make_engine", lambda *a, **k: engine)
+    model, tok = load_policy(str(tiny_policy[0]))
+    train = pd.DataFrame({"question": [f"Compute {a}+{b}" for a, b in [(1, 2), (3, 4), (2, 2), (5, 1)]],
+                          "answer": ["3", "7", "4", "6"]})
+    cfg = GRPOConfig(**{"prompts_per_step": 2, "num_generations": 2, "max_completion_length": 3, "steps": 2,
+                        "eval_every": 0, "beta": 0.0, "warmup_steps": 0, "learning_rate": 1e-3,
+                        "rewards": {"format": 1.0}, **(cfg_extra or {})})
+    return GRPOTrainer(model, None, tok, cfg, train, None, tmp_path / "state",
+                       generation={"backend": "vllm", "vllm": vllm_settings}, model_path=str(tiny_policy[0]))
+
+
+def test_colocated_vllm_sleeps_while_training_and_resets_its_prefix_cache(tiny_policy, tmp_path, monkeypatch):
+    """Each step: generate (awake), sleep through the update, then wake the weights, load the new ones,
+    wake the KV cache and drop the prefix cache; the next step samples from the synced engine."""
+    from r1flow.models import load_policy
+
+    _, tok = load_policy(str(tiny_policy[0]))
+    events = []
+    _stand_in_vllm(monkeypatch, tok, events)
+    tr = _vllm_trainer(tiny_policy, tmp_path, {"colocate": True, "sleep_mode": True, "gpu_memory_utilization": 0.3})
+    init = events[0][1]
+    assert init["enable_sleep_mode"] is True and init["gpu_memory_utilization"] == 0.3
+    assert "distributed_executor_backend" not in init  # one process: no torchrun ranks to join
+    tr.step()
+    tr.step()
+    per_step = ["generate", "sleep", "wake_up", "load_weights", "wake_up", "reset_prefix_cache"]
+    assert _names(events[1:]) == per_step * 2
+    assert [e[1] for e in events[1:] if e[0] in ("sleep", "wake_up")] == [1, ["weights"], ["kv_cache"]] * 2
+    assert events[4][1] == list(tr.model.state_dict())
+
+    # without sleep mode: no sleep / wake, but still a prefix-cache reset after every sync
+    events.clear()
+    tr = _vllm_trainer(tiny_policy, tmp_path / "b", {"colocate": True})
+    tr.step()
+    assert _names(events[1:]) == ["generate", "load_weights", "reset_prefix_cache"]
+
+
+def test_trainer_takes_colocated_vllm_on_several_ranks(tiny_policy, tmp_path, monkeypatch):
+    """World size 2 (a stand-in engine reports it): colocated vLLM is accepted, each rank's engine uses
+    vLLM's external launcher (torchrun's ranks); without colocate it is refused. Each rank samples only
+    its own groups, with the groups' seeds."""
+    from r1flow.models import load_policy
+    from r1flow.training.engine import LocalEngine
+
+    _, tok = load_policy(str(tiny_policy[0]))
+    events = []
+    _stand_in_vllm(monkeypatch, tok, events)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+
+    class TwoRanks(LocalEngine):  # rank 1 of 2; collectives stand in for an identical rank 0
+        rank, world_size, loss_scale = 1, 2, 2.0
+
+        def __init__(self):
+            pass
+
+        def all_sum(self, values):
+            return [2 * v for v in values]
+
+        def all_gather(self, rows):
+            return torch.cat([rows, rows])
+
+    with pytest.raises(ValueError, match="colocate"):
+        _vllm_trainer(tiny_policy, tmp_path / "a", {}, engine=TwoRanks(), monkeypatch=monkeypatch)
+    engine = TwoRanks()
+    tr = _vllm_trainer(tiny_policy, tmp_path / "b", {"colocate": True}, cfg_extra={"prompts_per_step": 4},
+                       engine=engine, monkeypatch=monkeypatch)
+    opt = tr.opt
+    engine.model, engine.optimizer, engine.max_grad_norm = tr.model, opt, 1.0
+    assert events[0][1]["distributed_executor_backend"] == "external_launcher"
+    with pytest.raises(ValueError, match="tensor_parallel_size must be 1"):
+        _vllm_trainer(tiny_policy, tmp_path / "c", {"colocate": True, "tensor_parallel_size": 2}, engine=TwoRanks(),
+                      monkeypatch=monkeypatch)
+    events.clear()
+    tr.step()
+    requests, sps = events[0][1], events[0][2]
+    batch = tr._batch(1)
+    want = [tok(tr._prompt(q), add_special_tokens=False)["input_ids"] for q in batch["question"].iloc[2:]]
+    assert [r["prompt_token_ids"] for r in requests] == want  # rank 1 of 2: the last two of four groups
+    assert [s["seed"] for s in sps] == [tr._group_seed(1, 2), tr._group_seed(1, 3)]
+
+
+def test_truncated_importance_sampling_in_the_trainer(tiny_policy, tmp_path, monkeypatch):
+    """With vllm_importance_sampling_cap, log-probs are requested, and the step logs the mean of
+    pi_old / pi_sampler over the tokens and the share above the cap, as computed by hand from the
+    trainer's own log-probs of the sampled completions and the sampler's."""
+    import copy
+    import math
+
+    from r1flow.models import load_policy
+    from r1flow.models.logprobs import completion_logprobs
+
+    _, tok = load_policy(str(tiny_policy[0]))
+    events = []
+    _stand_in_vllm(monkeypatch, tok, events, logprob_of=lambda t: -15.0 if t == 6 else -0.5)
+    tr = _vllm_trainer(tiny_policy, tmp_path, {}, cfg_extra={"vllm_importance_sampling_cap": 2.0})
+    start = copy.deepcopy(tr.model)
+    captured = {}
+    real = tr.generator.generate
+
+    def keep(*a, **k):
+        captured["out"] = real(*a, **k)
+        return captured["out"]
+
+    tr.generator.generate = keep
+    row = tr.step()
+    assert all(s["logprobs"] == 0 for s in events[1][2])
+    out = captured["out"]
+    with torch.no_grad():
+        lp, _ = completion_logprobs(start, out.prompt_ids, out.prompt_mask, out.completion_ids, out.completion_mask, 2)
+    ratios, capped = [], 0
+    for r in range(out.completion_ids.shape[0]):
+        for t in range(int(out.completion_mask[r].sum())):
+            s = out.sampler_logprobs[r, t].item()
+            if math.isnan(s):
+                continue  # the appended stop token: no sampler log-prob, weight 1, not in the metrics
+            ratio = math.exp(lp[r, t].item() - s)
+            ratios.append(ratio)
+            capped += ratio > 2.0
+    assert row["is_ratio_mean"] == pytest.approx(sum(ratios) / len(ratios), rel=1e-5)
+    assert row["is_capped_fraction"] == pytest.approx(capped / len(ratios))
+    assert 0 < row["is_capped_fraction"] < 1  # the tokens with log-prob -15 under the sampler are capped
+
+
+def test_cluster_config_runs_colocated_vllm_on_its_8_ranks(tiny_policy, tmp_path, monkeypatch):
+    """config/cluster/r1_zero_qwen2.5.yaml: vLLM with 8 ZeRO-2 ranks in colocated mode; its generation and
+    GRPO settings are accepted by the trainer on a rank of 8 (a stand-in engine and vllm module)."""
+    from pathlib import Path
+
+    import yaml
+
+    from r1flow.models import load_policy
+    from r1flow.training.engine import LocalEngine
+    from r1flow.training.grpo import GRPOConfig
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parent.parent / "config" / "cluster" / "r1_zero_qwen2.5.yaml").read_text())
+    assert cfg["training"]["deepspeed"]["nproc_per_node"] == 8 and cfg["training"]["deepspeed"]["zero_stage"] == 2
+    gen = cfg["generation"]
+    assert gen["backend"] == "vllm" and gen["vllm"]["colocate"] is True
+    grpo = GRPOConfig.from_dict(cfg["r1_zero"]["grpo"])
+    assert grpo.prompts_per_step % 8 == 0 and grpo.vllm_importance_sampling_cap is not None
+
+    _, tok = load_policy(str(tiny_policy[0]))
+    events = []
+    _stand_in_vllm(monkeypatch, tok, events)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+
+    class Rank3Of8(LocalEngine):
+        rank, world_size, loss_scale = 3, 8, 8.0
+
+        def __init__(self):
+            pass
+
+    import pandas as pd
+
+    from r1flow.training.grpo import GRPOTrainer
+
+    monkeypatch.setattr("r1flow.training.grpo.make_engine", lambda *a, **k: Rank3Of8())
+    model, tok = load_policy(str(tiny_policy[0]))
+    small = GRPOConfig.from_dict({**cfg["r1_zero"]["grpo"], "rewards": {"format": 1.0}, "micro_batch_size": 0})
+    GRPOTrainer(model, None, tok, small, pd.DataFrame({"question": ["q"], "answer": ["1"]}), None, tmp_path,
+                generation=gen, model_path=str(tiny_policy[0]))
+    init = events[0][1]
+    assert init["distributed_executor_backend"] == "external_launcher" and init["enable_sleep_mode"] is True
+    assert init["gpu_memory_utilization"] == gen["vllm"]["gpu_memory_utilization"]

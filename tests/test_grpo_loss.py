@@ -225,3 +225,38 @@ def test_temperature_zero_refused_by_the_python_api_with_the_config_message():
         with pytest.raises(ConfigError, match=f"config key 'temperature': {expected}"):
             call()
     assert torch.isfinite(logprobs.completion_logprobs(model, p, pm, c, cm, 1, temperature=0.5)[0]).all()
+
+
+def test_truncated_importance_weights_by_hand():
+    """w = min(exp(old - sampler), cap) per token; 1 where the sampler gave no log-prob or off the mask;
+    it scales the policy-gradient term only, not the KL term."""
+    import math
+
+    from r1flow.training.grpo_loss import truncated_importance_weights
+
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, -1.0]])
+    sampler = torch.tensor([[-1.5, -0.5, float("nan")], [-4.0, -1.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    w, st = truncated_importance_weights(old, sampler, mask, cap=2.0)
+    want = [[math.exp(0.5), math.exp(-1.5), 1.0], [2.0, 1.0, 1.0]]  # exp(3) capped at 2
+    assert w.tolist() == [pytest.approx(r) for r in want]
+    assert st["is_tokens"] == 4 and st["is_capped_tokens"] == 1
+    assert st["is_ratio_sum"] == pytest.approx(math.exp(0.5) + math.exp(-1.5) + math.exp(3.0) + 1.0)
+    with pytest.raises(ValueError):
+        truncated_importance_weights(old, sampler, mask, cap=0.0)
+
+    # in the loss: per token -min(rho A, clip(rho) A) * w, plus beta * kl unweighted
+    logp = torch.tensor([[-0.9, -2.1, -0.5], [-1.2, -0.8, -1.0]])
+    ref = torch.tensor([[-1.0, -1.0, -1.0], [-1.0, -1.0, -1.0]])
+    adv = torch.tensor([1.0, -1.0])
+    loss, _ = grpo_loss(logp, old, ref, adv, mask.float(), epsilon=0.2, beta=0.1, loss_type="dapo", is_weights=w)
+    total = 0.0
+    for i in range(2):
+        for t in range(3):
+            if not mask[i, t]:
+                continue
+            rho, a = math.exp(logp[i, t].item() - old[i, t].item()), adv[i].item()
+            obj = min(rho * a, min(max(rho, 0.8), 1.2) * a) * w[i, t].item()
+            d = ref[i, t].item() - logp[i, t].item()
+            total += -(obj - 0.1 * (math.exp(d) - d - 1))
+    assert loss.item() == pytest.approx(total / 5, rel=1e-5)

@@ -19,8 +19,29 @@ def pad_batch(seqs: list[list[int]], pad: int, left: bool) -> tuple[torch.Tensor
     return ids, mask
 
 
+class GroupGenerators:
+    """One random stream per group of `n` consecutive rows (a prompt's n samples), each seeded on its own,
+    in place of one torch.Generator for the whole batch: a group's samples then do not depend on which
+    other prompts are decoded with it (nor on which DeepSpeed rank samples it). `sample_next` accepts it
+    as its `generator`."""
+
+    def __init__(self, seeds: list[int], n: int):
+        self.seeds, self.n = [int(s) for s in seeds], n
+        self.gens: list[torch.Generator] | None = None
+
+    def multinomial(self, probs: torch.Tensor) -> torch.Tensor:
+        if probs.shape[0] != len(self.seeds) * self.n:
+            raise ValueError(f"{probs.shape[0]} rows for {len(self.seeds)} groups of {self.n}")
+        if self.gens is None:  # created on the device of the probabilities
+            self.gens = [torch.Generator(probs.device).manual_seed(s) for s in self.seeds]
+        n = self.n
+        return torch.cat([torch.multinomial(probs[i * n:(i + 1) * n], 1, generator=g)
+                          for i, g in enumerate(self.gens)]).squeeze(-1)
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
-    """One token per row: greedy at temperature 0, else nucleus sampling (top-p) at the temperature."""
+    """One token per row: greedy at temperature 0, else nucleus sampling (top-p) at the temperature.
+    `generator`: a torch.Generator for the batch, or `GroupGenerators` (one stream per group of rows)."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -30,4 +51,6 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
         drop = sorted_p.cumsum(-1) - sorted_p >= top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    if isinstance(generator, GroupGenerators):
+        return generator.multinomial(probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

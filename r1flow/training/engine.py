@@ -107,6 +107,9 @@ class LocalEngine:
     def all_sum(self, values: list[float]) -> list[float]:
         return list(values)
 
+    def all_gather(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows
+
 
 def init_distributed() -> tuple[int, int]:
     """(rank, world size) from torchrun's environment, initialising DeepSpeed's process group once."""
@@ -144,11 +147,26 @@ class DeepSpeedEngine:
     def barrier(self) -> None:
         torch.distributed.barrier()
 
+    @property
+    def comm_device(self) -> torch.device:
+        """Where collectives' tensors must live: the model's device (NCCL only moves GPU tensors; gloo, on
+        CPU ranks, CPU ones)."""
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
     def all_sum(self, values: list[float]) -> list[float]:
         """Sums over ranks (metrics that each rank computed on its share of the batch)."""
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=self.comm_device)
         torch.distributed.all_reduce(t)
-        return t.tolist()
+        return t.cpu().tolist()
+
+    def all_gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every rank's `rows` (the same shape on all ranks) concatenated along dim 0 in rank order: with
+        `shard`'s contiguous shares, the whole batch in its original order. Returned on the CPU."""
+        t = rows.to(self.comm_device)
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, t.contiguous())
+        return torch.cat(parts).cpu()
 
     def save(self, folder: str | os.PathLike, tag: str = "engine") -> None:
         """Every rank writes its shard of the optimiser state (collective: call on all ranks)."""

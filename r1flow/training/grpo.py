@@ -13,9 +13,12 @@ The state folder lies outside the rule's declared outputs: Snakemake deletes the
 job, and the checkpoint must survive that for the rerun to resume from.
 
 With DeepSpeed (`deepspeed={"enabled": True, "zero_stage": 2, ...}`, launched by torchrun), every rank
-samples the whole batch with the same seed and weights (so the same completions), and computes the loss
-and gradients on its own share of the groups; ZeRO shards the gradients and optimiser states. Sampling
-is thus replicated, not sharded, in this version: the update is what DeepSpeed distributes.
+samples, scores and computes the loss and gradients on its own share of the step's groups; ZeRO shards
+the gradients and optimiser states. Rewards are gathered (advantages need a group's rewards, "batch"
+scaling all of them), loss normalisers and metrics summed over the ranks. Each group is sampled with its
+own seed (from the run's seed, the step and its index in the batch), so a step on W ranks draws the same
+completions as in one process (tests/test_deepspeed.py). With the vLLM backend each rank then drives its
+own engine on its own GPU (generation.vllm.colocate), sleeping while the rank trains.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ from r1flow.models import load_weights, save_policy
 from r1flow.models.logprobs import completion_logprobs
 from r1flow.rewards.grading import sample_and_grade, summarize
 from r1flow.training.engine import DeepSpeedSettings, make_engine, shard
-from r1flow.training.grpo_loss import Normalizer, group_advantages, grpo_loss, loss_mask
+from r1flow.training.grpo_loss import (Normalizer, group_advantages, grpo_loss, loss_mask,
+                                       truncated_importance_weights)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,9 @@ class GRPOConfig:
     scale_rewards: str = "group"
     importance_sampling_level: str = "token"
     mask_truncated_completions: bool = False
+    # truncated importance sampling for a vLLM sampler: weight each token's loss by
+    # min(pi_theta_old / pi_sampler, cap); None = off (see grpo_loss.truncated_importance_weights)
+    vllm_importance_sampling_cap: float | None = None
     rewards: dict = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.5})
     reward_options: dict = field(default_factory=dict)  # the config's `rewards` section (limits, language)
     # optimisation
@@ -101,11 +108,13 @@ class GRPOConfig:
     def __post_init__(self):
         # the config schema refuses these too; the Python API must not train on NaN log-probs either
         require_positive("temperature", self.temperature)
+        if self.vllm_importance_sampling_cap is not None:
+            require_positive("vllm_importance_sampling_cap", self.vllm_importance_sampling_cap)
 
     # Settings that leave the training trajectory as it is: when and how validation runs (it draws from
     # its own random stream), when checkpoints are saved, which one is exported, and how many sequences
-    # are decoded at once (a memory setting; after a change the sampled batches are other draws from the
-    # same distribution). A checkpoint made with other values of these is resumed.
+    # are decoded at once (each group samples from its own seed). A checkpoint made with other values of
+    # these is resumed.
     NOT_TRAJECTORY = ("eval_every", "eval_prompts", "eval_k", "eval_temperature", "eval_top_p",
                       "select_checkpoint", "save_every", "generation_batch_size")
 
@@ -138,13 +147,21 @@ class GRPOTrainer:
         ds = DeepSpeedSettings.from_dict(deepspeed)
         self.engine = make_engine(model, self.opt, cfg.max_grad_norm, ds)
         self.rank, self.world_size = self.engine.rank, self.engine.world_size
-        if self.world_size > 1 and (generation or {}).get("backend") == "vllm":
-            raise ValueError("the vllm generation backend with several DeepSpeed ranks is not supported yet")
+        gen = generation or {}
+        if self.world_size > 1 and gen.get("backend") == "vllm" and not gen.get("vllm", {}).get("colocate"):
+            # each rank samples its own groups, so each needs its own engine: colocated mode
+            raise ValueError("the vllm generation backend with several DeepSpeed ranks needs generation.vllm.colocate: "
+                             "true (one vLLM engine per rank, on its own GPU)")
         # which policy training started from: a checkpoint made from another starting model (an upstream
         # stage was rerun) must not be resumed, even when the GRPO settings are the same
         self.start_fingerprint = weights_fingerprint(model)
         self.generator = make_generator(model, tokenizer, generation, model_path=model_path,
                                         batch_size=cfg.generation_batch_size, seed=cfg.seed, fast=cfg.fast_path)
+        # an engine of its own (vLLM) samples, with its own copy of the weights, synced after each update
+        self.samples_externally = hasattr(self.generator, "sync_weights")
+        if cfg.vllm_importance_sampling_cap is not None and not self.samples_externally:
+            log.info("vllm_importance_sampling_cap has no effect: the %s sampler is the trained model itself",
+                     gen.get("backend", "transformers"))
         self.step_no = 0
         self.best = {"step": 0, "val_pass@1": -1.0}
         self.history: list[dict] = []
@@ -196,26 +213,46 @@ class GRPOTrainer:
         return out
 
     # -- one step --------------------------------------------------------------------------------
+    def _group_seed(self, step: int, group: int) -> int:
+        """The sampling seed of one group (prompt) of a step, from the run's seed, the step and the group's
+        index in the whole batch: the group's G outputs are then the same whichever rank samples it, and a
+        resumed run draws what an uninterrupted one would."""
+        h = hashlib.sha256(f"grpo-sample:{self.cfg.seed}:{step}:{group}".encode()).digest()
+        return int.from_bytes(h[:8], "little") % (2**31)
+
     def step(self) -> dict:
         c, G = self.cfg, self.cfg.num_generations
         self.step_no += 1
         batch = self._batch(self.step_no)
-        prompts = [self._prompt(q) for q in batch["question"]]
+        # this rank's whole groups (all of them in one process): each rank samples, scores and trains on
+        # its own share; rewards and metrics are gathered / summed over the ranks
+        groups = shard(len(batch), self.rank, self.world_size)
+        local = batch.iloc[groups]
+        prompts = [self._prompt(q) for q in local["question"]]
+        seeds = [self._group_seed(self.step_no, g) for g in range(groups.start, groups.stop)]
+        tis = c.vllm_importance_sampling_cap is not None and self.samples_externally
 
         t0 = time.perf_counter()
-        out = self.generator.generate(prompts, SamplingParams(G, c.temperature, c.top_p, c.max_completion_length))
+        out = self.generator.generate(
+            prompts, SamplingParams(G, c.temperature, c.top_p, c.max_completion_length, logprobs=tis), seeds=seeds)
+        if hasattr(self.generator, "sleep"):  # a colocated vLLM engine frees its GPU memory for training
+            self.generator.sleep()
         t_gen = time.perf_counter() - t0
 
-        total, per = self._score(batch, out.texts, G)
-        rewards = torch.tensor(total, dtype=torch.float32)
-        advantages = group_advantages(rewards, G, c.scale_rewards)
+        total, per = self._score(local, out.texts, G)
+        rewards_local = torch.tensor(total, dtype=torch.float32)
+        # advantages per group (eq. 3) from the whole batch's rewards ("batch" scaling needs them all)
+        rewards = self.engine.all_gather(rewards_local)
+        n_local = len(out.texts)
+        mine = slice(self.rank * n_local, (self.rank + 1) * n_local)
+        advantages = group_advantages(rewards, G, c.scale_rewards)[mine]
         mask = loss_mask(out.completion_mask, out.truncated, c.mask_truncated_completions)
-        norm = Normalizer.of(mask, c.max_completion_length)
-        N = len(out.texts)
-        # this rank's whole groups (all of them in one process); micro-batches within them
-        mine = shard(N, self.rank, self.world_size, G)
-        mb = c.micro_batch_size or (mine.stop - mine.start)
-        chunks = [slice(i, min(i + mb, mine.stop)) for i in range(mine.start, mine.stop, mb)]
+        # the loss normalizers are batch-wide totals (so each rank's loss is its part of the full-batch loss)
+        rows, tokens, outputs = self.engine.all_sum([float((mask.sum(1) > 0).sum()), float(mask.sum()),
+                                                     float(mask.shape[0])])
+        norm = Normalizer(max(1.0, rows), max(1.0, tokens), outputs, c.max_completion_length)
+        mb = c.micro_batch_size or n_local
+        chunks = [slice(i, min(i + mb, n_local)) for i in range(0, n_local, mb)]
 
         def logps(model, sl, with_entropy=False):
             return completion_logprobs(model, out.prompt_ids[sl], out.prompt_mask[sl], out.completion_ids[sl],
@@ -228,15 +265,25 @@ class GRPOTrainer:
 
         self.model.train()
         stats = {"tokens": 0.0, "clipped_tokens": 0.0, "kl_sum": 0.0}
+        is_stats = {"is_tokens": 0.0, "is_ratio_sum": 0.0, "is_capped_tokens": 0.0}
+        is_w = [None] * len(chunks)  # truncated importance-sampling weights per chunk (fixed over the mu passes)
+        use_is = tis and out.sampler_logprobs is not None
         entropy_sum, loss_sum = 0.0, 0.0
         for it in range(c.num_iterations):
             self.engine.zero_grad()
             for j, sl in enumerate(chunks):
                 lp, ent = logps(self.model, sl, with_entropy=it == 0)
+                old_j = old[j] if old is not None else lp.detach()
+                if use_is and it == 0:
+                    is_w[j], st = truncated_importance_weights(old_j, out.sampler_logprobs[sl], mask[sl],
+                                                               c.vllm_importance_sampling_cap)
+                    for k in is_stats:
+                        is_stats[k] += st[k]
                 loss, st = grpo_loss(
-                    lp, old[j] if old is not None else lp.detach(), ref[j] if ref is not None else None,
+                    lp, old_j, ref[j] if ref is not None else None,
                     advantages[sl], mask[sl], epsilon=c.epsilon, epsilon_high=c.epsilon_high, beta=c.beta,
-                    loss_type=c.loss_type, importance_sampling_level=c.importance_sampling_level, normalizer=norm)
+                    loss_type=c.loss_type, importance_sampling_level=c.importance_sampling_level, normalizer=norm,
+                    is_weights=is_w[j])
                 # the normalizer is batch-wide, so this is the chunk's part of the full-batch loss;
                 # x W because DeepSpeed averages gradients over the W ranks
                 self.engine.backward(loss * self.engine.loss_scale)
@@ -246,35 +293,57 @@ class GRPOTrainer:
                 if ent is not None:
                     entropy_sum += (ent * out.completion_mask[sl]).sum().item()
             self.engine.step()  # clip the global gradient norm, update
-        if hasattr(self.generator, "sync_weights"):  # an external engine (vLLM) samples the next batch
+        if self.samples_externally:  # an external engine (vLLM) samples the next batch: new weights, no stale cache
             self.generator.sync_weights(self.model)
         lr = self.sched.get_last_lr()[0]
         self.sched.step()
         self.model.eval()
         t_train = time.perf_counter() - t0 - t_gen
-        # each rank saw its share of the batch: sum the sums
-        loss_sum, entropy_sum, *vals = self.engine.all_sum([loss_sum, entropy_sum, *stats.values()])
-        stats = dict(zip(stats, vals))
 
-        n_tok = max(1.0, float(out.completion_mask.sum()))
+        # each rank saw its share of the batch: sum the sums, gather the per-output values
+        n_tok_local = float(out.completion_mask.sum())
+        loss_sum, entropy_sum, n_tok, *vals = self.engine.all_sum(
+            [loss_sum, entropy_sum, n_tok_local, *stats.values(), *is_stats.values()])
+        stats = dict(zip([*stats, *is_stats], vals))
+        lengths = self.engine.all_gather(out.lengths.double())
+        truncated = self.engine.all_gather(out.truncated.double())
+        names = sorted({n for w in self.weights_by_kind.values() for n in w})
+        present = self.engine.all_sum([float(n in per) for n in names])
+        scores = self.engine.all_gather(torch.tensor(
+            [[float("nan") if (n not in per or per[n][i] is None) else float(per[n][i].score) for n in names]
+             for i in range(n_local)], dtype=torch.float64).reshape(n_local, len(names)))
+
+        def score_list(name):  # the whole batch's scores of one reward (None where it does not apply)
+            col = scores[:, names.index(name)]
+            return [None if math.isnan(v) else v for v in col.tolist()]
+
         row = {
             "step": self.step_no,
             "reward_mean": float(rewards.mean()),
             "reward_std": float(rewards.std(unbiased=False)),
-            "accuracy": _mean_score(per.get("accuracy")),
-            "format_rate": _mean_score(per.get("format", per.get("format_readable"))),
+            "accuracy": _mean_of(score_list("accuracy")) if "accuracy" in names else float("nan"),
+            "format_rate": float("nan"),
             "kl": stats["kl_sum"] / max(1.0, stats["tokens"]) if ref is not None else None,
             "clip_fraction": stats["clipped_tokens"] / max(1.0, stats["tokens"]),
-            "entropy": entropy_sum / n_tok,
-            "completion_length": float(out.lengths.float().mean()),
-            "truncated_fraction": float(out.truncated.float().mean()),
+            "entropy": entropy_sum / max(1.0, n_tok),
+            "completion_length": float(lengths.mean()),
+            "truncated_fraction": float(truncated.mean()),
             "learning_rate": lr,
             "loss": loss_sum,
             "time_generation": t_gen,
             "time_training": t_train,
         }
-        for name, rs in per.items():
-            s = np.array([r.score for r in rs if r is not None])
+        for fmt in ("format", "format_readable"):  # the first of the two that this step scored
+            if fmt in names and present[names.index(fmt)]:
+                row["format_rate"] = _mean_of(score_list(fmt))
+                break
+        if tis:  # truncated importance sampling: pi_theta_old / pi_sampler over the tokens, before the cap
+            row["is_ratio_mean"] = stats["is_ratio_sum"] / max(1.0, stats["is_tokens"])
+            row["is_capped_fraction"] = stats["is_capped_tokens"] / max(1.0, stats["is_tokens"])
+        for name, there in zip(names, present):
+            if not there:
+                continue
+            s = np.array([v for v in score_list(name) if v is not None])
             row[f"reward/{name}_mean"], row[f"reward/{name}_std"] = float(s.mean()), float(s.std())
         return row
 
@@ -309,8 +378,8 @@ class GRPOTrainer:
         prompts = [self._prompt(q) for q in problems["question"]]
         # the accuracy reward, whatever the training rewards, and the same grading as the evaluation stage
         fmt = "format_readable" if c.template == "chat" else "format"
-        # validation draws from the sampler's generator but leaves its state as it found it, so when and
-        # how often validation runs does not change the training samples (nor the resume fingerprint)
+        # training samples draw from per-group seeds; validation draws from the generator's own stream and
+        # puts it back, so a step's validation samples are the same however often validation runs
         rng = self.generator.state_dict()
         try:
             s = summarize(sample_and_grade(self.generator, problems, prompts, params, "accuracy", c.reward_options,
@@ -398,7 +467,7 @@ class GRPOTrainer:
         self.step_no, self.best, self.history = state["step"], state["best"], state["history"]
         if self.is_main:  # bests found after this checkpoint are found again as the run repeats those steps
             self._prune_best()
-        if hasattr(self.generator, "sync_weights"):
+        if self.samples_externally:
             self.generator.sync_weights(self.model)
         return True
 
@@ -497,8 +566,8 @@ def progress_line(rows: list[dict], steps: int, best: dict) -> str:
             f"{t_train:.1f}s training over {len(rows)} step(s)")
 
 
-def _mean_score(rewards) -> float:
-    vals = [r.score for r in rewards or [] if r is not None]
+def _mean_of(values) -> float:
+    vals = [v for v in values if v is not None]
     return float(np.mean(vals)) if vals else float("nan")
 
 

@@ -28,6 +28,10 @@ Variants, each named after its source:
 - epsilon_high > epsilon: DAPO's clip-higher (asymmetric clip range [1 - epsilon, 1 + epsilon_high]).
 - mask_truncated_completions: outputs cut off at the length limit contribute no gradient (DAPO's
   overlong filtering).
+- Truncated importance sampling (TIS; Yao et al., 2025, as in verl and TRL's vllm_importance_sampling_cap):
+  a fast sampler (vLLM) and the trainer compute slightly different probabilities for the same weights, so
+  the outputs come from pi_sampler, not pi_theta_old. Each token's policy-gradient term is weighted by
+  w_{i,t} = min(pi_theta_old(o_{i,t}) / pi_sampler(o_{i,t}), C) (detached); the KL term is not weighted.
 """
 
 from __future__ import annotations
@@ -113,8 +117,11 @@ def grpo_loss(
     loss_type: str = "grpo",
     importance_sampling_level: str = "token",
     normalizer: Normalizer | None = None,
+    is_weights: torch.Tensor | None = None,
 ):
     """Negative of eq. 1 for a (micro-)batch. logp/old_logp/ref_logp/mask: (N, C); advantages: (N,).
+    is_weights: (N, C) truncated importance-sampling weights of the policy-gradient term (see
+    `truncated_importance_weights`), or None.
 
     Returns (loss, stats) where stats holds detached sums for metrics: kl and clip fraction (per token).
     """
@@ -135,6 +142,8 @@ def grpo_loss(
     unclipped = ratio * A
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * A
     objective = torch.min(unclipped, clipped)
+    if is_weights is not None:
+        objective = objective * is_weights.detach()
     kl = kl_k3(logp, ref_logp) if ref_logp is not None else None
     if kl is not None and beta != 0.0:
         objective = objective - beta * kl
@@ -156,3 +165,24 @@ def grpo_loss(
             "kl_sum": (kl * mask).sum().item() if kl is not None else float("nan"),
         }
     return loss, stats
+
+
+def truncated_importance_weights(old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor,
+                                 cap: float) -> tuple[torch.Tensor, dict]:
+    """TIS weights min(pi_theta_old / pi_sampler, cap) per token, from log-probs; (N, C) each.
+
+    Where the sampler gave no log-prob (NaN: a stop token vLLM did not return) or outside the mask the
+    weight is 1. Returns (weights, stats) with detached sums over the masked tokens that have a sampler
+    log-prob: "is_tokens", "is_ratio_sum" (the uncapped ratio) and "is_capped_tokens" (ratio > cap).
+    """
+    if not cap > 0:
+        raise ValueError(f"the importance-sampling cap must be positive, got {cap}")
+    with torch.no_grad():
+        known = ~torch.isnan(sampler_logp) & (mask > 0)
+        ratio = torch.exp(old_logp.float() - torch.nan_to_num(sampler_logp.float(), nan=0.0))
+        ratio = torch.where(known, ratio, torch.ones_like(ratio))
+        weights = ratio.clamp(max=cap)
+        k = known.float()
+        stats = {"is_tokens": k.sum().item(), "is_ratio_sum": (ratio * k).sum().item(),
+                 "is_capped_tokens": ((ratio > cap).float() * k).sum().item()}
+    return weights, stats
