@@ -146,7 +146,8 @@ class DeepSpeedEngine:
 
     def all_sum(self, values: list[float]) -> list[float]:
         """Sums over ranks (metrics that each rank computed on its share of the batch)."""
-        t = torch.tensor(values, dtype=torch.float64)
+        # on the model's device: NCCL (CUDA) reduces GPU tensors only; gloo (CPU) CPU ones
+        t = torch.tensor(values, dtype=torch.float64, device=next(self.model.parameters()).device)
         torch.distributed.all_reduce(t)
         return t.tolist()
 

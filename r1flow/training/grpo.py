@@ -40,7 +40,7 @@ from r1flow import rewards as R
 from r1flow.config import require_positive
 from r1flow.data.prompts import chat_prompt, render
 from r1flow.generation import SamplingParams, make_generator
-from r1flow.models import load_weights, save_policy
+from r1flow.models import load_weights, model_device, save_policy
 from r1flow.models.logprobs import completion_logprobs
 from r1flow.rewards.grading import sample_and_grade, summarize
 from r1flow.training.engine import DeepSpeedSettings, make_engine, shard
@@ -127,8 +127,13 @@ class GRPOTrainer:
         G = cfg.num_generations
         if cfg.micro_batch_size and cfg.micro_batch_size % G:
             raise ValueError(f"micro_batch_size ({cfg.micro_batch_size}) must be a multiple of num_generations ({G})")
+        # every tensor of a step is made on the policy's device (the config's `device`; cuda:LOCAL_RANK
+        # under DeepSpeed); the reference model must be there too
+        self.device = model_device(model)
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
+            if model_device(ref_model) != self.device:
+                raise ValueError(f"the reference model is on {model_device(ref_model)}, the policy on {self.device}")
         torch.manual_seed(cfg.seed)
         self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                      betas=(0.9, 0.99))
@@ -204,10 +209,11 @@ class GRPOTrainer:
 
         t0 = time.perf_counter()
         out = self.generator.generate(prompts, SamplingParams(G, c.temperature, c.top_p, c.max_completion_length))
+        out = out.to(self.device)  # a no-op for the transformers backend, which samples on the policy's device
         t_gen = time.perf_counter() - t0
 
         total, per = self._score(batch, out.texts, G)
-        rewards = torch.tensor(total, dtype=torch.float32)
+        rewards = torch.tensor(total, dtype=torch.float32, device=self.device)
         advantages = group_advantages(rewards, G, c.scale_rewards)
         mask = loss_mask(out.completion_mask, out.truncated, c.mask_truncated_completions)
         norm = Normalizer.of(mask, c.max_completion_length)
