@@ -4,12 +4,28 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import torch
 
+from r1flow.config import ConfigError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICE_KEY = "device"  # the config key every model-running stage gets (auto | cpu | cuda | cuda:N)
+
+
+def parse_device(setting: str | None, key: str = DEVICE_KEY) -> str:
+    """The `device` setting checked for its form only (auto | cpu | cuda | cuda:N), on any host."""
+    setting = "auto" if setting is None else str(setting)
+    if setting != "auto":
+        try:
+            ok = torch.device(setting).type in ("cpu", "cuda") and setting.split(":")[0] in ("cpu", "cuda")
+        except (RuntimeError, ValueError):
+            ok = False
+        if not ok or (setting.startswith("cpu") and setting != "cpu"):
+            raise ConfigError(f"config key '{key}': expected auto, cpu, cuda or cuda:N, got {setting!r}")
+    return setting
 
 
 def resolve_device(setting: str | None = "auto", key: str = DEVICE_KEY) -> torch.device:
@@ -19,21 +35,12 @@ def resolve_device(setting: str | None = "auto", key: str = DEVICE_KEY) -> torch
     rank's GPU (cuda:LOCAL_RANK), made current so that collectives and DeepSpeed use it too. cuda:N as
     given. Asking for CUDA on a host without it stops here, naming the key, instead of training on the CPU
     or failing later on a device mismatch."""
-    import socket
-
-    from r1flow.config import ConfigError
-
-    setting = "auto" if setting is None else str(setting)
+    setting = parse_device(setting, key)
     if setting == "auto":
         setting = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(setting)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"config key '{key}': expected auto, cpu, cuda or cuda:N, got {setting!r}") from None
+    dev = torch.device(setting)
     if dev.type == "cpu":
-        return torch.device("cpu")
-    if dev.type != "cuda":
-        raise ConfigError(f"config key '{key}': expected auto, cpu, cuda or cuda:N, got {setting!r}")
+        return dev
     if not torch.cuda.is_available():
         raise ConfigError(f"config key '{key}': {setting!r} asked but torch.cuda.is_available() is False on host "
                           f"{socket.gethostname()}")

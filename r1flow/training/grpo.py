@@ -114,6 +114,18 @@ class GRPOConfig:
         return {k: v for k, v in asdict(self).items() if k not in self.NOT_TRAJECTORY}
 
 
+def check_run(cfg: GRPOConfig, deepspeed: dict | None = None, generation: dict | None = None,
+              world_size: int = 1) -> None:
+    """What GRPOTrainer refuses in its settings, without a model: called by the trainer, and by the test
+    that builds every cluster config's job settings (tests/test_cluster_configs.py)."""
+    G = cfg.num_generations
+    if cfg.micro_batch_size and cfg.micro_batch_size % G:
+        raise ValueError(f"micro_batch_size ({cfg.micro_batch_size}) must be a multiple of num_generations ({G})")
+    DeepSpeedSettings.from_dict(deepspeed)
+    if world_size > 1 and (generation or {}).get("backend") == "vllm":
+        raise ValueError("the vllm generation backend with several DeepSpeed ranks is not supported yet")
+
+
 class GRPOTrainer:
     def __init__(self, model, ref_model, tokenizer, cfg: GRPOConfig, train: pd.DataFrame,
                  validation: pd.DataFrame | None, state_dir: str | os.PathLike, deepspeed: dict | None = None,
@@ -124,9 +136,7 @@ class GRPOTrainer:
         self.train_df = train.reset_index(drop=True)
         self.val_df = None if validation is None else validation.head(cfg.eval_prompts).reset_index(drop=True)
         self.state_dir = Path(state_dir)
-        G = cfg.num_generations
-        if cfg.micro_batch_size and cfg.micro_batch_size % G:
-            raise ValueError(f"micro_batch_size ({cfg.micro_batch_size}) must be a multiple of num_generations ({G})")
+        check_run(cfg, deepspeed, generation)
         # every tensor of a step is made on the policy's device (the config's `device`; cuda:LOCAL_RANK
         # under DeepSpeed); the reference model must be there too
         self.device = model_device(model)
@@ -143,8 +153,7 @@ class GRPOTrainer:
         ds = DeepSpeedSettings.from_dict(deepspeed)
         self.engine = make_engine(model, self.opt, cfg.max_grad_norm, ds)
         self.rank, self.world_size = self.engine.rank, self.engine.world_size
-        if self.world_size > 1 and (generation or {}).get("backend") == "vllm":
-            raise ValueError("the vllm generation backend with several DeepSpeed ranks is not supported yet")
+        check_run(cfg, deepspeed, generation, self.world_size)
         # which policy training started from: a checkpoint made from another starting model (an upstream
         # stage was rerun) must not be resumed, even when the GRPO settings are the same
         self.start_fingerprint = weights_fingerprint(model)
