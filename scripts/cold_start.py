@@ -46,7 +46,8 @@ def main():
         notes = [C.annotate_chain(q) for q in qs]
         parts.append(("annotated", [C.rewrite_few_shot(n) if n else None for n in notes]))
     if "r1_zero" in s["sources"]:
-        texts = S.sample_completions(a.r1_zero, [render(q, "table1") for q in tasks["question"]], s, a.generation, a.dtype, device)
+        texts = S.sample_completions(a.r1_zero, [render(q, "table1") for q in tasks["question"]], s, a.generation,
+                                     a.dtype, device)
         parts.append(("r1_zero", [C.rewrite_r1_zero(t) for t in texts]))
     frames = []
     for source, rewritten in parts:

@@ -41,6 +41,9 @@ def main():
     add_device(ap)
     a = ap.parse_args()
     setup(a.threads)
+    ds = a.deepspeed or {}
+    if ds.get("enabled") and ds.get("accelerator") == "cpu" and a.device == "auto":
+        a.device = "cpu"  # DeepSpeed on the CPU (DS_ACCELERATOR=cpu, gloo) even on a host with a GPU
     device = job_device(a.device)
     # reward models (section 2.3.4) score on the job's device too
     rewards = {k: ({**v, "device": str(device)} if k in ("helpfulness", "harmlessness") and isinstance(v, dict) else v)

@@ -34,7 +34,8 @@ def main():
     s = a.settings
     tasks = C.sample_prompts(read_table(a.train, TASKS), s)
     k = s["samples_per_prompt"]
-    out = S.sample_completions(a.model, lambda tok: [chat_prompt(tok, q) for q in tasks["question"]], s, a.generation, a.dtype, device)
+    out = S.sample_completions(a.model, lambda tok: [chat_prompt(tok, q) for q in tasks["question"]], s, a.generation,
+                               a.dtype, device)
     texts = [t.strip() for t in out]
     ids = [p for p in tasks["prompt_id"] for _ in range(k)]
     qs = [q for q in tasks["question"] for _ in range(k)]

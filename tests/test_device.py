@@ -165,7 +165,8 @@ def test_a_stage_asked_for_cuda_without_it_stops_before_loading(script, tmp_path
     p = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args, "--device", "cuda"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode != 0
-    assert "config key 'device': 'cuda' asked but torch.cuda.is_available() is False on host" in p.stderr, p.stderr[-2000:]
+    refusal = "config key 'device': 'cuda' asked but torch.cuda.is_available() is False on host"
+    assert refusal in p.stderr, p.stderr[-2000:]
     assert "missing" not in p.stderr.split("ConfigError")[-1]
 
 
