@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from r1flow.models import fast_llama
+from r1flow.models import fast_llama, model_device
 from r1flow.models.decoding import GroupGenerators, pad_batch, sample_next
 
 
@@ -48,6 +48,14 @@ class Completions:
     def lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(1)
 
+    def to(self, device) -> "Completions":
+        """The same completions with their tensors on `device` (a backend that returns CPU tensors, e.g.
+        vLLM's token lists, feeding a policy on a GPU)."""
+        t = {k: getattr(self, k).to(device) for k in ("prompt_ids", "prompt_mask", "completion_ids",
+                                                        "completion_mask", "truncated")}
+        lp = None if self.sampler_logprobs is None else self.sampler_logprobs.to(device)
+        return Completions(**t, texts=self.texts, sampler_logprobs=lp)
+
 
 class Generator:
     """Transformers backend. `batch_size` bounds how many sequences are decoded together."""
@@ -62,12 +70,14 @@ class Generator:
         self.batch_size = batch_size
         # a progress bar over sequences, for long evaluation runs; never in a log file (disable=None: not a tty)
         self.progress = progress
-        self.rng = torch.Generator().manual_seed(seed)
+        # on the model's device: torch.multinomial draws with a generator of its probabilities' device
+        self.device = model_device(model)
+        self.rng = torch.Generator(device=self.device).manual_seed(seed)
         stop = {tokenizer.eos_token_id}
         gen_cfg = getattr(model, "generation_config", None)
         eos = getattr(gen_cfg, "eos_token_id", None)
         stop |= set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-        self.stop_ids = torch.tensor(sorted(i for i in stop if i is not None))
+        self.stop_ids = torch.tensor(sorted(i for i in stop if i is not None), dtype=torch.long, device=self.device)
 
     def state_dict(self):
         return {"rng": self.rng.get_state()}
@@ -116,7 +126,7 @@ class Generator:
         rng = self.rng if rng is None else rng
         was_training = model.training
         model.eval()
-        ids, mask = pad_batch(prompts, pad, left=True)
+        ids, mask = pad_batch(prompts, pad, left=True, device=self.device)
         row_ids, row_mask = ids.repeat_interleave(params.n, 0), mask.repeat_interleave(params.n, 0)
         try:
             if self.fast:
@@ -140,7 +150,7 @@ class Generator:
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         past, next_pos = getattr(out, kw), pos[:, -1:] + 1
         logits = out.logits[:, -1]
-        new, done = [], torch.zeros(B, dtype=torch.bool)
+        new, done = [], torch.zeros(B, dtype=torch.bool, device=ids.device)
         attn = mask
         for t in range(params.max_new_tokens):
             nxt = sample_next(logits, params.temperature, params.top_p, rng)
@@ -149,7 +159,7 @@ class Generator:
             done = done | torch.isin(nxt, self.stop_ids)
             if bool(done.all()) or t == params.max_new_tokens - 1:
                 break
-            attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype)], 1)
+            attn = torch.cat([attn, attn.new_ones((B, 1))], 1)
             out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos, use_cache=True, **{kw: past})
             past, next_pos, logits = getattr(out, kw), next_pos + 1, out.logits[:, -1]
         comp = torch.stack(new, 1)
@@ -187,12 +197,12 @@ def completions_from_token_lists(prompt_tokens: list[list[int]], outputs: list[l
     texts = tokenizer.batch_decode(completion_ids.masked_fill(completion_mask == 0, pad), skip_special_tokens=True)
     sampler = None
     if rows_lp and all(lp is not None for lp in rows_lp):
-        sampler = torch.zeros(completion_ids.shape, dtype=torch.float32)
+        sampler = torch.zeros(completion_ids.shape, dtype=torch.float32, device="cpu")
         for r, lp in enumerate(rows_lp):
             if len(lp) != len(rows_c[r]):
                 raise ValueError(f"row {r}: {len(lp)} log-probs for {len(rows_c[r])} tokens")
             sampler[r, : len(lp)] = torch.tensor([float("nan") if v is None else v for v in lp], dtype=torch.float32)
-    return Completions(prompt_ids, prompt_mask, completion_ids, completion_mask, torch.tensor(trunc, dtype=torch.bool),
+    return Completions(prompt_ids, prompt_mask, completion_ids, completion_mask, torch.tensor(trunc, dtype=torch.bool, device="cpu"),
                        texts, sampler)
 
 

@@ -17,6 +17,21 @@ def json_arg(text: str):
         raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
 
 
+def add_device(ap: argparse.ArgumentParser) -> None:
+    """--device: the config's top-level `device` (auto | cpu | cuda | cuda:N), resolved by job_device()."""
+    ap.add_argument("--device", default="auto",
+                    help="where the models run: auto (CUDA when present, else CPU), cpu, cuda (the local rank's "
+                         "GPU under torchrun) or cuda:N")
+
+
+def job_device(setting: str):
+    """The resolved device, before any model loads: CUDA asked on a host without it stops here, naming the
+    config key."""
+    from r1flow.models import resolve_device
+
+    return resolve_device(setting)
+
+
 def setup(threads: int | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "huggingface_hub"):

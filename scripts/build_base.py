@@ -4,7 +4,7 @@ import argparse
 import logging
 
 import pandas as pd
-from _common import json_arg, setup
+from _common import add_device, job_device, json_arg, setup
 
 from r1flow.data.artifacts import read_table
 from r1flow.data.schemas import TASKS
@@ -22,12 +22,14 @@ def main():
     ap.add_argument("--out", required=True, help="output model folder (save_pretrained)")
     ap.add_argument("--loss", required=True, help="output CSV of the pretraining loss")
     ap.add_argument("--threads", type=int, default=None)
+    add_device(ap)
     a = ap.parse_args()
     setup(a.threads)
+    device = job_device(a.device)
     exclude = set()
     for path in a.exclude:
         exclude |= set(read_table(path, TASKS)["question"])
-    losses = build_base_model(a.tiny, a.families, a.template, a.out, exclude)
+    losses = build_base_model(a.tiny, a.families, a.template, a.out, exclude, device=device)
     pd.DataFrame(losses).to_csv(a.loss, index=False)
     log.info(f"base model -> {a.out} (final pretraining loss {losses[-1]['loss']:.3f})")
 

@@ -5,7 +5,7 @@ import argparse
 import logging
 
 import pandas as pd
-from _common import json_arg, setup
+from _common import add_device, job_device, json_arg, setup
 
 from r1flow.data import cold_start as C
 from r1flow.data.artifacts import read_table, write_table
@@ -26,8 +26,10 @@ def main():
     ap.add_argument("--dtype", default="float32", help="the dtype the models are loaded in")
     ap.add_argument("--out", required=True)
     ap.add_argument("--threads", type=int, default=None)
+    add_device(ap)
     a = ap.parse_args()
     setup(a.threads)
+    device = job_device(a.device)
     s = a.settings
     tasks = C.sample_prompts(read_table(a.train, TASKS), s)
     k = s["samples_per_prompt"]
@@ -38,13 +40,14 @@ def main():
     if "few_shot" in s["sources"]:
         # one worked example with a long chain of thought in front of each question (few-shot prompting)
         prompts = [C.FEW_SHOT.format(example=s["few_shot_example"], question=q) for q in tasks["question"]]
-        texts = S.sample_completions(a.base, prompts, s, a.generation, a.dtype)
+        texts = S.sample_completions(a.base, prompts, s, a.generation, a.dtype, device)
         parts.append(("few_shot", [C.rewrite_few_shot(t) for t in texts]))
     if "annotated" in s["sources"]:
         notes = [C.annotate_chain(q) for q in qs]
         parts.append(("annotated", [C.rewrite_few_shot(n) if n else None for n in notes]))
     if "r1_zero" in s["sources"]:
-        texts = S.sample_completions(a.r1_zero, [render(q, "table1") for q in tasks["question"]], s, a.generation, a.dtype)
+        texts = S.sample_completions(a.r1_zero, [render(q, "table1") for q in tasks["question"]], s, a.generation,
+                                     a.dtype, device)
         parts.append(("r1_zero", [C.rewrite_r1_zero(t) for t in texts]))
     frames = []
     for source, rewritten in parts:

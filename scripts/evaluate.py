@@ -5,7 +5,7 @@ import logging
 
 import pandas as pd
 import torch
-from _common import json_arg, setup
+from _common import add_device, job_device, json_arg, setup
 
 from r1flow.data.artifacts import write_table
 from r1flow.data.schemas import EVAL_SUMMARY, SAMPLES
@@ -33,14 +33,16 @@ def main():
     ap.add_argument("--summary", required=True)
     ap.add_argument("--generation", type=json_arg, default=None, help="the config's generation section (backend)")
     ap.add_argument("--threads", type=int, default=None)
+    add_device(ap)
     a = ap.parse_args()
     setup(a.threads)
+    device = job_device(a.device)
     e = a.evaluation
     spec = BenchmarkSpec.from_config(a.benchmark, {**a.spec, **({"path": a.data} if a.data else {})})
     if (a.generation or {}).get("backend") == "vllm":  # vLLM loads the weights itself
         model, tok = None, load_tokenizer(a.model, gguf_file=a.gguf_file)
     else:
-        model, tok = load_policy(a.model, a.dtype, gguf_file=a.gguf_file)
+        model, tok = load_policy(a.model, a.dtype, device, gguf_file=a.gguf_file)
     gen = make_generator(model, tok, a.generation, model_path=a.model, batch_size=e["batch_size"], seed=e["seed"],
                          progress=True)
     with torch.inference_mode():

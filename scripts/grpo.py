@@ -5,7 +5,7 @@ import logging
 import shutil
 
 import pandas as pd
-from _common import json_arg, setup
+from _common import add_device, job_device, json_arg, setup
 
 from r1flow.data.artifacts import read_table, write_table
 from r1flow.data.cold_start import general_prompts
@@ -38,17 +38,25 @@ def main():
     ap.add_argument("--generation", type=json_arg, default=None, help="the config's generation section (backend)")
     ap.add_argument("--deepspeed", type=json_arg, default=None,
                     help="the config's training.deepspeed section (run under torchrun when enabled)")
+    add_device(ap)
     a = ap.parse_args()
     setup(a.threads)
+    ds = a.deepspeed or {}
+    if ds.get("enabled") and ds.get("accelerator") == "cpu" and a.device == "auto":
+        a.device = "cpu"  # DeepSpeed on the CPU (DS_ACCELERATOR=cpu, gloo) even on a host with a GPU
+    device = job_device(a.device)
+    # reward models (section 2.3.4) score on the job's device too
+    rewards = {k: ({**v, "device": str(device)} if k in ("helpfulness", "harmlessness") and isinstance(v, dict) else v)
+               for k, v in a.rewards.items()}
 
-    cfg = GRPOConfig.from_dict({**a.grpo, "template": a.template, "reward_options": a.rewards})
+    cfg = GRPOConfig.from_dict({**a.grpo, "template": a.template, "reward_options": rewards})
     train, validation = read_table(a.train, TASKS), read_table(a.validation, TASKS)
     if a.general and a.general_prompts:
         train = pd.concat([train.assign(kind="reasoning"), general_prompts(read_table(a.general, PREFERENCES),
                                                                             a.general_prompts)], ignore_index=True)
-    policy, tok = load_policy(a.model, a.dtype)
+    policy, tok = load_policy(a.model, a.dtype, device)
     # pi_ref: the frozen initial policy of eq. 2, loaded afresh so that a resumed run keeps the true base
-    ref = load_policy(a.model, a.dtype)[0] if cfg.beta > 0 else None
+    ref = load_policy(a.model, a.dtype, device)[0] if cfg.beta > 0 else None
     trainer = GRPOTrainer(policy, ref, tok, cfg, train, validation, a.state, deepspeed=a.deepspeed,
                           generation=a.generation, model_path=a.model)
     metrics = trainer.train()

@@ -5,7 +5,7 @@ import argparse
 import logging
 
 import pandas as pd
-from _common import json_arg, setup
+from _common import add_device, job_device, json_arg, setup
 
 from r1flow.data import cold_start as C
 from r1flow.data.artifacts import read_table, write_table
@@ -27,19 +27,22 @@ def main():
     ap.add_argument("--dtype", default="float32", help="the dtype the models are loaded in")
     ap.add_argument("--out", required=True)
     ap.add_argument("--threads", type=int, default=None)
+    add_device(ap)
     a = ap.parse_args()
     setup(a.threads)
+    device = job_device(a.device)
     s = a.settings
     tasks = C.sample_prompts(read_table(a.train, TASKS), s)
     k = s["samples_per_prompt"]
-    out = S.sample_completions(a.model, lambda tok: [chat_prompt(tok, q) for q in tasks["question"]], s, a.generation, a.dtype)
+    out = S.sample_completions(a.model, lambda tok: [chat_prompt(tok, q) for q in tasks["question"]], s, a.generation,
+                               a.dtype, device)
     texts = [t.strip() for t in out]
     ids = [p for p in tasks["prompt_id"] for _ in range(k)]
     qs = [q for q in tasks["question"] for _ in range(k)]
     golds = [g for g in tasks["answer"] for _ in range(k)]
     why = S.readability(texts, golds, max_paragraph_chars=s["max_paragraph_chars"])
     if s["judge"]["type"] == "model":  # a generative judge for answers the rules called wrong
-        judge_model, judge_tok = load_policy(s["judge"]["model"], a.dtype)
+        judge_model, judge_tok = load_policy(s["judge"]["model"], a.dtype, device)
         wrong = [i for i, w in enumerate(why) if w == "wrong"]
         verdicts = S.model_judge(make_generator(judge_model, judge_tok, None), [qs[i] for i in wrong],
                                  [golds[i] for i in wrong], [texts[i] for i in wrong])

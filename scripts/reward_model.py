@@ -3,7 +3,7 @@
 import argparse
 import logging
 
-from _common import json_arg, setup
+from _common import add_device, job_device, json_arg, setup
 
 from r1flow.data.artifacts import read_table, write_table
 from r1flow.data.schemas import PREFERENCES, RM_METRICS
@@ -24,10 +24,12 @@ def main():
                          '"max_grad_norm", "max_length"}')
     ap.add_argument("--dtype", default="float32", help="the dtype the base model is loaded in")
     ap.add_argument("--threads", type=int, default=None)
+    add_device(ap)
     a = ap.parse_args()
     setup(a.threads)
+    device = job_device(a.device)
     pairs = read_table(a.pairs, PREFERENCES)
-    _, _, metrics = train_reward_model(a.base, pairs, a.aspect, a.out, dtype=a.dtype, **a.settings)
+    _, _, metrics = train_reward_model(a.base, pairs, a.aspect, a.out, dtype=a.dtype, device=device, **a.settings)
     write_table(metrics, a.metrics, RM_METRICS)
     tail = metrics.tail(10)
     log.info(f"{a.aspect} reward model: {len(metrics)} steps, last-10-step loss {tail['loss'].mean():.3f}, "

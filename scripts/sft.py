@@ -6,7 +6,7 @@ import argparse
 import logging
 
 import pandas as pd
-from _common import json_arg, setup
+from _common import add_device, job_device, json_arg, setup
 
 from r1flow.data.artifacts import read_table, write_table
 from r1flow.data.formats import READABLE_MARKER
@@ -28,11 +28,13 @@ def main():
     ap.add_argument("--metrics", required=True)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=None)
+    add_device(ap)
     a = ap.parse_args()
     setup(a.threads)
+    device = job_device(a.device)
     s = a.settings
     data = pd.concat([read_table(p, SFT_DATA) for p in a.data], ignore_index=True)
-    model, tok = load_policy(a.model, a.dtype)
+    model, tok = load_policy(a.model, a.dtype, device)
     if not getattr(tok, "chat_template", None):  # the tiny base has none; real instruct models keep theirs
         tok.chat_template = R1_CHAT_TEMPLATE
     if tok.add_tokens([READABLE_MARKER]):  # one token for the marker, as a real special token would be

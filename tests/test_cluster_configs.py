@@ -63,3 +63,35 @@ def test_conda_envs_are_pinned():
         for req in pip:
             if not req.startswith("-e"):
                 assert "==" in req, f"{env.name}: {req} is not pinned"
+
+
+# -- every job's settings built as the job builds them ----------------------------------------------------
+@pytest.fixture(scope="module")
+def cluster_jobs(tmp_path_factory):
+    from helpers.job_settings import planned_jobs
+
+    files = [CLUSTER / "r1_zero_qwen2.5.yaml", CLUSTER / "evaluation.yaml"]
+    return planned_jobs(tmp_path_factory.mktemp("plan"), *files)
+
+
+def test_every_cluster_job_parses_and_builds_its_settings(cluster_jobs):
+    """Each model-running job's command line, parsed by its script's argparse, builds GRPOConfig,
+    DeepSpeedSettings, the generation backend's and the benchmarks' settings without a refusal (vLLM on
+    8 ZeRO-2 ranks included: colocated, one engine per rank)."""
+    from helpers.job_settings import refusals
+
+    assert {"r1_zero", "evaluate_r1_zero_aime24"} <= set(cluster_jobs)
+    assert refusals(cluster_jobs) == {}
+
+
+def test_cluster_job_settings_that_the_code_refuses_fail(tmp_path):
+    """A variant the schema accepts but the trainer refuses (micro-batches that split a group of G outputs,
+    a vLLM option the engine does not take) is caught here, not on the cluster."""
+    from helpers.job_settings import planned_jobs, refusals
+
+    variant = tmp_path / "variant.yaml"
+    variant.write_text(yaml.safe_dump({"generation": {"backend": "transformers"},
+                                       "r1_zero": {"grpo": {"micro_batch_size": 12}}}))
+    refused = refusals(planned_jobs(tmp_path, CLUSTER / "r1_zero_qwen2.5.yaml", variant))
+    assert "micro_batch_size (12) must be a multiple of num_generations (16)" in refused.get("r1_zero", ""), refused
+    assert set(refused) == {"r1_zero"}

@@ -1,4 +1,4 @@
-"""Every rule that runs a model is given the model settings (dtype, generation backend, DeepSpeed) by
+"""Every rule that runs a model is given the model settings (device, dtype, generation backend, DeepSpeed) by
 common.smk's job(): the smoke DAG planned with non-default settings, each job's printed command checked."""
 
 import json
@@ -14,20 +14,22 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # What each job does with a model (the job's name is its provenance record's): dtype for every model it
 # loads, the generation backend where it samples, DeepSpeed (under torchrun) where GRPO trains it.
-GRPO = {"dtype", "generation", "deepspeed"}
-SAMPLES = {"dtype", "generation"}
-LOADS = {"dtype"}
+GRPO = {"device", "dtype", "generation", "deepspeed"}
+SAMPLES = {"device", "dtype", "generation"}
+LOADS = {"device", "dtype"}
+PRETRAINS = {"device"}  # the tiny base and tiny students, pretrained from scratch in float32
 MODEL_JOBS = {"r1_zero": GRPO, "reasoning_rl": GRPO, "r1": GRPO, "rl_only_student": GRPO,
               "cold_start_data": SAMPLES, "rejection_sampling": SAMPLES,
               "cold_start_sft": LOADS, "final_sft": LOADS, "distill_student": LOADS,
-              "reward_model_helpfulness": LOADS, "reward_model_harmlessness": LOADS}
+              "reward_model_helpfulness": LOADS, "reward_model_harmlessness": LOADS,
+              "base_model": PRETRAINS, "student_base_student": PRETRAINS}
 EVALUATED = ("base", "r1_zero", "cold_start", "reasoning_rl", "r1_sft", "r1", "distill_student", "rl_only_student")
 MODEL_JOBS.update({f"evaluate_{m}_held_out": SAMPLES for m in EVALUATED})
-# Jobs that build or read no trained model: data, the tiny from-scratch pretraining, tables and plots.
-OTHER_JOBS = {"tasks", "preferences", "non_reasoning_data", "base_model", "student_base_student", "r1_zero_report",
-              "benchmark_table", "stage_curves"}
+# Jobs that run no model: data, tables and plots.
+OTHER_JOBS = {"tasks", "preferences", "non_reasoning_data", "r1_zero_report", "benchmark_table", "stage_curves"}
 
-SETTINGS = {"base_model": {"dtype": "bfloat16"},
+# "cuda:1" is planned here without a GPU: the device is resolved (and refused) in the job, not at planning
+SETTINGS = {"device": "cuda:1", "base_model": {"dtype": "bfloat16"},
             "generation": {"backend": "transformers", "vllm": {"gpu_memory_utilization": 0.5}},
             "training": {"deepspeed": {"enabled": True, "accelerator": "cpu", "nproc_per_node": 2}}}
 
@@ -73,8 +75,13 @@ def test_every_job_is_classified(commands):
 def test_model_settings_reach_the_script_and_its_record(commands, job):
     wrapper, script = commands[job]
     recorded = wrapper[wrapper.index("--settings") + 1:wrapper.index("--inputs")]
-    assert option(script, "--dtype") == "bfloat16", job
-    assert "bfloat16" in recorded, job
+    assert option(script, "--device") == "cuda:1", job
+    assert "cuda:1" in recorded, job
+    if "dtype" in MODEL_JOBS[job]:
+        assert option(script, "--dtype") == "bfloat16", job
+        assert "bfloat16" in recorded, job
+    else:
+        assert option(script, "--dtype") is None, job
     expected = {"generation": SETTINGS["generation"], "deepspeed": SETTINGS["training"]["deepspeed"]}
     for name, subset in expected.items():
         value = option(script, f"--{name}")
@@ -92,4 +99,4 @@ def test_model_settings_reach_the_script_and_its_record(commands, job):
 @pytest.mark.parametrize("job", sorted(OTHER_JOBS))
 def test_other_jobs_get_no_model_settings(commands, job):
     _, script = commands[job]
-    assert not {"--dtype", "--generation", "--deepspeed"} & set(script), job
+    assert not {"--device", "--dtype", "--generation", "--deepspeed"} & set(script), job

@@ -6,17 +6,19 @@ from __future__ import annotations
 import torch
 
 
-def pad_batch(seqs: list[list[int]], pad: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> (ids, mask). Prompts are left-padded (every row's next token is at the end),
-    completions right-padded (every row starts at the same position)."""
+def pad_batch(seqs: list[list[int]], pad: int, left: bool, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids, mask) on `device` (the model's; the CPU when None). Prompts are left-padded
+    (every row's next token is at the end), completions right-padded (every row starts at the same position).
+    Built on the CPU and copied once: one transfer per batch, not one per row."""
     width = max(map(len, seqs), default=0)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long, device="cpu")
+    mask = torch.zeros((len(seqs), width), dtype=torch.long, device="cpu")
     for r, s in enumerate(seqs):
         cols = slice(width - len(s), width) if left else slice(0, len(s))
-        ids[r, cols] = torch.tensor(s, dtype=torch.long)
+        ids[r, cols] = torch.tensor(s, dtype=torch.long, device="cpu")
         mask[r, cols] = 1
-    return ids, mask
+    device = torch.device("cpu") if device is None else device
+    return ids.to(device), mask.to(device)
 
 
 class GroupGenerators:

@@ -44,12 +44,14 @@ def prepare_tokenizer(tok):
     return tok
 
 
-def load_reward_model(path: str | os.PathLike, num_labels: int = 1, dtype: torch.dtype = torch.float32):
-    """A sequence classifier with one output and its tokenizer, from a causal LM or a reward model folder."""
+def load_reward_model(path: str | os.PathLike, num_labels: int = 1, dtype: torch.dtype = torch.float32,
+                      device: str | torch.device = "cpu"):
+    """A sequence classifier with one output and its tokenizer, from a causal LM or a reward model folder,
+    on `device`."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tok = prepare_tokenizer(AutoTokenizer.from_pretrained(path))
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype).to(device)
     # LlamaForSequenceClassification scores the last token that is not pad_token_id; without it, a batch
     # of more than one text cannot be scored at all
     model.config.pad_token_id = tok.pad_token_id
@@ -63,14 +65,17 @@ def max_length_of(model, tokenizer) -> int:
 
 def score_texts(model, tokenizer, texts: list[str], batch_size: int = 16, max_length: int | None = None,
                 grad: bool = False) -> torch.Tensor:
-    """One scalar reward per rendered text, shape (len(texts),)."""
+    """One scalar reward per rendered text, shape (len(texts),), on the model's device."""
     max_length = max_length or max_length_of(model, tokenizer)
+    dev = next(model.parameters()).device
     out = []
     ctx = torch.enable_grad() if grad else torch.no_grad()
     with ctx:
         for i in range(0, len(texts), batch_size):
+            # lists, then tensors made on the model's device (return_tensors="pt" would make them on
+            # torch's default device, wherever the model is)
             enc = tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
-                            return_tensors="pt", add_special_tokens=False)
-            enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+                            add_special_tokens=False)
+            enc = {k: torch.tensor(enc[k], dtype=torch.long, device=dev) for k in ("input_ids", "attention_mask")}
             out.append(model(**enc).logits[:, 0].float())
-    return torch.cat(out) if out else torch.zeros(0)
+    return torch.cat(out) if out else torch.zeros(0, device=dev)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from r1flow.data import tasks as T
 from r1flow.data.prompts import render
-from r1flow.models import save_policy
+from r1flow.models import model_device, save_policy
 from r1flow.models.decoding import pad_batch
 from r1flow.models.logprobs import completion_logprobs
 
@@ -135,7 +135,8 @@ def pretrain(model, tokenizer, docs: list[tuple[str, str]], steps: int, batch_si
     the capacity of a model this small is better spent on the reasoning than on random question digits.
     Log-probs come from the same function GRPO uses, so the fast Llama path speeds this up too.
     """
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # CPU: which documents, the same stream on any device
+    device = model_device(model)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     prompts = tokenizer([p for p, _ in docs], add_special_tokens=False)["input_ids"]
     completions = [c + [eos] for c in tokenizer([c for _, c in docs], add_special_tokens=False)["input_ids"]]
@@ -147,10 +148,10 @@ def pretrain(model, tokenizer, docs: list[tuple[str, str]], steps: int, batch_si
     # disable=None: no bar when stderr is not a terminal (a SLURM log)
     bar = tqdm(range(steps), desc="pretrain base", disable=None if progress else True, mininterval=1.0)
     for step in bar:
-        idx = torch.randint(len(docs), (batch_size,), generator=g).tolist()
-        # prompts left-padded, completions right-padded, as at sampling time
-        p_ids, p_mask = pad_batch([prompts[i] for i in idx], pad, left=True)
-        c_ids, c_mask = pad_batch([completions[i] for i in idx], pad, left=False)
+        idx = torch.randint(len(docs), (batch_size,), generator=g, device="cpu").tolist()
+        # prompts left-padded, completions right-padded, as at sampling time, on the model's device
+        p_ids, p_mask = pad_batch([prompts[i] for i in idx], pad, left=True, device=device)
+        c_ids, c_mask = pad_batch([completions[i] for i in idx], pad, left=False, device=device)
         logps, _ = completion_logprobs(model, p_ids, p_mask, c_ids, c_mask, group_size=1)
         loss = -(logps * c_mask).sum() / c_mask.sum()
         opt.zero_grad(set_to_none=True)
@@ -165,7 +166,7 @@ def pretrain(model, tokenizer, docs: list[tuple[str, str]], steps: int, batch_si
 
 
 def build_base_model(cfg: dict, families: dict, template: str, out_dir, exclude: set[str] = frozenset(),
-                     progress: bool = True) -> list[dict]:
+                     progress: bool = True, device: str | torch.device = "cpu") -> list[dict]:
     """Corpus -> tokenizer -> Llama -> brief pretraining -> save_pretrained(out_dir). Returns the loss log.
 
     cfg: the `base_model.tiny` config section (sizes, corpus size and mix, steps, learning rate, seed).
@@ -175,6 +176,7 @@ def build_base_model(cfg: dict, families: dict, template: str, out_dir, exclude:
                         cfg.get("shorthand_error_rate", 0.6), cfg.get("textbook_share", 0.0))
     tok = train_tokenizer(docs, cfg["vocab_size"])
     model = build_model(tok, cfg["hidden_size"], cfg["num_layers"], cfg["num_heads"], cfg["max_positions"], cfg["seed"])
+    model = model.to(device)  # initialised on the CPU (the same weights on any device), pretrained on `device`
     loss_log = pretrain(model, tok, docs, cfg["steps"], cfg["batch_size"], cfg["learning_rate"], cfg["seed"],
                         progress=progress)
     save_policy(model, tok, out_dir)

@@ -7,7 +7,7 @@ given the user's request: helpfulness reads only the final summary of a readable
 
 Options (from the config's `rewards` section): `path`, the reward model folder (required);
 `batch_size` (default 16); `max_length` (default: the model's position limit); `marker`, the readable
-pattern's marker.
+pattern's marker; `device`, where the reward model runs (scripts/grpo.py sets the job's resolved device).
 
 torch, transformers and pandas (r1flow.models.reward_model, r1flow.data.preferences) are imported on
 first use: the reward package is also imported by the verifier worker processes, which must start fast.
@@ -30,21 +30,21 @@ from r1flow.rewards import Reward, register
 
 
 @functools.lru_cache(maxsize=4)
-def _load(path: str):
+def _load(path: str, device: str = "cpu"):
     """The reward model of a folder, loaded once per process (a GRPO run scores thousands of batches)."""
     from r1flow.models.reward_model import load_reward_model
 
-    model, tok = load_reward_model(path)
+    model, tok = load_reward_model(path, device=device)
     model.eval()
     return model, tok
 
 
-def load_cached(path: str | os.PathLike):
-    return _load(os.path.abspath(os.fspath(path)))
+def load_cached(path: str | os.PathLike, device: str = "cpu"):
+    return _load(os.path.abspath(os.fspath(path)), str(device))
 
 
 def _score(aspect: str, completions, golds, prompts=None, path: str | None = None, batch_size: int = 16,
-           max_length: int | None = None, marker: str = READABLE_MARKER) -> list[Reward]:
+           max_length: int | None = None, marker: str = READABLE_MARKER, device: str = "cpu") -> list[Reward]:
     import torch
 
     from r1flow.data.preferences import prompt_text
@@ -55,7 +55,7 @@ def _score(aspect: str, completions, golds, prompts=None, path: str | None = Non
     if prompts is None or len(prompts) != len(completions):
         raise ValueError(f"reward '{aspect}' needs one prompt per completion, got "
                          f"{None if prompts is None else len(prompts)} for {len(completions)}")
-    model, tok = load_cached(path)
+    model, tok = load_cached(path, device)
     texts = [render_for_rm(prompt_text(p), rm_response(c, aspect, marker)) for p, c in zip(prompts, completions)]
     with torch.no_grad():
         scores = score_texts(model, tok, texts, batch_size, max_length).tolist()

@@ -43,7 +43,7 @@ from r1flow import rewards as R
 from r1flow.config import require_positive
 from r1flow.data.prompts import chat_prompt, render
 from r1flow.generation import SamplingParams, make_generator
-from r1flow.models import load_weights, save_policy
+from r1flow.models import load_weights, model_device, save_policy
 from r1flow.models.logprobs import completion_logprobs
 from r1flow.rewards.grading import sample_and_grade, summarize
 from r1flow.training.engine import DeepSpeedSettings, make_engine, shard
@@ -123,6 +123,21 @@ class GRPOConfig:
         return {k: v for k, v in asdict(self).items() if k not in self.NOT_TRAJECTORY}
 
 
+def check_run(cfg: GRPOConfig, deepspeed: dict | None = None, generation: dict | None = None,
+              world_size: int = 1) -> None:
+    """What GRPOTrainer refuses in its settings, without a model: called by the trainer, and by the test
+    that builds every cluster config's job settings (tests/test_cluster_configs.py)."""
+    G = cfg.num_generations
+    if cfg.micro_batch_size and cfg.micro_batch_size % G:
+        raise ValueError(f"micro_batch_size ({cfg.micro_batch_size}) must be a multiple of num_generations ({G})")
+    DeepSpeedSettings.from_dict(deepspeed)
+    gen = generation or {}
+    if world_size > 1 and gen.get("backend") == "vllm" and not gen.get("vllm", {}).get("colocate"):
+        # each rank samples its own groups, so each needs its own engine: colocated mode
+        raise ValueError("the vllm generation backend with several DeepSpeed ranks needs generation.vllm.colocate: "
+                         "true (one vLLM engine per rank, on its own GPU)")
+
+
 class GRPOTrainer:
     def __init__(self, model, ref_model, tokenizer, cfg: GRPOConfig, train: pd.DataFrame,
                  validation: pd.DataFrame | None, state_dir: str | os.PathLike, deepspeed: dict | None = None,
@@ -133,11 +148,13 @@ class GRPOTrainer:
         self.train_df = train.reset_index(drop=True)
         self.val_df = None if validation is None else validation.head(cfg.eval_prompts).reset_index(drop=True)
         self.state_dir = Path(state_dir)
-        G = cfg.num_generations
-        if cfg.micro_batch_size and cfg.micro_batch_size % G:
-            raise ValueError(f"micro_batch_size ({cfg.micro_batch_size}) must be a multiple of num_generations ({G})")
+        # every tensor of a step is made on the policy's device (the config's `device`; cuda:LOCAL_RANK
+        # under DeepSpeed); the reference model must be there too
+        self.device = model_device(model)
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
+            if model_device(ref_model) != self.device:
+                raise ValueError(f"the reference model is on {model_device(ref_model)}, the policy on {self.device}")
         torch.manual_seed(cfg.seed)
         self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                      betas=(0.9, 0.99))
@@ -147,11 +164,7 @@ class GRPOTrainer:
         ds = DeepSpeedSettings.from_dict(deepspeed)
         self.engine = make_engine(model, self.opt, cfg.max_grad_norm, ds)
         self.rank, self.world_size = self.engine.rank, self.engine.world_size
-        gen = generation or {}
-        if self.world_size > 1 and gen.get("backend") == "vllm" and not gen.get("vllm", {}).get("colocate"):
-            # each rank samples its own groups, so each needs its own engine: colocated mode
-            raise ValueError("the vllm generation backend with several DeepSpeed ranks needs generation.vllm.colocate: "
-                             "true (one vLLM engine per rank, on its own GPU)")
+        check_run(cfg, deepspeed, generation, self.world_size)
         # which policy training started from: a checkpoint made from another starting model (an upstream
         # stage was rerun) must not be resumed, even when the GRPO settings are the same
         self.start_fingerprint = weights_fingerprint(model)
@@ -237,10 +250,11 @@ class GRPOTrainer:
             prompts, SamplingParams(G, c.temperature, c.top_p, c.max_completion_length, logprobs=tis), seeds=seeds)
         if hasattr(self.generator, "sleep"):  # a colocated vLLM engine frees its GPU memory for training
             self.generator.sleep()
+        out = out.to(self.device)  # a no-op for the transformers backend, which samples on the policy's device
         t_gen = time.perf_counter() - t0
 
         total, per = self._score(local, out.texts, G)
-        rewards_local = torch.tensor(total, dtype=torch.float32)
+        rewards_local = torch.tensor(total, dtype=torch.float32, device=self.device)
         # advantages per group (eq. 3) from the whole batch's rewards ("batch" scaling needs them all)
         rewards = self.engine.all_gather(rewards_local)
         n_local = len(out.texts)
@@ -311,7 +325,7 @@ class GRPOTrainer:
         present = self.engine.all_sum([float(n in per) for n in names])
         scores = self.engine.all_gather(torch.tensor(
             [[float("nan") if (n not in per or per[n][i] is None) else float(per[n][i].score) for n in names]
-             for i in range(n_local)], dtype=torch.float64).reshape(n_local, len(names)))
+             for i in range(n_local)], dtype=torch.float64, device=self.device).reshape(n_local, len(names)))
 
         def score_list(name):  # the whole batch's scores of one reward (None where it does not apply)
             col = scores[:, names.index(name)]

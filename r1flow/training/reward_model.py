@@ -78,7 +78,8 @@ def evaluate_reward_model(model, tokenizer, pairs: pd.DataFrame, aspect: str | N
 def train_reward_model(base_path: str | os.PathLike, pairs_df: pd.DataFrame, aspect: str,
                        out_dir: str | os.PathLike | None, steps: int = 100, lr: float = 1e-3, batch_size: int = 16,
                        seed: int = 0, weight_decay: float = 0.0, warmup_steps: int = 0, max_grad_norm: float = 1.0,
-                       max_length: int | None = None, dtype: str = "float32", log_every: int = 10):
+                       max_length: int | None = None, dtype: str = "float32", device: str | torch.device = "cpu",
+                       log_every: int = 10):
     """Train the `aspect` reward model on the pairs of that aspect; save it to `out_dir` (if given).
 
     Each step draws `batch_size` pairs (a fixed stream from `seed`), scores chosen and rejected in one
@@ -93,7 +94,7 @@ def train_reward_model(base_path: str | os.PathLike, pairs_df: pd.DataFrame, asp
         raise ValueError(f"no preference pairs with aspect '{aspect}' (aspects present: "
                          f"{sorted(pairs_df['aspect'].unique())})")
     torch.manual_seed(seed)  # the fresh score head is initialised from it
-    model, tok = load_reward_model(base_path, dtype=DTYPES[dtype])
+    model, tok = load_reward_model(base_path, dtype=DTYPES[dtype], device=device)
     max_length = max_length or max_length_of(model, tok)
     chosen, rejected = pair_texts(pairs, aspect)
     # tokens per text as scored (truncated to max_length), for the throughput in the log
@@ -110,7 +111,8 @@ def train_reward_model(base_path: str | os.PathLike, pairs_df: pd.DataFrame, asp
     rows, t0, tokens = [], time.time(), 0
     model.train()
     for step in range(1, steps + 1):
-        idx = torch.randint(len(pairs), (min(batch_size, len(pairs)),), generator=g).tolist()
+        # indices drawn on the CPU (a fixed stream whatever the device); the batch is scored on the model's
+        idx = torch.randint(len(pairs), (min(batch_size, len(pairs)),), generator=g, device="cpu").tolist()
         texts = [chosen[i] for i in idx] + [rejected[i] for i in idx]
         r = score_texts(model, tok, texts, batch_size=len(texts), max_length=max_length, grad=True)
         r_c, r_r = r[: len(idx)], r[len(idx):]

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from r1flow.models import model_device
 from r1flow.training.engine import make_engine
 
 IGNORE = -100
@@ -49,10 +50,10 @@ class SFTBatch:
 
 
 def collate(tokenizer, prompts: list[str], completions: list[str], max_length: int | None = None,
-            add_eos: bool = True) -> SFTBatch:
+            add_eos: bool = True, device=None) -> SFTBatch:
     """Tokenize prompt and completion separately, so the boundary between them is exact whatever the
     tokenizer would merge across it; append EOS to the completion (the model must learn to stop);
-    truncate from the right to max_length; right-pad."""
+    truncate from the right to max_length; right-pad. The tensors go to `device` (the model's; CPU if None)."""
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
     p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
@@ -66,14 +67,16 @@ def collate(tokenizer, prompts: list[str], completions: list[str], max_length: i
         labels.append(lab)
     width = max(map(len, rows))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    lab_t = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    cpu = torch.device("cpu")  # built on the CPU, copied to the device once
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long, device=cpu)
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device=cpu)
+    lab_t = torch.full((len(rows), width), IGNORE, dtype=torch.long, device=cpu)
     for i, (ids, lab) in enumerate(zip(rows, labels)):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long, device=cpu)
         mask[i, : len(ids)] = 1
-        lab_t[i, : len(lab)] = torch.tensor(lab)
-    return SFTBatch(input_ids, mask, lab_t)
+        lab_t[i, : len(lab)] = torch.tensor(lab, dtype=torch.long, device=cpu)
+    device = cpu if device is None else device
+    return SFTBatch(input_ids.to(device), mask.to(device), lab_t.to(device))
 
 
 def chat_pairs(tokenizer, conversations) -> tuple[list[str], list[str]]:
@@ -148,6 +151,7 @@ def train_sft(model, tokenizer, prompts: list[str], completions: list[str], *, e
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     engine = make_engine(model, opt, max_grad_norm, deepspeed)
+    device = model_device(model)  # batches are made where the model is (the config's `device`)
     rng = random.Random(seed)
     rows, step, tokens, t0 = [], 0, 0, time.perf_counter()
     bar = tqdm(total=total, desc="SFT", unit="step", disable=None)  # no bar when stderr is not a terminal
@@ -156,7 +160,8 @@ def train_sft(model, tokenizer, prompts: list[str], completions: list[str], *, e
         rng.shuffle(order)
         for s in range(0, len(order), batch_size):
             idx = order[s : s + batch_size]
-            batch = collate(tokenizer, [prompts[i] for i in idx], [completions[i] for i in idx], max_length)
+            batch = collate(tokenizer, [prompts[i] for i in idx], [completions[i] for i in idx], max_length,
+                            device=device)
             mb = micro_batch_size or len(idx)
             lr = sched.get_last_lr()[0]  # the rate this update uses; sched.step() below sets the next one's
             loss = sft_step(engine, [batch[j : j + mb] for j in range(0, len(idx), mb)])

@@ -15,7 +15,7 @@ rule base_model:
                     {"tiny": config["base_model"]["tiny"], "families": config["data"]["synthetic"]["families"],
                      "template": config["template"]},
                     "--exclude {input.validation} {input.test} --out {output.model} --loss {output.loss}"
-                    " --threads {threads}"),
+                    " --threads {threads}", model=("pretrain",)),
     threads: job_threads("base_model")
     log:
         res("logs", "base_model.log"),

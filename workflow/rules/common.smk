@@ -60,11 +60,16 @@ def launcher():
 
 
 def model_settings(uses):
-    """What a stage that runs a model is given, in this one place so that no stage drops one: every
-    model loads in base_model.dtype; a stage that samples ("generate") gets the generation backend; one
-    that trains through r1flow.training.engine ("train") gets training.deepspeed. Only GRPO does so far: the
-    SFT stages and the reward models train in one process (train_sft does not shard batches by rank)."""
-    out = {"dtype": config["base_model"]["dtype"]}
+    """What a stage that runs a model is given, in this one place so that no stage drops one: every such
+    stage runs on the config's `device` (resolved in the job: r1flow.models.resolve_device); every
+    model it loads is in base_model.dtype, except the tiny base's pretraining from scratch ("pretrain",
+    float32); a stage that samples ("generate") gets the generation backend; one that trains through
+    r1flow.training.engine ("train") gets training.deepspeed. Only GRPO does so far: the SFT stages and
+    the reward models train in one process (train_sft does not shard batches by rank)."""
+    out = {"device": config["device"]}
+    if "pretrain" in uses:
+        return out
+    out["dtype"] = config["base_model"]["dtype"]
     if "generate" in uses:
         out["generation"] = config["generation"]
     if "train" in uses:

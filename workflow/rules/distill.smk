@@ -18,7 +18,7 @@ rule student_base:
                     {"tiny": student_tiny, "families": config["data"]["synthetic"]["families"],
                      "template": config["template"]},
                     "--exclude {input.validation} {input.test} --out {output.model} --loss {output.loss}"
-                    " --threads {threads}"),
+                    " --threads {threads}", model=("pretrain",)),
     threads: job_threads("student_base")
     log:
         res("logs", "student_base_{student}.log"),
