@@ -89,6 +89,9 @@ class GRPOConfig:
     seed: int = 0
     fast_path: bool = True
     generation_batch_size: int = 512
+    # steps in a row without any learning signal (every group of G outputs with one reward value, so
+    # every advantage of eq. 3 is 0) after which training stops with an error; 0 = never
+    stop_without_signal_after: int = 0
 
     @classmethod
     def from_dict(cls, d: dict) -> "GRPOConfig":
@@ -107,11 +110,19 @@ class GRPOConfig:
     # are decoded at once (a memory setting; after a change the sampled batches are other draws from the
     # same distribution). A checkpoint made with other values of these is resumed.
     NOT_TRAJECTORY = ("eval_every", "eval_prompts", "eval_k", "eval_temperature", "eval_top_p",
-                      "select_checkpoint", "save_every", "generation_batch_size")
+                      "select_checkpoint", "save_every", "generation_batch_size", "stop_without_signal_after")
 
     def trajectory(self) -> dict:
         """The settings a checkpoint must share with this run to be resumed."""
         return {k: v for k, v in asdict(self).items() if k not in self.NOT_TRAJECTORY}
+
+
+class NoLearningSignal(RuntimeError):
+    """Every group of every step in a stretch had a single reward value: nothing can be learned."""
+
+
+# how many steps in a row without signal before the log warns (and again every as many steps)
+NO_SIGNAL_WARN_AFTER = 5
 
 
 class GRPOTrainer:
@@ -257,8 +268,11 @@ class GRPOTrainer:
         stats = dict(zip(stats, vals))
 
         n_tok = max(1.0, float(out.completion_mask.sum()))
+        spread = rewards.view(-1, G)
         row = {
             "step": self.step_no,
+            # groups whose G rewards differ: only they carry an advantage (eq. 3), hence a gradient
+            "groups_with_signal": float(((spread.max(1).values - spread.min(1).values) > 1e-9).float().mean()),
             "reward_mean": float(rewards.mean()),
             "reward_std": float(rewards.std(unbiased=False)),
             "accuracy": _mean_score(per.get("accuracy")),
@@ -419,9 +433,10 @@ class GRPOTrainer:
         live = self.state_dir / "metrics_live.csv"
         # one log line per validation, or per checkpoint when validation is off
         log_every, logged = c.eval_every or c.save_every, self.step_no
-        done_now = 0
+        done_now, self.no_signal_steps = 0, 0
         while self.step_no < c.steps:
             row = self.step()
+            self._check_signal(row)
             if self.val_df is not None and c.eval_every and (self.step_no % c.eval_every == 0 or self.step_no == c.steps):
                 row.update(self.validate())
                 if row["val_pass@1"] > self.best["val_pass@1"]:
@@ -445,6 +460,29 @@ class GRPOTrainer:
                 break
         bar.close()
         return self.metrics()
+
+    def _check_signal(self, row: dict) -> None:
+        """Say so when nothing can be learned: after a stretch of steps in which every group had one reward
+        value (all advantages 0, section 2.2's eq. 3), warn with the mean reward and format rate; with
+        stop_without_signal_after, stop the run with an error rather than burn hours on it."""
+        self.no_signal_steps = 0 if row["groups_with_signal"] > 0 else self.no_signal_steps + 1
+        n, limit = self.no_signal_steps, self.cfg.stop_without_signal_after
+        if not n:
+            return
+        recent = [h for h in self.history if h.get("step", 0) > self.step_no - n and "reward_mean" in h] + [row]
+        reward = float(np.mean([h["reward_mean"] for h in recent]))
+        fmts = [h["format_rate"] for h in recent if not math.isnan(h["format_rate"])]
+        fmt = float(np.mean(fmts)) if fmts else float("nan")
+        what = (f"no learning signal for {n} step(s) in a row (steps {self.step_no - n + 1}-{self.step_no}): every "
+                f"group of {self.cfg.num_generations} outputs had a single reward value, so every advantage is 0; "
+                f"mean reward {reward:.3f}, format rate {fmt:.3f}, accuracy {row['accuracy']:.3f}")
+        if limit and n >= limit:
+            raise NoLearningSignal(f"{what}. Stopping (stop_without_signal_after = {limit}): the policy never "
+                                   "produces a rewarded output to learn from. Choose easier prompts, a stronger "
+                                   "model, more samples (num_generations) or longer completions.")
+        warn_at = min(NO_SIGNAL_WARN_AFTER, limit) if limit else NO_SIGNAL_WARN_AFTER
+        if self.is_main and n % warn_at == 0:
+            log.warning(what)
 
     VAL_COLUMNS = ["val_pass@1", "val_format_rate", "val_length"]
 
