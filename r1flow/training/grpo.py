@@ -477,6 +477,8 @@ class GRPOTrainer:
                 f"group of {self.cfg.num_generations} outputs had a single reward value, so every advantage is 0; "
                 f"mean reward {reward:.3f}, format rate {fmt:.3f}, accuracy {row['accuracy']:.3f}")
         if limit and n >= limit:
+            if self.is_main:
+                log.error(what)
             raise NoLearningSignal(f"{what}. Stopping (stop_without_signal_after = {limit}): the policy never "
                                    "produces a rewarded output to learn from. Choose easier prompts, a stronger "
                                    "model, more samples (num_generations) or longer completions.")
