@@ -12,6 +12,7 @@ import torch
 
 from r1flow.data.formats import READABLE_MARKER, split_readable
 from r1flow.data.preferences import ASPECTS
+from r1flow.models import DTYPES, load_pretrained, load_tokenizer
 
 
 def render_for_rm(prompt_text: str, response_text: str, tokenizer=None) -> str:
@@ -54,8 +55,6 @@ def load_reward_model(path: str | os.PathLike, num_labels: int = 1, dtype: str |
     """A sequence classifier with one output and its tokenizer, from a causal LM (a folder, hub id or
     GGUF file) or a reward model folder, through r1flow.models.load_pretrained."""
     from transformers import AutoModelForSequenceClassification
-
-    from r1flow.models import DTYPES, load_pretrained, load_tokenizer
 
     if isinstance(dtype, torch.dtype):
         dtype = {v: k for k, v in DTYPES.items()}[dtype]
