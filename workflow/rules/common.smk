@@ -23,8 +23,10 @@ for _name, _spec in config["evaluation"]["benchmarks"].items():
 
 # Every model named from outside the DAG (a folder, a GGUF file in one, a hub id) must be loadable: a hub id
 # neither cached nor reachable (offline), a missing or unsupported GGUF, or a tokenizer without the chat
-# template a stage needs stops here, naming the config key, before any job starts.
-check_model_sources(config)
+# template a stage needs stops the run here, naming the config key, before any job starts. Not on a dry
+# run, which plans (e.g. a cluster run) on a machine that may not hold the models.
+onstart:
+    check_model_sources(config)
 
 RESULTS = config["results"]
 SCRIPTS = str(Path(workflow.basedir) / "scripts")
