@@ -73,3 +73,119 @@ def validate_config(config: dict, schema_path: str | Path) -> dict:
         lines = [_describe(e) for e in errors[:5]]
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines))
     return config
+
+
+# -- model sources: checked when the workflow is parsed, before any job starts ----------------------------
+def _offline() -> bool:
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def gguf_metadata(path, key: str):
+    """One string field of a GGUF file's header (e.g. general.architecture, tokenizer.chat_template),
+    without reading the weights; None when absent or when the gguf package is missing."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return None
+    field = GGUFReader(str(path)).fields.get(key)
+    return None if field is None or not field.data else bytes(field.parts[field.data[0]]).decode()
+
+
+def gguf_supported_architectures() -> set[str]:
+    try:
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+    except ImportError:  # pragma: no cover - depends on the transformers version
+        return set()
+    return set(GGUF_SUPPORTED_ARCHITECTURES)
+
+
+def _folder_chat_template(folder: Path) -> bool:
+    import json
+
+    if (folder / "chat_template.jinja").exists() or (folder / "chat_template.json").exists():
+        return True
+    cfg = folder / "tokenizer_config.json"
+    return cfg.exists() and bool(json.loads(cfg.read_text()).get("chat_template"))
+
+
+def check_model_source(key: str, path: str, gguf_file: str | None = None, needs_chat_template: bool = False,
+                       base_dir: str | Path = ".") -> None:
+    """Fail now, naming the config key, when a configured model cannot be loaded later: a hub id that
+    is neither in the local Hugging Face cache nor reachable (offline: HF_HUB_OFFLINE=1), a missing GGUF
+    file, a GGUF of an architecture transformers cannot load, or no chat template where one is needed."""
+    local = Path(base_dir, path) if not Path(path).is_absolute() else Path(path)
+    gguf_key = key.rsplit(".", 1)[0] + ".gguf_file" if key.endswith(".path") else key + " (gguf_file)"
+    if local.exists():
+        if gguf_file:
+            f = local / gguf_file
+            if not f.exists():
+                raise ConfigError(f"config key '{gguf_key}': no GGUF file '{gguf_file}' in {path}")
+            arch, supported = gguf_metadata(f, "general.architecture"), gguf_supported_architectures()
+            if arch and supported and arch not in supported:
+                raise ConfigError(f"config key '{gguf_key}': {f} holds a '{arch}' model, which transformers cannot "
+                                  f"load from GGUF (supported: {', '.join(sorted(supported))})")
+            has_template = bool(gguf_metadata(f, "tokenizer.chat_template"))
+        else:
+            if not (local / "config.json").exists():
+                raise ConfigError(f"config key '{key}': {path} is not a model folder (no config.json)")
+            has_template = _folder_chat_template(local)
+        if needs_chat_template and not has_template:
+            raise ConfigError(f"config key '{key}': the tokenizer of {path} has no chat template, which this "
+                              "stage needs (use a chat model, or set one in its tokenizer_config.json)")
+        return
+    # a hub id: the files must be in the local cache, or the hub reachable
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers depends on it
+        return
+    wanted = gguf_file or "config.json"
+    if isinstance(try_to_load_from_cache(path, wanted), str):
+        if needs_chat_template and not gguf_file:
+            cfg = try_to_load_from_cache(path, "tokenizer_config.json")
+            folder = Path(cfg).parent if isinstance(cfg, str) else None
+            if folder is None or not _folder_chat_template(folder):
+                raise ConfigError(f"config key '{key}': the tokenizer of '{path}' has no chat template, which "
+                                  "this stage needs")
+        return
+    if _offline():
+        raise ConfigError(f"config key '{key}': '{path}' is not a local path and '{wanted}' of it is not in the "
+                          "Hugging Face cache, and HF_HUB_OFFLINE is set: download it first "
+                          f"(huggingface-cli download {path}) or give a local folder")
+    try:
+        from huggingface_hub import HfApi
+
+        HfApi().model_info(path, timeout=10)
+    except Exception as e:  # no network, a typo, a gated or private repository
+        raise ConfigError(f"config key '{key}': '{path}' is not a local path, not in the Hugging Face cache, and "
+                          f"the hub cannot be reached for it ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def model_sources(config: dict) -> list[tuple[str, str, str | None, bool]]:
+    """(config key, path, gguf_file, needs a chat template) of every model the config names from outside
+    the workflow (the tiny models the workflow builds are not among them)."""
+    out = []
+    base = config["base_model"]
+    if base["path"] != "tiny":
+        out.append(("base_model.path", base["path"], base.get("gguf_file"), config.get("template") == "chat"))
+    for name, s in config["distillation"]["students"].items():
+        if s["path"] != "tiny":
+            out.append((f"distillation.students.{name}.path", s["path"], s.get("gguf_file"), False))
+    rm = config["r1"]["reward_models"]
+    if (rm.get("base") or {}).get("path"):
+        out.append(("r1.reward_models.base.path", rm["base"]["path"], rm["base"].get("gguf_file"), False))
+    for aspect in ("helpfulness", "harmlessness"):
+        if rm.get(f"{aspect}_path"):
+            out.append((f"r1.reward_models.{aspect}_path", rm[f"{aspect}_path"], None, False))
+    judge = config["r1"]["rejection_sampling"]["judge"]
+    if judge.get("type") == "model" and judge.get("model"):
+        out.append(("r1.rejection_sampling.judge.model", judge["model"], None, False))
+    for name, m in config["evaluation"]["external_models"].items():
+        out.append((f"evaluation.external_models.{name}.path", m["path"], m.get("gguf_file"), bool(m.get("chat"))))
+    return out
+
+
+def check_model_sources(config: dict, base_dir: str | Path = ".") -> None:
+    for key, path, gguf_file, chat in model_sources(config):
+        check_model_source(key, path, gguf_file, chat, base_dir)

@@ -19,6 +19,7 @@ log = logging.getLogger("scripts.cold_start")
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--base", required=True)
+    ap.add_argument("--gguf-file", default=None, help="a GGUF file inside --base, loaded through transformers")
     ap.add_argument("--r1-zero", required=True)
     ap.add_argument("--train", required=True)
     ap.add_argument("--settings", type=json_arg, required=True, help="the config's r1.cold_start section")
@@ -40,11 +41,12 @@ def main():
     if "few_shot" in s["sources"]:
         # one worked example with a long chain of thought in front of each question (few-shot prompting)
         prompts = [C.FEW_SHOT.format(example=s["few_shot_example"], question=q) for q in tasks["question"]]
-        texts = S.sample_completions(a.base, prompts, s, a.generation, a.dtype, device)
+        texts = S.sample_completions(a.base, prompts, s, a.generation, a.dtype, device, gguf_file=a.gguf_file)
         parts.append(("few_shot", [C.rewrite_few_shot(t) for t in texts]))
     if "annotated" in s["sources"]:
-        notes = [C.annotate_chain(q) for q in qs]
-        parts.append(("annotated", [C.rewrite_few_shot(n) if n else None for n in notes]))
+        # a real prompt set's worked solutions (GSM8K, MATH) or the synthetic chains, written out
+        sols = [x for x in (tasks["solution"] if "solution" in tasks else [None] * len(tasks)) for _ in range(k)]
+        parts.append(("annotated", [C.annotate(q, sol, g) for q, sol, g in zip(qs, sols, golds)]))
     if "r1_zero" in s["sources"]:
         texts = S.sample_completions(a.r1_zero, [render(q, "table1") for q in tasks["question"]], s, a.generation,
                                      a.dtype, device)

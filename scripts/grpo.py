@@ -19,6 +19,7 @@ log = logging.getLogger("scripts.grpo")
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", required=True, help="base model: local folder or hub id")
+    ap.add_argument("--gguf-file", default=None, help="a GGUF file inside --model, loaded through transformers")
     ap.add_argument("--train", required=True)
     ap.add_argument("--validation", required=True)
     ap.add_argument("--grpo", type=json_arg, required=True, help="the config's r1_zero.grpo section")
@@ -54,9 +55,9 @@ def main():
     if a.general and a.general_prompts:
         train = pd.concat([train.assign(kind="reasoning"), general_prompts(read_table(a.general, PREFERENCES),
                                                                             a.general_prompts)], ignore_index=True)
-    policy, tok = load_policy(a.model, a.dtype, device)
+    policy, tok = load_policy(a.model, a.dtype, device, gguf_file=a.gguf_file)
     # pi_ref: the frozen initial policy of eq. 2, loaded afresh so that a resumed run keeps the true base
-    ref = load_policy(a.model, a.dtype, device)[0] if cfg.beta > 0 else None
+    ref = load_policy(a.model, a.dtype, device, gguf_file=a.gguf_file)[0] if cfg.beta > 0 else None
     trainer = GRPOTrainer(policy, ref, tok, cfg, train, validation, a.state, deepspeed=a.deepspeed,
                           generation=a.generation, model_path=a.model)
     metrics = trainer.train()

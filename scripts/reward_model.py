@@ -15,6 +15,7 @@ log = logging.getLogger("scripts.reward_model")
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--base", required=True, help="causal LM folder or hub id the reward model starts from")
+    ap.add_argument("--gguf-file", default=None, help="a GGUF file inside --base, loaded through transformers")
     ap.add_argument("--pairs", required=True, help="preference pairs parquet (PREFERENCES schema)")
     ap.add_argument("--aspect", required=True, choices=["helpfulness", "harmlessness"])
     ap.add_argument("--out", required=True, help="output reward model folder (save_pretrained)")
@@ -29,7 +30,8 @@ def main():
     setup(a.threads)
     device = job_device(a.device)
     pairs = read_table(a.pairs, PREFERENCES)
-    _, _, metrics = train_reward_model(a.base, pairs, a.aspect, a.out, dtype=a.dtype, device=device, **a.settings)
+    _, _, metrics = train_reward_model(a.base, pairs, a.aspect, a.out, dtype=a.dtype, device=device,
+                                          gguf_file=a.gguf_file, **a.settings)
     write_table(metrics, a.metrics, RM_METRICS)
     tail = metrics.tail(10)
     log.info(f"{a.aspect} reward model: {len(metrics)} steps, last-10-step loss {tail['loss'].mean():.3f}, "

@@ -12,7 +12,7 @@ from r1flow.data.artifacts import read_table, write_table
 from r1flow.data.formats import READABLE_MARKER
 from r1flow.data.prompts import R1_CHAT_TEMPLATE
 from r1flow.data.schemas import SFT_DATA, SFT_METRICS
-from r1flow.models import load_policy, save_policy
+from r1flow.models import add_tokens, load_policy, save_policy
 from r1flow.training.sft import chat_pairs, train_sft
 
 log = logging.getLogger("scripts.sft")
@@ -21,6 +21,7 @@ log = logging.getLogger("scripts.sft")
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", required=True, help="the model to fine-tune (folder or hub id)")
+    ap.add_argument("--gguf-file", default=None, help="a GGUF file inside --model, loaded through transformers")
     ap.add_argument("--data", nargs="+", required=True, help="SFT_DATA parquet files, concatenated")
     ap.add_argument("--settings", type=json_arg, required=True, help="an SFT section of the config")
     ap.add_argument("--stage", default="SFT")
@@ -34,11 +35,11 @@ def main():
     device = job_device(a.device)
     s = a.settings
     data = pd.concat([read_table(p, SFT_DATA) for p in a.data], ignore_index=True)
-    model, tok = load_policy(a.model, a.dtype, device)
+    model, tok = load_policy(a.model, a.dtype, device, gguf_file=a.gguf_file)
     if not getattr(tok, "chat_template", None):  # the tiny base has none; real instruct models keep theirs
         tok.chat_template = R1_CHAT_TEMPLATE
-    if tok.add_tokens([READABLE_MARKER]):  # one token for the marker, as a real special token would be
-        model.resize_token_embeddings(len(tok))
+    # one token for the marker, as a real special token would be, starting at the mean embedding
+    add_tokens(model, tok, [READABLE_MARKER])
     prompts, completions = chat_pairs(tok, data["messages"])
     rows = train_sft(model, tok, prompts, completions, epochs=s["epochs"], learning_rate=s["learning_rate"],
                      batch_size=s["batch_size"], micro_batch_size=s["micro_batch_size"], max_length=s["max_length"],

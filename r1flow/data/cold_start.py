@@ -68,6 +68,30 @@ def annotate_chain(question: str) -> str | None:
     return " ".join(steps) + f". So the answer is {value}."
 
 
+CALCULATOR_RE = re.compile(r"<<[^<>]*>>")
+
+
+def readable_solution(solution: str, answer: str, marker: str = READABLE_MARKER) -> str | None:
+    """A real worked solution (GSM8K's rationale, MATH's solution) in the readable pattern: the solution
+    is the reasoning process, the final answer the summary. GSM8K's calculator annotations ("<<48/2=24>>")
+    are dropped; they are tool calls, not prose a reader (or the model) should see."""
+    reasoning = CALCULATOR_RE.sub("", str(solution)).replace(marker, " ").strip()
+    answer = str(answer).strip()
+    if not reasoning or not answer:
+        return None
+    return f"{marker} {reasoning} {marker} The answer is \\boxed{{{answer}}}."
+
+
+def annotate(question: str, solution: str | None, answer: str, marker: str = READABLE_MARKER) -> str | None:
+    """The `annotated` cold-start source (section 2.3.1: human annotators post-processed the data): a
+    real prompt set's worked solution when it has one, else a chain written out for a synthetic
+    arithmetic question; in the readable pattern, or None when there is neither."""
+    if solution is not None and isinstance(solution, str) and solution.strip():
+        return readable_solution(solution, answer, marker)
+    note = annotate_chain(question)
+    return rewrite_few_shot(note, marker) if note else None
+
+
 def sft_rows(prompt_ids, questions, completions, source: str) -> pd.DataFrame:
     """SFT records: a user turn (the question) and an assistant turn (the completion)."""
     return pd.DataFrame({

@@ -226,18 +226,24 @@ def harmlessness_pair(rng: random.Random, i: int, readable_share: float, harmful
 
 
 def make_preferences(helpfulness: int, harmlessness: int, seed: int = 0, readable_share: float = 0.5,
-                     harmful_share: float = 0.5, unhelpful_kinds=UNHELPFUL_KINDS) -> pd.DataFrame:
+                     harmful_share: float = 0.5, unhelpful_kinds=UNHELPFUL_KINDS,
+                     assistant_name: str = SELF_NAME) -> pd.DataFrame:
     """`helpfulness` + `harmlessness` pairs (the PREFERENCES schema), deterministic in `seed`.
 
     `unhelpful_kinds` chooses the rejected answers of helpfulness pairs among "dont_know", "repeat" and
     "off_topic" (the last needs the prompt to be judged, so it is the hardest); `harmful_share` is the
-    share of harmlessness pairs with a harmful request (the rest are benign requests).
+    share of harmlessness pairs with a harmful request (the rest are benign requests). `assistant_name`
+    is the name self-cognition answers give (section 2.3.3's self-cognition data): the model being trained.
     """
     if not unhelpful_kinds or set(unhelpful_kinds) - set(UNHELPFUL_KINDS):
         raise ValueError(f"unhelpful_kinds must be a non-empty subset of {UNHELPFUL_KINDS}, got {unhelpful_kinds}")
     rng = random.Random(seed)
     rows = [helpfulness_pair(rng, i, readable_share, unhelpful_kinds) for i in range(helpfulness)]
     rows += [harmlessness_pair(rng, i, readable_share, harmful_share) for i in range(harmlessness)]
+    if assistant_name != SELF_NAME:
+        for r in rows:
+            for side in ("chosen", "rejected"):
+                r[side] = [{**m, "content": m["content"].replace(SELF_NAME, assistant_name)} for m in r[side]]
     cols = ["pair_id", "aspect", "kind", "flaw", "prompt", "chosen", "rejected"]
     return pd.DataFrame(rows, columns=cols)
 

@@ -9,6 +9,7 @@ difficulty, so a policy that learns to reason step by step writes longer answers
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 import pandas as pd
@@ -183,10 +184,21 @@ def generate_tasks(seed: int, families: dict[str, dict], sizes: dict[str, int]) 
     return out
 
 
+GSM8K_ANSWER = re.compile(r"^(?P<solution>.*)\n\s*####\s*(?P<answer>[^\n]+?)\s*$", re.DOTALL)
+
+
+def split_gsm8k(text: str) -> tuple[str, str] | None:
+    """(rationale, final answer) of an answer in GSM8K's form, "...\n#### 72"; None for other text."""
+    m = GSM8K_ANSWER.match(str(text))
+    return None if m is None else (m.group("solution").strip(), m.group("answer").replace(",", "").strip())
+
+
 def load_prompts(source: str, question_field: str = "question", answer_field: str = "answer",
-                 split: str = "train", limit: int | None = None) -> pd.DataFrame:
+                 split: str = "train", limit: int | None = None, solution_field: str | None = None) -> pd.DataFrame:
     """Load a real prompt set (local parquet/jsonl/csv, or a `datasets` hub id when online) into the
-    TASKS columns, so a cluster run swaps in real math prompts without code changes."""
+    TASKS columns, so a cluster run swaps in real math prompts without code changes. A worked solution
+    rides along in a `solution` column: the `solution_field` (MATH's "solution"), or the rationale of an
+    answer in GSM8K's form ("... #### 72"), whose final answer then becomes the answer."""
     import os
 
     if os.path.exists(source):
@@ -202,7 +214,7 @@ def load_prompts(source: str, question_field: str = "question", answer_field: st
         except ImportError as e:  # pragma: no cover - depends on the install
             raise ImportError(f"'{source}' is not a local file and the 'datasets' package is not installed") from e
         df = datasets.load_dataset(source, split=split).to_pandas()
-    for f in (question_field, answer_field):
+    for f in (question_field, answer_field, *([solution_field] if solution_field else [])):
         if f not in df.columns:
             raise KeyError(f"{source}: no field '{f}' (fields: {list(df.columns)})")
     if limit:
@@ -214,6 +226,12 @@ def load_prompts(source: str, question_field: str = "question", answer_field: st
         "answer": df[answer_field].astype(str),
         "difficulty": 0,
     })
+    gsm = [split_gsm8k(a) for a in out["answer"]]
+    if all(g is not None for g in gsm) and gsm:
+        out["solution"] = [g[0] for g in gsm]
+        out["answer"] = [g[1] for g in gsm]
+    if solution_field:
+        out["solution"] = df[solution_field].astype(str).to_numpy()
     return out
 
 
@@ -227,7 +245,8 @@ def prepare_splits(data_cfg: dict) -> dict[str, pd.DataFrame]:
     for split in ("train", "test"):
         if not files.get(split):
             raise ValueError(f"data.source is 'files' but data.files.{split} is not set")
-    kw = dict(question_field=files["question_field"], answer_field=files["answer_field"], limit=files["limit"])
+    kw = dict(question_field=files["question_field"], answer_field=files["answer_field"], limit=files["limit"],
+              solution_field=files.get("solution_field"))
     train = load_prompts(files["train"], split="train", **kw)
     if files.get("validation"):
         validation = load_prompts(files["validation"], split="validation", **kw)

@@ -175,8 +175,8 @@ def load_livecodebench(spec):
                   lambda r, n: r.get("question_id", n))
 
 
-def load_synthetic(spec):
-    """The held-out split of the synthetic tasks (a TASKS parquet produced by the `tasks` rule)."""
+def load_tasks(spec):
+    """The held-out test split of the `tasks` rule (a TASKS parquet: synthetic tasks or real files)."""
     df = read_table(spec.path, TASKS)
     return _table(spec, df.to_dict("records"), lambda r: r["question"], lambda r: r["answer"],
                   lambda r, n: r["prompt_id"])
@@ -185,7 +185,8 @@ def load_synthetic(spec):
 LOADERS = {
     "generic": load_generic, "math500": load_math500, "aime24": load_aime, "amc23": load_aime,
     "gsm8k": load_gsm8k, "minerva": load_minerva, "gpqa_diamond": load_gpqa, "livecodebench": load_livecodebench,
-    "synthetic": load_synthetic,
+    "tasks": load_tasks,
+    "synthetic": load_tasks,  # the old name, from when the split was always synthetic
 }
 
 

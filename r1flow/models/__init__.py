@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from r1flow.config import ConfigError
+from r1flow.config import ConfigError, gguf_metadata, gguf_supported_architectures
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICE_KEY = "device"  # the config key every model-running stage gets (auto | cpu | cuda | cuda:N)
@@ -58,29 +58,89 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def _hub_kwargs(name_or_path: str, gguf_file: str | None) -> dict:
+    """Keyword arguments of from_pretrained for a folder, a hub id or a GGUF file in either; refuses a hub
+    id offline and a GGUF file of an architecture transformers cannot load, before any weight is read."""
+    if not os.path.exists(name_or_path) and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise FileNotFoundError(f"model '{name_or_path}' is not a local path and HF_HUB_OFFLINE=1")
+    if not gguf_file:
+        return {}
+    local = Path(name_or_path, gguf_file)
+    if os.path.exists(name_or_path) and not local.exists():
+        raise FileNotFoundError(f"GGUF file '{gguf_file}' not found in {name_or_path}")
+    if local.exists():
+        arch = gguf_architecture(local)
+        supported = gguf_supported_architectures()
+        if arch is not None and supported and arch not in supported:
+            raise ValueError(f"GGUF file {local} holds a '{arch}' model, which transformers cannot load from GGUF "
+                             f"(it can: {', '.join(sorted(supported))})")
+    return {"gguf_file": gguf_file}
+
+
+def gguf_architecture(path: str | os.PathLike) -> str | None:
+    """The `general.architecture` of a GGUF file (read from its header, no weights loaded)."""
+    return gguf_metadata(path, "general.architecture")
+
+
+def plain_model(model):
+    """A model loaded from a GGUF file is dequantized to `dtype` but still marked as GGUF-quantized, and
+    save_pretrained refuses it ('quantized with gguf and is not serializable'): drop the marks, so it
+    trains and saves as the plain Hugging Face model it now is."""
+    qc = getattr(model.config, "quantization_config", None)
+    if qc is not None and "gguf" in str(getattr(qc, "quant_method", qc)).lower():
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        for attr in ("is_quantized", "quantization_method"):
+            try:
+                setattr(model, attr, False if attr == "is_quantized" else None)
+            except AttributeError:
+                pass
+    return model
+
+
 def load_tokenizer(name_or_path: str, gguf_file: str | None = None):
     """The tokenizer of a local folder or hub id, with a pad token (the EOS token when it has none)."""
     from transformers import AutoTokenizer
 
-    kw = {"gguf_file": gguf_file} if gguf_file else {}
-    if not os.path.exists(name_or_path) and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise FileNotFoundError(f"model '{name_or_path}' is not a local path and HF_HUB_OFFLINE=1")
-    tok = AutoTokenizer.from_pretrained(name_or_path, **kw)
+    tok = AutoTokenizer.from_pretrained(name_or_path, **_hub_kwargs(name_or_path, gguf_file))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
+def load_pretrained(auto_class, name_or_path: str, dtype: str = "float32", gguf_file: str | None = None, **kw):
+    """The one way every stage loads a model (policy, reward model, student, evaluated model): a local
+    folder, a hub id, or a GGUF file (`gguf_file`) in either, as a plain model in `dtype`."""
+    model = auto_class.from_pretrained(name_or_path, dtype=DTYPES[dtype], **_hub_kwargs(name_or_path, gguf_file), **kw)
+    return plain_model(model)
+
+
 def load_policy(name_or_path: str, dtype: str = "float32", device: str | torch.device = "cpu",
                 gguf_file: str | None = None):
-    """A causal LM and its tokenizer from a local folder or a hub id (the config's `model.path`), on
-    `device` (a resolved device; see resolve_device)."""
+    """A causal LM and its tokenizer from a local folder, a hub id or a GGUF file (the config's `path`
+    and `gguf_file`), on `device` (a resolved device; see resolve_device)."""
     from transformers import AutoModelForCausalLM
 
-    kw = {"gguf_file": gguf_file} if gguf_file else {}
     tok = load_tokenizer(name_or_path, gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype], **kw).to(device)
+    model = load_pretrained(AutoModelForCausalLM, name_or_path, dtype, gguf_file).to(device)
     return model, tok
+
+
+def add_tokens(model, tokenizer, tokens: list[str]) -> int:
+    """Add new tokens (e.g. the readable pattern's marker) to a tokenizer and the model's embeddings.
+    Each new row starts at the mean of the existing embeddings (input and, when untied, output): a
+    point a trained model can reach and score, unlike a random vector far from every real token."""
+    n = tokenizer.add_tokens([t for t in tokens if t not in tokenizer.get_vocab()])
+    if not n:
+        return 0
+    old = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        for emb in {id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings()) if e is not None}.values():
+            w = emb.weight
+            if w.shape[0] > old:
+                w[old:] = w[:old].mean(dim=0, keepdim=True)
+    return n
 
 
 def load_weights(model, folder: str | os.PathLike) -> None:
@@ -103,6 +163,7 @@ def load_weights(model, folder: str | os.PathLike) -> None:
 def save_policy(model, tokenizer, path: str | os.PathLike) -> None:
     """save_pretrained into a sibling folder, then rename: a crash never leaves half a model."""
     path = Path(path)
+    plain_model(model)  # a model loaded from GGUF saves as a plain folder
     tmp = path.with_name(f".{path.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -12,10 +12,16 @@ import torch
 
 from r1flow.data.formats import READABLE_MARKER, split_readable
 from r1flow.data.preferences import ASPECTS
+from r1flow.models import DTYPES, load_pretrained, load_tokenizer
 
 
-def render_for_rm(prompt_text: str, response_text: str) -> str:
-    """The one plain-text rendering a reward model reads, in training and in scoring alike."""
+def render_for_rm(prompt_text: str, response_text: str, tokenizer=None) -> str:
+    """The one rendering a reward model reads, in training and in scoring alike: the conversation in the
+    tokenizer's own chat template (the format a real chat model was trained on), or plain
+    "User: ... Assistant: ..." for a tokenizer without one (the embedded tiny base)."""
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt_text},
+                                              {"role": "assistant", "content": response_text}], tokenize=False)
     return f"User: {prompt_text}\nAssistant: {response_text}"
 
 
@@ -44,14 +50,16 @@ def prepare_tokenizer(tok):
     return tok
 
 
-def load_reward_model(path: str | os.PathLike, num_labels: int = 1, dtype: torch.dtype = torch.float32,
-                      device: str | torch.device = "cpu"):
-    """A sequence classifier with one output and its tokenizer, from a causal LM or a reward model folder,
-    on `device`."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def load_reward_model(path: str | os.PathLike, num_labels: int = 1, dtype: str | torch.dtype = "float32",
+                      gguf_file: str | None = None, device: str | torch.device = "cpu"):
+    """A sequence classifier with one output and its tokenizer, from a causal LM (a folder, hub id or
+    GGUF file) or a reward model folder, through r1flow.models.load_pretrained, on `device`."""
+    from transformers import AutoModelForSequenceClassification
 
-    tok = prepare_tokenizer(AutoTokenizer.from_pretrained(path))
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype).to(device)
+    if isinstance(dtype, torch.dtype):
+        dtype = {v: k for k, v in DTYPES.items()}[dtype]
+    tok = prepare_tokenizer(load_tokenizer(str(path), gguf_file))
+    model = load_pretrained(AutoModelForSequenceClassification, str(path), dtype, gguf_file, num_labels=num_labels).to(device)
     # LlamaForSequenceClassification scores the last token that is not pad_token_id; without it, a batch
     # of more than one text cannot be scored at all
     model.config.pad_token_id = tok.pad_token_id

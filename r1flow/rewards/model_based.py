@@ -56,7 +56,7 @@ def _score(aspect: str, completions, golds, prompts=None, path: str | None = Non
         raise ValueError(f"reward '{aspect}' needs one prompt per completion, got "
                          f"{None if prompts is None else len(prompts)} for {len(completions)}")
     model, tok = load_cached(path, device)
-    texts = [render_for_rm(prompt_text(p), rm_response(c, aspect, marker)) for p, c in zip(prompts, completions)]
+    texts = [render_for_rm(prompt_text(p), rm_response(c, aspect, marker), tok) for p, c in zip(prompts, completions)]
     with torch.no_grad():
         scores = score_texts(model, tok, texts, batch_size, max_length).tolist()
     if aspect == "helpfulness":

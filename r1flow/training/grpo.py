@@ -47,7 +47,7 @@ from r1flow.models import load_weights, model_device, save_policy
 from r1flow.models.logprobs import completion_logprobs
 from r1flow.rewards.grading import sample_and_grade, summarize
 from r1flow.training.engine import DeepSpeedSettings, make_engine, shard
-from r1flow.training.grpo_loss import (Normalizer, group_advantages, grpo_loss, loss_mask,
+from r1flow.training.grpo_loss import (Normalizer, group_advantages, groups_with_signal, grpo_loss, loss_mask,
                                        truncated_importance_weights)
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,9 @@ class GRPOConfig:
     seed: int = 0
     fast_path: bool = True
     generation_batch_size: int = 512
+    # steps in a row without any learning signal (every group of G outputs with one reward value, so
+    # every advantage of eq. 3 is 0) after which training stops with an error; 0 = never
+    stop_without_signal_after: int = 0
 
     @classmethod
     def from_dict(cls, d: dict) -> "GRPOConfig":
@@ -116,7 +119,7 @@ class GRPOConfig:
     # are decoded at once (each group samples from its own seed). A checkpoint made with other values of
     # these is resumed.
     NOT_TRAJECTORY = ("eval_every", "eval_prompts", "eval_k", "eval_temperature", "eval_top_p",
-                      "select_checkpoint", "save_every", "generation_batch_size")
+                      "select_checkpoint", "save_every", "generation_batch_size", "stop_without_signal_after")
 
     def trajectory(self) -> dict:
         """The settings a checkpoint must share with this run to be resumed."""
@@ -136,6 +139,14 @@ def check_run(cfg: GRPOConfig, deepspeed: dict | None = None, generation: dict |
         # each rank samples its own groups, so each needs its own engine: colocated mode
         raise ValueError("the vllm generation backend with several DeepSpeed ranks needs generation.vllm.colocate: "
                          "true (one vLLM engine per rank, on its own GPU)")
+
+
+class NoLearningSignal(RuntimeError):
+    """Every group of every step in a stretch had a single reward value: nothing can be learned."""
+
+
+# how many steps in a row without signal before the log warns (and again every as many steps)
+NO_SIGNAL_WARN_AFTER = 5
 
 
 class GRPOTrainer:
@@ -333,6 +344,8 @@ class GRPOTrainer:
 
         row = {
             "step": self.step_no,
+            # groups whose G rewards differ: only they carry an advantage (eq. 3), hence a gradient
+            "groups_with_signal": float(groups_with_signal(rewards, G).float().mean()),
             "reward_mean": float(rewards.mean()),
             "reward_std": float(rewards.std(unbiased=False)),
             "accuracy": _mean_of(score_list("accuracy")) if "accuracy" in names else float("nan"),
@@ -502,9 +515,10 @@ class GRPOTrainer:
         live = self.state_dir / "metrics_live.csv"
         # one log line per validation, or per checkpoint when validation is off
         log_every, logged = c.eval_every or c.save_every, self.step_no
-        done_now = 0
+        done_now, self.no_signal_steps = 0, 0
         while self.step_no < c.steps:
             row = self.step()
+            self._check_signal(row)
             if self.val_df is not None and c.eval_every and (self.step_no % c.eval_every == 0 or self.step_no == c.steps):
                 row.update(self.validate())
                 if row["val_pass@1"] > self.best["val_pass@1"]:
@@ -528,6 +542,31 @@ class GRPOTrainer:
                 break
         bar.close()
         return self.metrics()
+
+    def _check_signal(self, row: dict) -> None:
+        """Say so when nothing can be learned: after a stretch of steps in which every group had one reward
+        value (all advantages 0, section 2.2's eq. 3), warn with the mean reward and format rate; with
+        stop_without_signal_after, stop the run with an error rather than burn hours on it."""
+        self.no_signal_steps = 0 if row["groups_with_signal"] > 0 else self.no_signal_steps + 1
+        n, limit = self.no_signal_steps, self.cfg.stop_without_signal_after
+        if not n:
+            return
+        recent = [h for h in self.history if h.get("step", 0) > self.step_no - n and "reward_mean" in h] + [row]
+        reward = float(np.mean([h["reward_mean"] for h in recent]))
+        fmts = [h["format_rate"] for h in recent if not math.isnan(h["format_rate"])]
+        fmt = float(np.mean(fmts)) if fmts else float("nan")
+        what = (f"no learning signal for {n} step(s) in a row (steps {self.step_no - n + 1}-{self.step_no}): every "
+                f"group of {self.cfg.num_generations} outputs had a single reward value, so every advantage is 0; "
+                f"mean reward {reward:.3f}, format rate {fmt:.3f}, accuracy {row['accuracy']:.3f}")
+        if limit and n >= limit:
+            if self.is_main:
+                log.error(what)
+            raise NoLearningSignal(f"{what}. Stopping (stop_without_signal_after = {limit}): the policy never "
+                                   "produces a rewarded output to learn from. Choose easier prompts, a stronger "
+                                   "model, more samples (num_generations) or longer completions.")
+        warn_at = min(NO_SIGNAL_WARN_AFTER, limit) if limit else NO_SIGNAL_WARN_AFTER
+        if self.is_main and n % warn_at == 0:
+            log.warning(what)
 
     VAL_COLUMNS = ["val_pass@1", "val_format_rate", "val_length"]
 

@@ -48,6 +48,14 @@ SCALE_REWARDS = ("group", "batch", "none")
 _EQUAL_REL = 1e-6
 
 
+def groups_with_signal(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(groups,) bool: whose G rewards differ by more than float32 rounding (see group_advantages); only
+    these get a non-zero advantage (eq. 3), hence a gradient."""
+    r = rewards.double().view(-1, group_size)
+    spread = r.max(dim=1).values - r.min(dim=1).values
+    return spread > _EQUAL_REL * r.abs().max(dim=1).values.clamp(min=1.0)
+
+
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str = "group") -> torch.Tensor:
     """Eq. 3. rewards: (N,) in prompt-major order, N = prompts x G.
 
@@ -61,9 +69,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str 
     if scale_rewards not in SCALE_REWARDS:
         raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
     r = rewards.double().view(-1, group_size)
-    spread = r.max(dim=1, keepdim=True).values - r.min(dim=1, keepdim=True).values
-    size = r.abs().max(dim=1, keepdim=True).values.clamp(min=1.0)
-    signal = spread > _EQUAL_REL * size  # (groups, 1)
+    signal = groups_with_signal(rewards, group_size).unsqueeze(1)  # (groups, 1)
     centered = torch.where(signal, r - r.mean(dim=1, keepdim=True), torch.zeros_like(r))
     if scale_rewards == "none":
         return centered.flatten().float()

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from r1flow.data.preferences import ASPECTS, prompt_text, response_text
-from r1flow.models import DTYPES, save_policy
+from r1flow.models import save_policy
 from r1flow.models.reward_model import load_reward_model, max_length_of, render_for_rm, rm_response, score_texts
 
 log = logging.getLogger(__name__)
@@ -51,14 +51,15 @@ def pairwise_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> float
     return wins.mean().item()
 
 
-def pair_texts(pairs: pd.DataFrame, aspect: str | None = None) -> tuple[list[str], list[str]]:
-    """(chosen texts, rejected texts) as the reward model of each pair's aspect reads them."""
+def pair_texts(pairs: pd.DataFrame, aspect: str | None = None, tokenizer=None) -> tuple[list[str], list[str]]:
+    """(chosen texts, rejected texts) as the reward model of each pair's aspect reads them (in the
+    tokenizer's chat template when it has one)."""
     chosen, rejected = [], []
     for row in pairs.itertuples(index=False):
         a = aspect or row.aspect
         p = prompt_text(row.prompt)
-        chosen.append(render_for_rm(p, rm_response(response_text(row.chosen), a)))
-        rejected.append(render_for_rm(p, rm_response(response_text(row.rejected), a)))
+        chosen.append(render_for_rm(p, rm_response(response_text(row.chosen), a), tokenizer))
+        rejected.append(render_for_rm(p, rm_response(response_text(row.rejected), a), tokenizer))
     return chosen, rejected
 
 
@@ -67,7 +68,7 @@ def evaluate_reward_model(model, tokenizer, pairs: pd.DataFrame, aspect: str | N
     """Pairwise accuracy on preference pairs (ties count half). `aspect` defaults to each row's."""
     was_training = model.training
     model.eval()
-    chosen, rejected = pair_texts(pairs, aspect)
+    chosen, rejected = pair_texts(pairs, aspect, tokenizer)
     r_c = score_texts(model, tokenizer, chosen, batch_size)
     r_r = score_texts(model, tokenizer, rejected, batch_size)
     model.train(was_training)
@@ -79,7 +80,7 @@ def train_reward_model(base_path: str | os.PathLike, pairs_df: pd.DataFrame, asp
                        out_dir: str | os.PathLike | None, steps: int = 100, lr: float = 1e-3, batch_size: int = 16,
                        seed: int = 0, weight_decay: float = 0.0, warmup_steps: int = 0, max_grad_norm: float = 1.0,
                        max_length: int | None = None, dtype: str = "float32", device: str | torch.device = "cpu",
-                       log_every: int = 10):
+                       log_every: int = 10, gguf_file: str | None = None):
     """Train the `aspect` reward model on the pairs of that aspect; save it to `out_dir` (if given).
 
     Each step draws `batch_size` pairs (a fixed stream from `seed`), scores chosen and rejected in one
@@ -94,9 +95,9 @@ def train_reward_model(base_path: str | os.PathLike, pairs_df: pd.DataFrame, asp
         raise ValueError(f"no preference pairs with aspect '{aspect}' (aspects present: "
                          f"{sorted(pairs_df['aspect'].unique())})")
     torch.manual_seed(seed)  # the fresh score head is initialised from it
-    model, tok = load_reward_model(base_path, dtype=DTYPES[dtype], device=device)
+    model, tok = load_reward_model(base_path, dtype=dtype, gguf_file=gguf_file, device=device)
     max_length = max_length or max_length_of(model, tok)
-    chosen, rejected = pair_texts(pairs, aspect)
+    chosen, rejected = pair_texts(pairs, aspect, tok)
     # tokens per text as scored (truncated to max_length), for the throughput in the log
     n_tok = [min(len(ids), max_length) for ids in tok(chosen + rejected, add_special_tokens=False)["input_ids"]]
 

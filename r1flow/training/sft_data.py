@@ -49,11 +49,12 @@ def model_judge(generator, questions, golds, completions) -> list[bool]:
 
 
 def sample_completions(model_path: str, prompts, s: dict, generation: dict | None,
-                       dtype: str = "float32", device: str | torch.device = "cpu") -> list[str]:
-    """s["samples_per_prompt"] completions per prompt from a model folder (loaded in `dtype` on `device`),
-    at s["temperature"].
+                       dtype: str = "float32", device: str | torch.device = "cpu",
+                       gguf_file: str | None = None) -> list[str]:
+    """s["samples_per_prompt"] completions per prompt from a model folder, hub id or GGUF file (loaded in
+    `dtype` on `device`), at s["temperature"].
     `prompts` is a list of texts, or a function of the model's tokenizer (for chat templates)."""
-    model, tok = load_policy(model_path, dtype, device)
+    model, tok = load_policy(model_path, dtype, device, gguf_file=gguf_file)
     gen = make_generator(model, tok, generation, model_path=model_path, seed=s["seed"], progress=True)
     texts = prompts(tok) if callable(prompts) else prompts
     with torch.inference_mode():

@@ -12,7 +12,7 @@ rule cold_start_data:
         data=res("data", "sft", "cold_start.parquet"),
         provenance=provenance("cold_start_data"),
     params:
-        **job("cold_start.py", {"settings": config["r1"]["cold_start"], "base": model_arg("base")},
+        **job("cold_start.py", {"settings": config["r1"]["cold_start"], **base_model_settings("base")},
                     "--r1-zero {input.r1_zero} --train {input.train} --out {output.data} --threads {threads}",
                     model=("generate",)),
     threads: job_threads("cold_start_data")
@@ -37,7 +37,7 @@ rule cold_start_sft:
         metrics=res("cold_start", "sft_metrics.csv"),
         provenance=provenance("cold_start_sft"),
     params:
-        **job("sft.py", {"settings": config["r1"]["sft"], "model": model_arg("base")}, SFT_FILES,
+        **job("sft.py", {"settings": config["r1"]["sft"], **base_model_settings()}, SFT_FILES,
                     model=()),
     threads: job_threads("cold_start_sft")
     log:

@@ -6,7 +6,7 @@ import shlex
 import sys
 
 sys.path.insert(0, str(Path(workflow.basedir)))  # the r1flow package, when not pip-installed
-from r1flow.config import ConfigError, validate_config
+from r1flow.config import ConfigError, check_model_sources, validate_config
 from r1flow.evaluation.benchmarks import BenchmarkSpec
 
 # Fails here, before any job runs, naming the key and what was expected.
@@ -20,6 +20,13 @@ for _name, _spec in config["evaluation"]["benchmarks"].items():
         BenchmarkSpec.from_config(_name, _spec)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"config key 'evaluation.benchmarks.{_name}': {e}") from None
+
+# Every model named from outside the DAG (a folder, a GGUF file in one, a hub id) must be loadable: a hub id
+# neither cached nor reachable (offline), a missing or unsupported GGUF, or a tokenizer without the chat
+# template a stage needs stops the run here, naming the config key, before any job starts. Not on a dry
+# run, which plans (e.g. a cluster run) on a machine that may not hold the models.
+onstart:
+    check_model_sources(config)
 
 RESULTS = config["results"]
 SCRIPTS = str(Path(workflow.basedir) / "scripts")
@@ -132,17 +139,67 @@ def base_is_tiny():
     return config["base_model"]["path"] == "tiny"
 
 
-def model_input(name):
-    """A trained model is a folder produced by a rule; an external base model is a hub id or a path."""
+def outside_model(name):
+    """(path, gguf_file) of a model of the DAG that comes from outside it (a real base model, a real
+    student), or None for a model the DAG builds."""
     if name == "base" and not base_is_tiny():
-        return []
+        return config["base_model"]["path"], config["base_model"]["gguf_file"]
+    if name.startswith("student_"):
+        s = config["distillation"]["students"].get(name[len("student_"):])
+        if s is not None and s["path"] != "tiny":
+            return s["path"], s["gguf_file"]
+    return None
+
+
+def model_input(name):
+    """A trained model is a folder produced by a rule; an outside one is a hub id or a path (a local
+    one is an input, so a changed model reruns its stages)."""
+    ext = outside_model(name)
+    if ext is not None:
+        return ext[0] if os.path.exists(ext[0]) else []
     return res("models", name)
 
 
 def model_arg(name):
-    if name == "base" and not base_is_tiny():
-        return config["base_model"]["path"]
-    return res("models", name)
+    ext = outside_model(name)
+    return res("models", name) if ext is None else ext[0]
+
+
+def gguf_arg(name):
+    """The GGUF file inside model_arg(name), for its --gguf-file setting (None: the option is left out)."""
+    ext = outside_model(name)
+    return None if ext is None else ext[1]
+
+
+def base_model_settings(key="model"):
+    """The settings that name the base model to a script: its path under `key`, and its GGUF file."""
+    return {key: model_arg("base"), "gguf_file": gguf_arg("base")}
+
+
+def assistant_name():
+    """Who the self-cognition data says the model is (section 2.3.3)."""
+    if config["assistant_name"]:
+        return config["assistant_name"]
+    return "r1flow-tiny" if base_is_tiny() else "r1flow-" + Path(config["base_model"]["path"].rstrip("/")).name
+
+
+def preference_settings():
+    return {**config["r1"]["reward_models"]["pairs"], "assistant_name": assistant_name()}
+
+
+def reward_model_base_settings():
+    """The causal LM the reward models start from: r1.reward_models.base, else the base model."""
+    b = config["r1"]["reward_models"]["base"]
+    if b["path"]:
+        return {"base": b["path"], "gguf_file": b["gguf_file"]}
+    return base_model_settings("base")
+
+
+def reward_model_base_input():
+    b = config["r1"]["reward_models"]["base"]
+    if b["path"]:
+        return b["path"] if os.path.exists(b["path"]) else []
+    return model_input("base")
 
 
 # -- R1 (section 2.3) and distillation (section 2.4) ---------------------------------------------------
@@ -162,19 +219,32 @@ def reward_model_inputs(wildcards):
             if not config["r1"]["reward_models"][f"{a}_path"]]
 
 
+def tiny_student_allowed(wildcards):
+    """An input function of student_base (so it runs only when a tiny student is needed): under
+    data.source "files" a tiny student would be pretrained on the synthetic corpus, unrelated to the
+    prompts, so the student must then be a real model."""
+    if config["data"]["source"] == "files":
+        raise ConfigError(f"config key 'distillation.students.{wildcards.student}.path': \"tiny\" pretrains on the "
+                          "synthetic corpus, but data.source is \"files\": give a real model (hub id, folder or GGUF)")
+    return []
+
+
 def student_tiny(wildcards):
     """A tiny student is built like the embedded base, with the student's own sizes."""
     return {**config["base_model"]["tiny"], **config["distillation"]["students"][wildcards.student]["tiny"]}
 
 
 def student_model(wildcards):
-    path = config["distillation"]["students"][wildcards.student]["path"]
-    return res("models", f"student_{wildcards.student}") if path == "tiny" else path
+    return model_arg(f"student_{wildcards.student}")
+
+
+def student_gguf(wildcards):
+    return gguf_arg(f"student_{wildcards.student}")
 
 
 def student_input(wildcards):
-    """A tiny student is built by a rule; an external one is a hub id or a path."""
-    return student_model(wildcards) if config["distillation"]["students"][wildcards.student]["path"] == "tiny" else []
+    """A tiny student is built by a rule (student_base); a real one is a hub id or a path, never pretrained."""
+    return model_input(f"student_{wildcards.student}")
 
 
 # -- evaluation (section 3) ----------------------------------------------------------------------------
@@ -210,7 +280,8 @@ def eval_model(wildcards):
 
 
 def eval_gguf_file(wildcards):
-    return (external_model(wildcards.model) or {}).get("gguf_file") or None
+    ext = external_model(wildcards.model)
+    return gguf_arg(wildcards.model) if ext is None else ext.get("gguf_file") or None
 
 
 def eval_chat(wildcards):
@@ -238,9 +309,10 @@ def sampling_settings():
 
 
 def benchmark_data(wildcards):
-    """The synthetic held-out set is built by the `tasks` rule; a local benchmark file is an input."""
+    """The held-out test split (loader "tasks", synthetic or files) is built by the `tasks` rule; a local
+    benchmark file is an input."""
     spec = config["evaluation"]["benchmarks"][wildcards.benchmark]
-    if spec["loader"] == "synthetic":
+    if spec["loader"] in ("tasks", "synthetic"):
         return rules.tasks.output.test
     path = spec.get("path")
     return path if path and os.path.exists(path) else []

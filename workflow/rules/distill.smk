@@ -7,6 +7,7 @@ rule student_base:
     input:
         validation=rules.tasks.output.validation,
         test=rules.tasks.output.test,
+        allowed=tiny_student_allowed,
     output:
         model=directory(res("models", "student_{student}")),
         loss=res("students", "{student}_pretrain_loss.csv"),
@@ -44,7 +45,7 @@ rule distill:
     wildcard_constraints:
         student="|".join(STUDENTS) or "NONE",
     params:
-        **job("sft.py", {"settings": config["distillation"]["sft"], "model": student_model}, SFT_FILES,
+        **job("sft.py", {"settings": config["distillation"]["sft"], "model": student_model, "gguf_file": student_gguf}, SFT_FILES,
                     model=()),
     threads: job_threads("distill")
     log:
@@ -75,7 +76,7 @@ rule rl_only:
     params:
         **job("grpo.py",
                     {"grpo": config["distillation"]["rl_only"], "rewards": config["rewards"],
-                     "template": config["template"], "model": student_model},
+                     "template": config["template"], "model": student_model, "gguf_file": student_gguf},
                     GRPO_FILES, model=("generate", "train")),
     threads: job_threads("rl_only")
     log:

@@ -31,7 +31,7 @@ rule preferences:
         pairs=res("data", "preferences.parquet"),
         provenance=provenance("preferences"),
     params:
-        **job("preferences.py", {"settings": config["r1"]["reward_models"]["pairs"]}, "--out {output.pairs}"),
+        **job("preferences.py", {"settings": preference_settings()}, "--out {output.pairs}"),
     log:
         res("logs", "preferences.log"),
     benchmark:
@@ -74,7 +74,7 @@ rule final_sft:
         metrics=res("r1_sft", "sft_metrics.csv"),
         provenance=provenance("final_sft"),
     params:
-        **job("sft.py", {"settings": config["r1"]["final_sft"], "model": model_arg("base")}, SFT_FILES,
+        **job("sft.py", {"settings": config["r1"]["final_sft"], **base_model_settings()}, SFT_FILES,
                     model=()),
     threads: job_threads("final_sft")
     log:

@@ -5,7 +5,7 @@
 
 rule reward_model:
     input:
-        base=model_input("base"),
+        base=reward_model_base_input(),
         pairs=rules.preferences.output.pairs,
     output:
         model=directory(res("models", "rm_{aspect}")),
@@ -14,7 +14,7 @@ rule reward_model:
     wildcard_constraints:
         aspect="helpfulness|harmlessness",
     params:
-        **job("reward_model.py", {"settings": config["r1"]["reward_models"]["train"], "base": model_arg("base")},
+        **job("reward_model.py", {"settings": config["r1"]["reward_models"]["train"], **reward_model_base_settings()},
                     "--pairs {input.pairs} --aspect {wildcards.aspect} --out {output.model}"
                     " --metrics {output.metrics} --threads {threads}", model=()),
     threads: job_threads("reward_model")

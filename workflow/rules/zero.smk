@@ -16,7 +16,7 @@ rule r1_zero:
     params:
         **job("grpo.py",
                     {"grpo": config["r1_zero"]["grpo"], "rewards": config["rewards"], "template": config["template"],
-                     "model": model_arg("base")},
+                     **base_model_settings()},
                     GRPO_FILES, model=("generate", "train")),
     threads: job_threads("r1_zero")
     log:
