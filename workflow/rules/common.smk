@@ -180,7 +180,7 @@ def assistant_name():
     """Who the self-cognition data says the model is (section 2.3.3)."""
     if config["assistant_name"]:
         return config["assistant_name"]
-    return "r1flow-tiny" if base_is_tiny() else "r1flow-" + Path(config["base_model"]["path"].rstrip("/")).name
+    return "r1flow-tiny" if base_is_tiny() else f"r1flow-{Path(config['base_model']['path'].rstrip('/')).name}"
 
 
 def preference_settings():
