@@ -169,6 +169,22 @@ def test_no_validation_still_writes_valid_metrics(tiny_policy, tmp_path):
     assert t.validation_curve().empty and list(t.validation_curve().columns)[0] == "step"
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="resident memory is read from /proc (Linux)")
+def test_metrics_report_resident_memory_per_step(tiny_policy, tmp_path):
+    """Every step's metrics row carries the trainer's resident memory (rss_mb) and its peak so far, and the
+    written metrics.csv keeps both columns (GRPO_METRICS declares them)."""
+    from r1flow.data.artifacts import read_table, write_table
+    from r1flow.data.schemas import GRPO_METRICS
+
+    path, _ = tiny_policy
+    m = _trainer(path, tmp_path / "rss", eval_every=0, steps=2).train(progress=False)
+    assert "rss_mb" in GRPO_METRICS.columns and "peak_rss_mb" in GRPO_METRICS.columns
+    write_table(m, tmp_path / "metrics.csv", GRPO_METRICS)
+    back = read_table(tmp_path / "metrics.csv", GRPO_METRICS)
+    assert len(back) == 2
+    assert (back["rss_mb"] > 10).all() and (back["peak_rss_mb"] >= back["rss_mb"]).all()
+
+
 def test_batches_mix_kinds_in_proportion_and_are_deterministic():
     """RL for all scenarios (section 2.3.4): every step holds reasoning and general prompts."""
     from r1flow.training.grpo import GRPOConfig, GRPOTrainer, progress_line
