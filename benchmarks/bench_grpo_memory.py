@@ -15,6 +15,13 @@ template, no validation), and prints after every step:
 then the growth from the first measured step to the last. Without --model a tiny Llama is built (fast; for
 a quick look at the growth). `--trim-in-bench` calls malloc_trim(0) after each step here as well, to
 test the allocator hypothesis against a trainer without it.
+
+Measured (SmolLM2-135M-Instruct Q4_1 GGUF in float32, GSM8K test prompts, 1 thread, loaded machine):
+4 x G=4 x 64 tokens, RSS after steps 1-5 before malloc_trim in the trainer: 4664, 5958, 5679, 4658,
+5035 MB (peak 6745); with it, between-step troughs (sampled from /proc) 2673, 2640, 2678 MB: the
+retained gigabytes were free allocator memory, not live tensors. 8 x 4 x 160 with the whole batch in one
+forward/backward: OOM-killed at 14 GB during step 1; with --micro-batch-size 4: 2567 MB after step 1,
+peak 4296 MB.
 """
 
 from __future__ import annotations
