@@ -93,6 +93,9 @@ GRPO_METRICS = DataFrameSchema(
         "loss": Column(float),
         "time_generation": Column(float, Check.ge(0.0)),
         "time_training": Column(float, Check.ge(0.0)),
+        # resident memory of the trainer process after the step, and its peak so far (MB; NaN off Linux)
+        "rss_mb": Column(float, Check.gt(0.0), nullable=True),
+        "peak_rss_mb": Column(float, Check.gt(0.0), nullable=True),
         "val_pass@1": Column(float, Check.in_range(0.0, 1.0), nullable=True),
         "val_format_rate": Column(float, Check.in_range(0.0, 1.0), nullable=True),
         "val_length": Column(float, Check.ge(0.0), nullable=True),

@@ -43,6 +43,7 @@ from r1flow import rewards as R
 from r1flow.config import require_positive
 from r1flow.data.prompts import chat_prompt, render
 from r1flow.generation import SamplingParams, make_generator
+from r1flow.memory import peak_rss_mb, rss_mb, trim_allocator
 from r1flow.models import load_weights, model_device, save_policy
 from r1flow.models.logprobs import completion_logprobs
 from r1flow.rewards.grading import sample_and_grade, summarize
@@ -245,6 +246,15 @@ class GRPOTrainer:
         return int.from_bytes(h[:8], "little") % (2**31)
 
     def step(self) -> dict:
+        """One GRPO step; its metrics row. `rss_mb` is the process's resident memory after the step, once
+        the step's tensors are gone and the allocator's free memory is returned to the system."""
+        row = self._step()
+        # every tensor of the step (completions, logits, graphs) was freed when _step returned
+        trim_allocator()
+        row["rss_mb"], row["peak_rss_mb"] = rss_mb(), peak_rss_mb()
+        return row
+
+    def _step(self) -> dict:
         c, G = self.cfg, self.cfg.num_generations
         self.step_no += 1
         batch = self._batch(self.step_no)
