@@ -1,7 +1,7 @@
 """The packages of r1flow import each other in one direction only, and every module is read, imports inside
 functions included (those are where cycles used to hide).
 
-Layers, lowest first: `config` and `provenance` (the workflow's plumbing: they import nothing of r1flow),
+Layers, lowest first: `config`, `provenance` and `memory` (plumbing: they import nothing of r1flow),
 then data < models < generation < rewards < training < evaluation. A module may import its own layer or a
 lower one.
 """
@@ -12,7 +12,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "r1flow"
-LAYERS = {"__init__": 0, "config": 0, "provenance": 0, "data": 1, "models": 2, "generation": 3, "rewards": 4,
+LAYERS = {"__init__": 0, "config": 0, "provenance": 0, "memory": 0, "data": 1, "models": 2, "generation": 3, "rewards": 4,
           "training": 5, "evaluation": 6}
 # r1flow imports allowed inside a function, and why; every other one goes at the top of its module
 LAZY = {
