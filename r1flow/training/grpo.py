@@ -42,6 +42,7 @@ from r1flow.data.prompts import chat_prompt, render
 from r1flow.evaluation import sample_and_grade, summarize
 from r1flow.generation import SamplingParams, make_generator
 from r1flow.models import load_weights, save_policy
+from r1flow.models.chunked import set_activation_checkpointing
 from r1flow.training.engine import DeepSpeedSettings, make_engine, shard
 from r1flow.training.grpo_loss import Normalizer, group_advantages, grpo_loss, loss_mask
 from r1flow.training.logprobs import completion_logprobs
@@ -77,7 +78,8 @@ class GRPOConfig:
     warmup_steps: int = 10
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    micro_batch_size: int = 0  # outputs per forward/backward; 0 = the whole batch
+    micro_batch_size: int = 0  # outputs per forward/backward (any number, not only whole groups); 0 = the whole batch
+    gradient_checkpointing: bool = False  # recompute each decoder layer in the backward (less memory)
     # held-out validation during training (Figure 2) and checkpoint choice
     eval_every: int = 25
     eval_prompts: int = 128
@@ -105,9 +107,10 @@ class GRPOConfig:
     # Settings that leave the training trajectory as it is: when and how validation runs (it draws from
     # its own random stream), when checkpoints are saved, which one is exported, and how many sequences
     # are decoded at once (a memory setting; after a change the sampled batches are other draws from the
-    # same distribution). A checkpoint made with other values of these is resumed.
+    # same distribution), and whether layers are recomputed in the backward (gradient checkpointing: a
+    # memory setting, same gradients). A checkpoint made with other values of these is resumed.
     NOT_TRAJECTORY = ("eval_every", "eval_prompts", "eval_k", "eval_temperature", "eval_top_p",
-                      "select_checkpoint", "save_every", "generation_batch_size")
+                      "select_checkpoint", "save_every", "generation_batch_size", "gradient_checkpointing")
 
     def trajectory(self) -> dict:
         """The settings a checkpoint must share with this run to be resumed."""
@@ -124,9 +127,10 @@ class GRPOTrainer:
         self.train_df = train.reset_index(drop=True)
         self.val_df = None if validation is None else validation.head(cfg.eval_prompts).reset_index(drop=True)
         self.state_dir = Path(state_dir)
-        G = cfg.num_generations
-        if cfg.micro_batch_size and cfg.micro_batch_size % G:
-            raise ValueError(f"micro_batch_size ({cfg.micro_batch_size}) must be a multiple of num_generations ({G})")
+        if cfg.micro_batch_size < 0:
+            raise ValueError(f"micro_batch_size must be 0 (the whole batch) or positive, got {cfg.micro_batch_size}")
+        if cfg.gradient_checkpointing:  # transformers' flag, which the fast forward follows too
+            set_activation_checkpointing(model, True)
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
         torch.manual_seed(cfg.seed)

@@ -1,0 +1,116 @@
+"""Peak memory of one GRPO training step against completion length, on the CPU.
+
+    PYTHONPATH=. python benchmarks/bench_memory.py [--lengths 256 512 1024 2048] [--threads 1]
+        [--gradient-checkpointing]
+
+One step = the reference model's log-probs (no grad), the policy's log-probs and entropy (with grad),
+the GRPO loss (beta 0.04) and its backward; sampling and the optimiser update are left aside. The model
+is randomly initialised with Qwen2.5-0.5B's vocabulary and width (vocab 151,936, hidden 896, 14 query
+and 2 key-value heads, intermediate 4864, tied embeddings) and 4 layers, float32; 2 completion rows
+(one prompt of 64 tokens, G = 2). Each length runs in a fresh subprocess and reports its peak resident
+set size (`resource.getrusage`, ru_maxrss), and the same peak minus the resident size once the two
+models are built ("step"): the memory of the step itself.
+
+Only public functions that exist in every version of r1flow since the first are called
+(`r1flow.training.logprobs.completion_logprobs`, `r1flow.training.grpo_loss.grpo_loss`), so the script
+measures an older checkout too: `git worktree add /tmp/old <commit>` then
+`PYTHONPATH=/tmp/old python benchmarks/bench_memory.py`.
+
+Measured on a 2-core CPU machine, torch 2.13, one thread (`--threads 1`), peak RSS in MB:
+
+    (filled in below by the measurement of this commit; see the end of this docstring)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+QWEN25_05B = dict(vocab_size=151936, hidden_size=896, num_attention_heads=14, num_key_value_heads=2,
+                  intermediate_size=4864, tie_word_embeddings=True, max_position_embeddings=32768,
+                  rope_theta=1000000.0, rms_norm_eps=1e-6)
+PROMPT_LEN, ROWS, G = 64, 2, 2
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def one(length: int, layers: int, threads: int, checkpointing: bool) -> dict:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    import r1flow
+    from r1flow.training.grpo_loss import grpo_loss
+    from r1flow.training.logprobs import completion_logprobs
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = Qwen2Config(**QWEN25_05B, num_hidden_layers=layers)
+    policy = Qwen2ForCausalLM(cfg).float()
+    ref = Qwen2ForCausalLM(cfg).float()
+    ref.load_state_dict(policy.state_dict())
+    ref.eval().requires_grad_(False)
+    if checkpointing:
+        if hasattr(policy, "activation_checkpointing_enable"):  # the fast forward of r1flow follows this flag
+            policy.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.train()
+    g = torch.Generator().manual_seed(1)
+    prompt_ids = torch.randint(0, cfg.vocab_size, (1, PROMPT_LEN), generator=g).repeat(ROWS, 1)
+    prompt_mask = torch.ones_like(prompt_ids)
+    completion_ids = torch.randint(0, cfg.vocab_size, (ROWS, length), generator=g)
+    completion_mask = torch.ones_like(completion_ids)
+    advantages = torch.tensor([1.0, -1.0])
+    base = _rss_mb()
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        ref_lp, _ = completion_logprobs(ref, prompt_ids, prompt_mask, completion_ids, completion_mask, G)
+    lp, ent = completion_logprobs(policy, prompt_ids, prompt_mask, completion_ids, completion_mask, G,
+                                  with_entropy=True)
+    loss, _ = grpo_loss(lp, lp.detach(), ref_lp, advantages, completion_mask.float(), beta=0.04)
+    loss.backward()
+    seconds = time.perf_counter() - t0
+    grad_norm = float(sum(p.grad.double().pow(2).sum() for p in policy.parameters() if p.grad is not None) ** 0.5)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+    return {"length": length, "peak_mb": round(peak), "models_mb": round(base), "step_mb": round(peak - base),
+            "seconds": round(seconds, 1), "loss": float(loss), "entropy": float(ent.mean()),
+            "grad_norm": grad_norm, "r1flow": os.path.dirname(os.path.dirname(r1flow.__file__))}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: measure one length in this process
+    a = ap.parse_args()
+    if a.one is not None:
+        print(json.dumps(one(a.one, a.layers, a.threads, a.gradient_checkpointing)))
+        return
+    rows = []
+    for length in a.lengths:  # one fresh process per length: ru_maxrss is a high-water mark
+        cmd = [sys.executable, __file__, "--one", str(length), "--layers", str(a.layers), "--threads", str(a.threads)]
+        if a.gradient_checkpointing:
+            cmd.append("--gradient-checkpointing")
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        row = json.loads(out.strip().splitlines()[-1])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\nr1flow from {rows[0]['r1flow']}; {a.layers} layers, {ROWS} rows, prompt {PROMPT_LEN} tokens")
+    print(f"{'length':>7} {'peak MB':>9} {'step MB':>9} {'seconds':>8}")
+    for r in rows:
+        print(f"{r['length']:>7} {r['peak_mb']:>9} {r['step_mb']:>9} {r['seconds']:>8}")
+
+
+if __name__ == "__main__":
+    main()
