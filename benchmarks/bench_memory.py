@@ -8,8 +8,10 @@ the GRPO loss (beta 0.04) and its backward; sampling and the optimiser update ar
 is randomly initialised with Qwen2.5-0.5B's vocabulary and width (vocab 151,936, hidden 896, 14 query
 and 2 key-value heads, intermediate 4864, tied embeddings) and 4 layers, float32; 2 completion rows
 (one prompt of 64 tokens, G = 2). Each length runs in a fresh subprocess and reports its peak resident
-set size (`resource.getrusage`, ru_maxrss), and the same peak minus the resident size once the two
-models are built ("step"): the memory of the step itself.
+set size during the step (`resource.getrusage`, ru_maxrss, after resetting the kernel's peak mark once
+the two models are built, so that their construction's transient peak does not count; the models'
+resident size is included) and the same peak minus the resident size before the step ("step"): the
+memory of the step itself.
 
 Only public functions that exist in every version of r1flow since the first are called
 (`r1flow.training.logprobs.completion_logprobs`, `r1flow.training.grpo_loss.grpo_loss`), so the script
@@ -24,6 +26,8 @@ Measured on a 2-core CPU machine, torch 2.13, one thread (`--threads 1`), peak R
 from __future__ import annotations
 
 import argparse
+import copy
+import gc
 import json
 import os
 import resource
@@ -42,6 +46,22 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux's clear_refs 5), so the model construction's transient
+    peak does not count; False where that is not possible (the peak then covers construction too)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_mb() -> float:
+    """Peak RSS since the last reset: getrusage's ru_maxrss, which follows the reset mark (VmHWM)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+
+
 def one(length: int, layers: int, threads: int, checkpointing: bool) -> dict:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -54,8 +74,7 @@ def one(length: int, layers: int, threads: int, checkpointing: bool) -> dict:
     torch.manual_seed(0)
     cfg = Qwen2Config(**QWEN25_05B, num_hidden_layers=layers)
     policy = Qwen2ForCausalLM(cfg).float()
-    ref = Qwen2ForCausalLM(cfg).float()
-    ref.load_state_dict(policy.state_dict())
+    ref = copy.deepcopy(policy)
     ref.eval().requires_grad_(False)
     if checkpointing:
         if hasattr(policy, "activation_checkpointing_enable"):  # the fast forward of r1flow follows this flag
@@ -69,6 +88,9 @@ def one(length: int, layers: int, threads: int, checkpointing: bool) -> dict:
     completion_ids = torch.randint(0, cfg.vocab_size, (ROWS, length), generator=g)
     completion_mask = torch.ones_like(completion_ids)
     advantages = torch.tensor([1.0, -1.0])
+    gc.collect()
+    build_peak = _peak_mb()
+    reset = _reset_peak()
     base = _rss_mb()
 
     t0 = time.perf_counter()
@@ -80,8 +102,9 @@ def one(length: int, layers: int, threads: int, checkpointing: bool) -> dict:
     loss.backward()
     seconds = time.perf_counter() - t0
     grad_norm = float(sum(p.grad.double().pow(2).sum() for p in policy.parameters() if p.grad is not None) ** 0.5)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+    peak = _peak_mb()
     return {"length": length, "peak_mb": round(peak), "models_mb": round(base), "step_mb": round(peak - base),
+            "build_peak_mb": round(build_peak), "peak_reset": reset,
             "seconds": round(seconds, 1), "loss": float(loss), "entropy": float(ent.mean()),
             "grad_norm": grad_norm, "r1flow": os.path.dirname(os.path.dirname(r1flow.__file__))}
 

@@ -232,12 +232,34 @@ def _qkv(W: _Weights, L: _Layer, h, cos, sin):
     return q, k, v
 
 
+class _SiluMul(torch.autograd.Function):
+    """silu(g) * u keeping only g and u for the backward (autograd would also keep silu(g) and the
+    product: with the intermediate size ~5x the hidden size, that is the largest activation of a layer)."""
+
+    @staticmethod
+    def forward(ctx, g, u):
+        ctx.save_for_backward(g, u)
+        return F.silu(g) * u
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        g, u = ctx.saved_tensors
+        gf, uf, grad = g.float(), u.float(), grad.float()
+        sg = torch.sigmoid(gf)
+        dg = grad * uf * sg * (1 + gf * (1 - sg))  # d silu(g) / dg = sigmoid(g) (1 + g (1 - sigmoid(g)))
+        du = grad * gf * sg
+        return dg.to(g.dtype), du.to(u.dtype)
+
+
 def _mlp(L: _Layer, h):
     if isinstance(L.w_gu[0], torch.Tensor):  # fused
         g, u = F.linear(h, *L.w_gu).chunk(2, -1)
     else:
         (wg, bg), (wu, bu) = L.w_gu
         g, u = F.linear(h, wg, bg), F.linear(h, wu, bu)
+    if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
+        return F.linear(_SiluMul.apply(g, u), L.w_down, L.b_down)
     return F.linear(F.silu(g) * u, L.w_down, L.b_down)
 
 
