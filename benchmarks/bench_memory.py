@@ -101,8 +101,9 @@ def one(length: int, layers: int, threads: int, checkpointing: bool) -> dict:
     loss, _ = grpo_loss(lp, lp.detach(), ref_lp, advantages, completion_mask.float(), beta=0.04)
     loss.backward()
     seconds = time.perf_counter() - t0
-    grad_norm = float(sum(p.grad.double().pow(2).sum() for p in policy.parameters() if p.grad is not None) ** 0.5)
-    peak = _peak_mb()
+    peak = _peak_mb()  # before anything else allocates
+    grad_norm = float(torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(p.grad) for p in policy.parameters() if p.grad is not None])))
     return {"length": length, "peak_mb": round(peak), "models_mb": round(base), "step_mb": round(peak - base),
             "build_peak_mb": round(build_peak), "peak_reset": reset,
             "seconds": round(seconds, 1), "loss": float(loss), "entropy": float(ent.mean()),
