@@ -43,7 +43,8 @@ def main():
     prompts, completions = chat_pairs(tok, data["messages"])
     rows = train_sft(model, tok, prompts, completions, epochs=s["epochs"], learning_rate=s["learning_rate"],
                      batch_size=s["batch_size"], micro_batch_size=s["micro_batch_size"], max_length=s["max_length"],
-                     warmup_steps=s["warmup_steps"], seed=s["seed"])
+                     warmup_steps=s["warmup_steps"], seed=s["seed"],
+                     gradient_checkpointing=s.get("gradient_checkpointing", False))
     save_policy(model, tok, a.out)
     write_table(pd.DataFrame(rows), a.metrics, SFT_METRICS)
     log.info(f"{a.stage}: {len(data)} examples x {s['epochs']} epochs, {len(rows)} updates, "

@@ -152,7 +152,7 @@ def test_bad_settings_fail_clearly(tiny_policy, tmp_path):
     with pytest.raises(ValueError, match="unknown GRPO settings"):
         GRPOConfig.from_dict({"G": 8})
     with pytest.raises(ValueError, match="micro_batch_size"):
-        _trainer(path, tmp_path / "x", micro_batch_size=6)
+        _trainer(path, tmp_path / "x", micro_batch_size=-1)
     with pytest.raises(KeyError, match="unknown reward"):
         _trainer(path, tmp_path / "x", rewards={"nope": 1.0})
 

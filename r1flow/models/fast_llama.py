@@ -10,10 +10,11 @@ flow to its parameters):
   K/V are kept once per prompt (the n rows of a prompt score against them in one matmul, which is the
   n-fold repeat without its copies and memory traffic); generated K/V go into pre-allocated buffers,
   written in place (no concatenation per step).
-* `completion_logprobs`: the training forward. The M prompts run once, their K/V are repeated G times
-  (with autograd, so the gradient of every completion reaches the shared prompt computation), and the
-  completion tokens attend to [prompt keys ; causal completion keys]. lm_head runs only where a logit
-  is needed.
+* `completion_logprobs`: the training forward. The M prompts run once, their K/V are indexed per
+  completion row (with autograd, so the gradient of every completion reaches the shared prompt
+  computation), and the completion tokens attend to [prompt keys ; causal completion keys] through a
+  causal SDPA without a mask tensor. lm_head runs only where a logit is needed, a chunk of tokens at a
+  time (`r1flow.models.chunked`): memory is linear in the completion length.
 
 `supports(model)` says whether a model uses only the features implemented here; callers fall back to
 the model's own forward otherwise. Rotary cos/sin come from the model's own `rotary_emb`; only rope types
@@ -27,10 +28,12 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from r1flow.config import require_positive
 from r1flow.models.decoding import sample_next
+from r1flow.models.chunked import activation_checkpointing, linear_logprobs
 
 __all__ = ["supports", "sample", "completion_logprobs"]
 
@@ -229,12 +232,34 @@ def _qkv(W: _Weights, L: _Layer, h, cos, sin):
     return q, k, v
 
 
+class _SiluMul(torch.autograd.Function):
+    """silu(g) * u keeping only g and u for the backward (autograd would also keep silu(g) and the
+    product: with the intermediate size ~5x the hidden size, that is the largest activation of a layer)."""
+
+    @staticmethod
+    def forward(ctx, g, u):
+        ctx.save_for_backward(g, u)
+        return F.silu(g) * u
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        g, u = ctx.saved_tensors
+        gf, uf, grad = g.float(), u.float(), grad.float()
+        sg = torch.sigmoid(gf)
+        dg = grad * uf * sg * (1 + gf * (1 - sg))  # d silu(g) / dg = sigmoid(g) (1 + g (1 - sigmoid(g)))
+        du = grad * gf * sg
+        return dg.to(g.dtype), du.to(u.dtype)
+
+
 def _mlp(L: _Layer, h):
     if isinstance(L.w_gu[0], torch.Tensor):  # fused
         g, u = F.linear(h, *L.w_gu).chunk(2, -1)
     else:
         (wg, bg), (wu, bu) = L.w_gu
         g, u = F.linear(h, wg, bg), F.linear(h, wu, bu)
+    if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
+        return F.linear(_SiluMul.apply(g, u), L.w_down, L.b_down)
     return F.linear(F.silu(g) * u, L.w_down, L.b_down)
 
 
@@ -301,61 +326,88 @@ def _prefill(W: _Weights, prompt_ids, prompt_mask):
 # training forward
 
 
+def _group_counts(group_size, M: int, B: int) -> list[int]:
+    """Completion rows per prompt: G for every prompt (an int), or one count per prompt (a sequence)."""
+    if isinstance(group_size, int) or (isinstance(group_size, torch.Tensor) and group_size.dim() == 0):
+        G = int(group_size)
+        if B != M * G:
+            raise ValueError(f"{B} completion rows for {M} prompts x group size {G}")
+        return [G] * M
+    counts = [int(n) for n in group_size]
+    if len(counts) != M or sum(counts) != B or min(counts, default=1) < 1:
+        raise ValueError(f"{B} completion rows for {M} prompts in groups of {counts}")
+    return counts
+
+
 def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size,
-                        temperature: float = 1.0, with_entropy: bool = False):
+                        temperature: float = 1.0, with_entropy: bool = False, chunk_size: int | None = None):
     """Per-token log-probabilities of the completions, with autograd.
 
     prompt_ids, prompt_mask: (M, P) left-padded unique prompts. completion_ids, completion_mask:
-    (M*G, C) right-padded, prompt-major (rows i*G .. i*G+G-1 continue prompt i), G = group_size.
-    Returns logps (M*G, C), logps[r, t] = log_softmax(logits / temperature)[completion_ids[r, t]],
+    (B, C) right-padded, prompt-major: with group_size an int G, B = M*G and rows i*G .. i*G+G-1
+    continue prompt i; group_size may also be M counts (rows per prompt, in order, any positive sizes),
+    so a micro-batch need not hold whole groups.
+    Returns logps (B, C), logps[r, t] = log_softmax(logits / temperature)[completion_ids[r, t]],
     and the (detached) entropy of softmax(logits / temperature) per token, or None.
     Values where completion_mask == 0 are finite but meaningless.
+
+    Memory is linear in the completion length: attention is causal SDPA without a mask tensor (the keys
+    of each row are reordered to [prompt tokens ; completion ; prompt padding], for which the plain
+    causal mask is exact), and log-probs and entropy come from `chunked.linear_logprobs`, which never
+    holds more than `chunk_size` tokens' logits. When the model has activation checkpointing enabled
+    (`chunked.set_activation_checkpointing`) and is training, each decoder layer over the completions
+    is recomputed in the backward instead of keeping its activations.
     """
     require_positive("temperature", temperature)  # greedy (0) has no log-probs to train on
     W = _weights(model)
     M, P = prompt_ids.shape
     B, C = completion_ids.shape
-    G = int(group_size)
-    if B != M * G:
-        raise ValueError(f"{B} completion rows for {M} prompts x group size {G}")
+    counts = _group_counts(group_size, M, B)
     if C == 0:
-        empty = completion_ids.new_zeros((B, 0), dtype=W.lm_head.dtype)
+        empty = completion_ids.new_zeros((B, 0), dtype=torch.float32)
         return empty, (empty.detach() if with_entropy else None)
+    dev = completion_ids.device
+    rows = torch.repeat_interleave(torch.arange(M, device=dev), torch.tensor(counts, device=dev))  # row -> prompt
     h0, kvs, ppos = _prefill(W, prompt_ids, prompt_mask)
-    hs = [h0.repeat_interleave(G, 0)[:, None]]  # predicts completion token 0
+    hs = [h0[rows][:, None]]  # predicts completion token 0
     if C > 1:  # completion tokens 0..C-2 predict 1..C-1; the last token is never an input
-        T = C - 1
+        T, S, H, Hkv, D = C - 1, P + C - 1, W.H, W.Hkv, W.D
         ids = completion_ids[:, :T]
-        pos = ppos[:, -1:].repeat_interleave(G, 0) + 1 + torch.arange(T, device=ids.device)
+        pos = ppos[rows, -1:] + 1 + torch.arange(T, device=dev)
         x = W.embed(ids)
         cos, sin = _rope_tables(W, x, pos)
-        idx = torch.arange(T, device=ids.device)
-        causal = (idx[None, :] <= idx[:, None]).expand(B, 1, T, T)
-        pmask = prompt_mask.bool().repeat_interleave(G, 0)[:, None, None, :].expand(B, 1, T, P)
-        mask = _group_mask(torch.cat((pmask, causal), -1), W.H // W.Hkv)
-        for L, (kp, vp) in zip(W.layers, kvs):
+        # Sequence order of each row: [its prompt tokens ; completion ; its prompt padding] (a stable sort
+        # of the keys by padding), so that query i may see keys 0..i: a causal mask, exact, without a
+        # mask tensor. The completion queries go to their places in that order; the other query slots
+        # are zeros whose outputs are dropped.
+        valid = torch.cat((prompt_mask.bool()[rows], torch.ones((B, T), dtype=torch.bool, device=dev)), 1)
+        order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices  # (B, S)
+        kidx = order[:, None, :, None].expand(B, Hkv, S, D)
+        qpos = (prompt_mask.sum(1)[rows][:, None] + torch.arange(T, device=dev)).to(torch.long)  # (B, T)
+        qidx = qpos[:, :, None, None].expand(B, T, H, D)
+        scale = 1.0 if W.q_prescaled else None
+
+        def layer(x, L, kp, vp):
             h = _rms_norm(x, L.ln1, L.eps1)
             q, k, v = _qkv(W, L, h, cos, sin)
-            # [prompt keys, shared by the G rows of a prompt ; completion keys], one copy (the
-            # expand's backward sums the G rows' gradients into the shared prompt computation)
-            Hkv, D = W.Hkv, W.D
-            k = torch.cat((kp[:, None].expand(M, G, Hkv, P, D), k.transpose(1, 2).view(M, G, Hkv, T, D)), 3)
-            v = torch.cat((vp[:, None].expand(M, G, Hkv, P, D), v.transpose(1, 2).view(M, G, Hkv, T, D)), 3)
-            k, v = k.view(B, Hkv, P + T, D), v.view(B, Hkv, P + T, D)
-            x = x + F.linear(_attend(W, q, k, v, mask), L.w_o, L.b_o)
-            x = x + _mlp(L, _rms_norm(x, L.ln2, L.eps2))
+            # the prompt keys/values are indexed per row (their gradients sum back into the shared prompt)
+            k = torch.cat((kp[rows], k.transpose(1, 2)), 2).gather(2, kidx)  # (B, Hkv, S, D)
+            v = torch.cat((vp[rows], v.transpose(1, 2)), 2).gather(2, kidx)
+            q = q.new_zeros((B, S, H, D)).scatter(1, qidx, q).transpose(1, 2)  # (B, H, S, D)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hkv != H, scale=scale)
+            o = o.transpose(1, 2).gather(1, qidx).reshape(B, T, H * D)
+            x = x + F.linear(o, L.w_o, L.b_o)
+            return x + _mlp(L, _rms_norm(x, L.ln2, L.eps2))
+
+        recompute = model.training and torch.is_grad_enabled() and activation_checkpointing(model)
+        for L, (kp, vp) in zip(W.layers, kvs):
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(layer, x, L, kp, vp, use_reentrant=False)
+            else:
+                x = layer(x, L, kp, vp)
         hs.append(_rms_norm(x, W.norm, W.norm_eps))
-    logits = F.linear(torch.cat(hs, 1), W.lm_head).float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp = torch.log_softmax(logits, -1)
-    logps = logp.gather(-1, completion_ids[..., None]).squeeze(-1)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            lp = logp.detach()
-            entropy = -(lp.exp() * lp).sum(-1)
-    return logps, entropy
+    return linear_logprobs(torch.cat(hs, 1), W.lm_head, completion_ids, temperature=temperature,
+                           with_entropy=with_entropy, chunk_size=chunk_size)
 
 
 # --------------------------------------------------------------------------------------------------

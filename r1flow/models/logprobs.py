@@ -7,6 +7,7 @@ import torch
 
 from r1flow.config import require_positive
 from r1flow.models import fast_llama
+from r1flow.models.chunked import linear_logprobs, output_layer
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False):
@@ -29,30 +30,56 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 
 
 def hf_completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                           temperature: float = 1.0, with_entropy: bool = False):
-    """Reference implementation through the model's own forward over prompt + completion (rows aligned)."""
+                           temperature: float = 1.0, with_entropy: bool = False, chunk_size: int | None = None):
+    """Reference implementation through the model's own forward over prompt + completion (rows aligned).
+
+    Where the model's logits are lm_head(decoder hidden state) (`chunked.output_layer`), the decoder runs
+    and the log-probs come from `chunked.linear_logprobs`, a chunk of tokens at a time: the (rows, length,
+    vocab) logits never exist. Other models give their logits, the ones predicting completion tokens."""
+    require_positive("temperature", temperature)
     ids = torch.cat([prompt_ids, completion_ids], 1)
     mask = torch.cat([prompt_mask, torch.ones_like(completion_mask)], 1)
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     C = completion_ids.shape[1]
-    # only the logits that predict completion tokens: positions P-1 .. P+C-2
+    head = output_layer(model)
+    if head is not None:
+        decoder, lm_head = head
+        hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+        # positions P-1 .. P+C-2 predict the completion tokens
+        return linear_logprobs(hidden[:, ids.shape[1] - C - 1:-1], lm_head.weight, completion_ids, bias=lm_head.bias,
+                               temperature=temperature, with_entropy=with_entropy, chunk_size=chunk_size)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=C + 1).logits[:, :-1]
     return token_logprobs(logits, completion_ids, temperature, with_entropy)
 
 
+def prompt_groups(prompt_ids, prompt_mask) -> list[int]:
+    """Lengths of the runs of consecutive rows with the same prompt (ids and mask), in order."""
+    if prompt_ids.shape[0] == 0:
+        return []
+    same = (prompt_ids[1:] == prompt_ids[:-1]).all(1) & (prompt_mask[1:] == prompt_mask[:-1]).all(1)
+    # bookkeeping on the CPU (a list of run lengths comes out), whatever device the prompts are on
+    starts = torch.cat((torch.tensor([0], device="cpu"), torch.nonzero(~same.cpu()).flatten() + 1,
+                        torch.tensor([prompt_ids.shape[0]], device="cpu")))
+    return starts.diff().tolist()
+
+
 def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size: int,
                         temperature: float = 1.0, with_entropy: bool = False, fast: bool = True):
-    """(N, C) log-probs (and entropies) of the completion tokens. Rows are prompt-major groups of
-    `group_size`; prompt_ids has one row per completion.
+    """(N, C) log-probs (and entropies) of the completion tokens; prompt_ids has one row per completion.
 
     With `fast`, supported architectures (Llama, Qwen2) run r1flow.models.fast_llama, which computes
-    each prompt once per group instead of G times; results are the same (tested).
+    each prompt once per run of consecutive rows that share it (a group of `group_size` rows, or the
+    part of one that a micro-batch holds: N need not be a multiple of group_size) instead of once per
+    row; results are the same (tested). Either way the log-probs are computed a chunk of tokens at a
+    time, without the (N, C, vocab) logits.
     """
     require_positive("temperature", temperature)
     if fast:
         if fast_llama.supports(model):
+            counts = prompt_groups(prompt_ids, prompt_mask)
+            first = torch.tensor([0, *counts], dtype=torch.long, device=prompt_ids.device).cumsum(0)[:-1]  # run starts
             return fast_llama.completion_logprobs(
-                model, prompt_ids[::group_size], prompt_mask[::group_size], completion_ids, completion_mask,
-                group_size, temperature=temperature, with_entropy=with_entropy)
+                model, prompt_ids[first], prompt_mask[first], completion_ids, completion_mask,
+                counts, temperature=temperature, with_entropy=with_entropy)
     return hf_completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
                                   temperature, with_entropy)

@@ -45,6 +45,7 @@ from r1flow.data.prompts import chat_prompt, render
 from r1flow.generation import SamplingParams, make_generator
 from r1flow.memory import peak_rss_mb, rss_mb, trim_allocator
 from r1flow.models import load_weights, model_device, save_policy
+from r1flow.models.chunked import set_activation_checkpointing
 from r1flow.models.logprobs import completion_logprobs
 from r1flow.rewards.grading import sample_and_grade, summarize
 from r1flow.training.engine import DeepSpeedSettings, make_engine, shard
@@ -85,7 +86,8 @@ class GRPOConfig:
     warmup_steps: int = 10
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    micro_batch_size: int = 0  # outputs per forward/backward; 0 = the whole batch
+    micro_batch_size: int = 0  # outputs per forward/backward (any number, not only whole groups); 0 = the whole batch
+    gradient_checkpointing: bool = False  # recompute each decoder layer in the backward (less memory)
     # held-out validation during training (Figure 2) and checkpoint choice
     eval_every: int = 25
     eval_prompts: int = 128
@@ -117,10 +119,12 @@ class GRPOConfig:
 
     # Settings that leave the training trajectory as it is: when and how validation runs (it draws from
     # its own random stream), when checkpoints are saved, which one is exported, and how many sequences
-    # are decoded at once (each group samples from its own seed). A checkpoint made with other values of
-    # these is resumed.
+    # are decoded at once (each group samples from its own seed), whether layers are recomputed in the
+    # backward (gradient checkpointing: same gradients) and when to give up on a run without signal. A
+    # checkpoint made with other values of these is resumed.
     NOT_TRAJECTORY = ("eval_every", "eval_prompts", "eval_k", "eval_temperature", "eval_top_p",
-                      "select_checkpoint", "save_every", "generation_batch_size", "stop_without_signal_after")
+                      "select_checkpoint", "save_every", "generation_batch_size", "stop_without_signal_after",
+                      "gradient_checkpointing")
 
     def trajectory(self) -> dict:
         """The settings a checkpoint must share with this run to be resumed."""
@@ -131,9 +135,8 @@ def check_run(cfg: GRPOConfig, deepspeed: dict | None = None, generation: dict |
               world_size: int = 1) -> None:
     """What GRPOTrainer refuses in its settings, without a model: called by the trainer, and by the test
     that builds every cluster config's job settings (tests/test_cluster_configs.py)."""
-    G = cfg.num_generations
-    if cfg.micro_batch_size and cfg.micro_batch_size % G:
-        raise ValueError(f"micro_batch_size ({cfg.micro_batch_size}) must be a multiple of num_generations ({G})")
+    if cfg.micro_batch_size < 0:  # any positive size: a group of G may be cut across micro-batches
+        raise ValueError(f"micro_batch_size must be 0 (the whole batch) or positive, got {cfg.micro_batch_size}")
     DeepSpeedSettings.from_dict(deepspeed)
     gen = generation or {}
     if world_size > 1 and gen.get("backend") == "vllm" and not gen.get("vllm", {}).get("colocate"):
@@ -163,6 +166,8 @@ class GRPOTrainer:
         # every tensor of a step is made on the policy's device (the config's `device`; cuda:LOCAL_RANK
         # under DeepSpeed); the reference model must be there too
         self.device = model_device(model)
+        if cfg.gradient_checkpointing:  # transformers' flag, which the fast forward follows too
+            set_activation_checkpointing(model, True)
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
             if model_device(ref_model) != self.device:

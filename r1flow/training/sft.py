@@ -27,6 +27,8 @@ from tqdm.auto import tqdm
 from r1flow.models import model_device
 from r1flow.training.engine import make_engine
 
+from r1flow.models.chunked import linear_logprobs, output_layer, set_activation_checkpointing
+
 IGNORE = -100
 log = logging.getLogger(__name__)
 
@@ -104,11 +106,25 @@ def chat_pairs(tokenizer, conversations) -> tuple[list[str], list[str]]:
 
 def sft_loss(model, batch: SFTBatch, num_tokens: int | float | None = None) -> torch.Tensor:
     """Sum of the completion tokens' negative log-likelihoods divided by `num_tokens` (default: the
-    batch's own count, i.e. the mean per completion token)."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    batch's own count, i.e. the mean per completion token).
+
+    Where the model's logits are lm_head(decoder hidden state) (`chunked.output_layer`), only the hidden
+    states of the positions that carry loss go through lm_head, a chunk of tokens at a time
+    (`chunked.linear_logprobs`): the (rows, length, vocab) logits never exist. Other models give their
+    logits and the cross-entropy is taken on them."""
     targets = batch.labels[:, 1:]
-    nll = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                            ignore_index=IGNORE, reduction="sum")
+    head = output_layer(model)
+    if head is not None:
+        decoder, lm_head = head
+        hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         use_cache=False).last_hidden_state[:, :-1]
+        keep = targets != IGNORE
+        logp, _ = linear_logprobs(hidden[keep], lm_head.weight, targets[keep], bias=lm_head.bias)
+        nll = -logp.sum()
+    else:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                ignore_index=IGNORE, reduction="sum")
     denom = batch.num_tokens if num_tokens is None else num_tokens
     return nll / max(1, denom)
 
@@ -134,13 +150,17 @@ def sft_step(engine, micro_batches: list[SFTBatch]) -> float:
 def train_sft(model, tokenizer, prompts: list[str], completions: list[str], *, epochs: int = 2,
               learning_rate: float = 1e-3, batch_size: int = 32, micro_batch_size: int = 0, max_length: int = 256,
               warmup_steps: int = 10, max_grad_norm: float = 1.0, seed: int = 0, deepspeed=None,
-              log_every: int = 10) -> list[dict]:
+              log_every: int = 10, gradient_checkpointing: bool = False) -> list[dict]:
     """SFT for a number of epochs (two in section 2.3.3) over shuffled (prompt, completion) pairs.
 
     Returns one metrics row per update (step, epoch, loss, learning_rate). Cosine decay after warm-up.
+    `gradient_checkpointing` recomputes each decoder layer in the backward instead of keeping its
+    activations (less memory, one more forward; the same loss and gradients).
     """
     if not prompts:
         raise ValueError("no SFT examples")
+    if gradient_checkpointing:
+        set_activation_checkpointing(model, True)
     opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
     steps_per_epoch = math.ceil(len(prompts) / batch_size)
     total = epochs * steps_per_epoch
@@ -175,5 +195,7 @@ def train_sft(model, tokenizer, prompts: list[str], completions: list[str], *, e
                 log.info("SFT step %d/%d (epoch %d): loss %.4f, lr %.3g, %.0f tokens/s", step, total, epoch + 1,
                          loss, rows[-1]["learning_rate"], tokens / (time.perf_counter() - t0))
     bar.close()
+    if gradient_checkpointing:
+        set_activation_checkpointing(model, False)
     model.eval()
     return rows
