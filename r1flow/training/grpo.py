@@ -285,7 +285,7 @@ class GRPOTrainer:
         rewards = self.engine.all_gather(rewards_local)
         n_local = len(out.texts)
         mine = slice(self.rank * n_local, (self.rank + 1) * n_local)
-        advantages = group_advantages(rewards, G, c.scale_rewards)[mine]
+        advantages = group_advantages(rewards, G, c.scale_rewards)[mine].to(self.device)  # gathered on the CPU
         mask = loss_mask(out.completion_mask, out.truncated, c.mask_truncated_completions)
         # the loss normalizers are batch-wide totals (so each rank's loss is its part of the full-batch loss)
         rows, tokens, outputs = self.engine.all_sum([float((mask.sum(1) > 0).sum()), float(mask.sum()),
