@@ -7,6 +7,8 @@ key and what was expected, e.g. `config key 'r1_zero.grpo.beta': expected number
 from __future__ import annotations
 
 import copy
+import json
+import os
 from pathlib import Path
 
 import jsonschema
@@ -75,10 +77,8 @@ def validate_config(config: dict, schema_path: str | Path) -> dict:
     return config
 
 
-# -- model sources: checked when the workflow is parsed, before any job starts ----------------------------
+# -- model sources: checked before any job starts (the workflow's onstart) ----------------------------
 def _offline() -> bool:
-    import os
-
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
@@ -102,8 +102,6 @@ def gguf_supported_architectures() -> set[str]:
 
 
 def _folder_chat_template(folder: Path) -> bool:
-    import json
-
     if (folder / "chat_template.jinja").exists() or (folder / "chat_template.json").exists():
         return True
     cfg = folder / "tokenizer_config.json"
