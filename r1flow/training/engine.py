@@ -26,6 +26,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from r1flow.models import model_device
+
 
 @dataclass
 class DeepSpeedSettings:
@@ -151,8 +153,7 @@ class DeepSpeedEngine:
     def comm_device(self) -> torch.device:
         """Where collectives' tensors must live: the model's device (NCCL only moves GPU tensors; gloo, on
         CPU ranks, CPU ones)."""
-        p = next(self.model.parameters(), None)
-        return p.device if p is not None else torch.device("cpu")
+        return model_device(self.model)
 
     def all_sum(self, values: list[float]) -> list[float]:
         """Sums over ranks (metrics that each rank computed on its share of the batch)."""
