@@ -115,14 +115,15 @@ def run(a) -> dict:
     ref = build_model(shape, tok, device, dtype)
     N = sum(p.numel() for p in policy.parameters())
     peak = a.peak_tflops * 1e12
-    print(f"parameters: {N / 1e6:.1f}M", flush=True)
+    print(f"parameters: {N / 1e6:.1f}M; gradient checkpointing {'on' if a.gradient_checkpointing else 'off'}", flush=True)
     figures = {}
 
     # -- GRPO ------------------------------------------------------------------------------------------
     cfg = GRPOConfig.from_dict({
         "prompts_per_step": a.prompts, "num_generations": a.group, "max_completion_length": a.new_tokens,
         "steps": a.steps, "beta": 0.04, "learning_rate": 1e-6, "warmup_steps": 0, "eval_every": 0,
-        "micro_batch_size": a.micro_batch, "rewards": {"gpu_check": 1.0}, "generation_batch_size": a.prompts * a.group})
+        "micro_batch_size": a.micro_batch, "rewards": {"gpu_check": 1.0}, "generation_batch_size": a.prompts * a.group,
+        "gradient_checkpointing": a.gradient_checkpointing})
     with tempfile.TemporaryDirectory() as state:
         trainer = GRPOTrainer(policy, ref, tok, cfg, tasks["train"], None, state)
         gen_tok = gen_t = train_tok = train_t = 0.0
@@ -141,6 +142,7 @@ def run(a) -> dict:
             print(f"GRPO step {row['step']}: reward {row['reward_mean']:.3f}, length {row['completion_length']:.0f}, "
                   f"kl {row['kl']:.3g}, {row['time_generation']:.2f}s sampling, {row['time_training']:.2f}s training",
                   flush=True)
+    figures["grpo_peak_memory"] = peak_memory(device)
     figures["grpo_sampling_tokens_per_s"] = gen_tok / gen_t
     figures["grpo_training_tokens_per_s"] = train_tok / train_t
     # sampling: 2N per token; training: 6N (policy) + 2N (reference) per completion token
@@ -157,12 +159,16 @@ def run(a) -> dict:
                                                    tok(completions, add_special_tokens=False)["input_ids"])]
     sft_tokens = sum(min(x, a.sft_length + 256) for x in lengths)
     sync(device)
+    if device.type == "cuda":  # each phase's own peak
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     rows = train_sft(policy, tok, prompts, completions, epochs=1, learning_rate=1e-6, batch_size=a.sft_batch,
-                     micro_batch_size=a.micro_batch, max_length=a.sft_length + 256, warmup_steps=0)
+                     micro_batch_size=a.micro_batch, max_length=a.sft_length + 256, warmup_steps=0,
+                     gradient_checkpointing=a.gradient_checkpointing)
     sync(device)
     t_sft = time.perf_counter() - t0
     print(f"SFT: {len(rows)} steps, loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}, {t_sft:.2f}s", flush=True)
+    figures["sft_peak_memory"] = peak_memory(device)
     figures["sft_training_tokens_per_s"] = sft_tokens / t_sft
     figures["sft_mfu"] = 6 * N * sft_tokens / t_sft / peak
 
@@ -179,7 +185,6 @@ def run(a) -> dict:
     s = summarize(samples)
     figures["eval_sampling_tokens_per_s"] = float(samples["completion_tokens"].sum()) / t_eval
     print(f"evaluation batch: {len(samples)} samples, pass@1 {s['pass@1']:.3f}, {t_eval:.2f}s", flush=True)
-    figures["peak_memory"] = peak_memory(device)
     return figures
 
 
@@ -195,6 +200,8 @@ def main(argv=None) -> int:
     ap.add_argument("--micro-batch", type=int, default=None, help="outputs per forward/backward (default 16; tiny 2)")
     ap.add_argument("--sft-batch", type=int, default=None, help="SFT sequences per step (default 16; tiny 2)")
     ap.add_argument("--sft-length", type=int, default=None, help="SFT completion tokens (default 2048; tiny 16)")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="recompute each decoder layer in the backward (GRPO and SFT)")
     ap.add_argument("--peak-tflops", type=float, default=790.0, help="peak dense bf16 TFLOP/s (H200: ~790)")
     a = ap.parse_args(argv)
     for k, big, small in (("prompts", 16, 2), ("group", 8, 2), ("new_tokens", 1024, 8), ("micro_batch", 16, 2),
@@ -216,7 +223,7 @@ def main(argv=None) -> int:
     print(f"MFU sampling (GRPO): {100 * f['grpo_sampling_mfu']:.3f}%")
     print(f"MFU training (GRPO): {100 * f['grpo_training_mfu']:.3f}%")
     print(f"MFU training (SFT): {100 * f['sft_mfu']:.3f}%")
-    print(f"peak GPU memory: {f['peak_memory']}")
+    print(f"peak GPU memory: GRPO {f['grpo_peak_memory']}, SFT {f['sft_peak_memory']}")
     print("GPU CHECK OK")
     return 0
 
