@@ -2,8 +2,8 @@
 
     python benchmarks/bench_default.py [--workdir DIR] [--config config/config.yaml] [--seed-offset N]
 
---seed-offset shifts every seed (tasks, base model, GRPO, evaluation) to check that the result holds
-on another seed. Prints the wall time, the peak RSS of the largest job, each job's time and memory (from
+--seed-offset shifts every seed of the config (tasks, corpora, models, every RL and SFT stage, sampling,
+reward models, evaluation; the schema's defaults included) to check that the result holds on another seed. Prints the wall time, the peak RSS of the largest job, each job's time and memory (from
 Snakemake's benchmark files) and the table.
 """
 
@@ -19,6 +19,18 @@ import pandas as pd
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # r1flow, when not pip-installed
+from r1flow.config import validate_config  # noqa: E402
+
+
+def shift_seeds(node, offset: int):
+    """A copy of a config tree with `offset` added to every integer under a key named `seed`."""
+    if isinstance(node, dict):
+        return {k: (v + offset if k == "seed" and isinstance(v, int) else shift_seeds(v, offset))
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [shift_seeds(v, offset) for v in node]
+    return node
 
 
 def main():
@@ -32,14 +44,8 @@ def main():
     wd.mkdir(parents=True, exist_ok=True)
     cfg = yaml.safe_load(Path(a.config).read_text())
     if a.seed_offset:
-        cfg.setdefault("data", {}).setdefault("synthetic", {})
-        cfg["data"]["synthetic"]["seed"] = cfg["data"]["synthetic"].get("seed", 1) + a.seed_offset
-        cfg.setdefault("base_model", {}).setdefault("tiny", {})
-        cfg["base_model"]["tiny"]["seed"] = cfg["base_model"]["tiny"].get("seed", 0) + a.seed_offset
-        cfg.setdefault("r1_zero", {}).setdefault("grpo", {})
-        cfg["r1_zero"]["grpo"]["seed"] = cfg["r1_zero"]["grpo"].get("seed", 0) + a.seed_offset
-        cfg.setdefault("evaluation", {})
-        cfg["evaluation"]["seed"] = cfg["evaluation"].get("seed", 1234) + a.seed_offset
+        # the whole default shifted: every `seed` of the config tree, the schema's defaults included
+        cfg = shift_seeds(validate_config(cfg, ROOT / "workflow" / "schemas" / "config.schema.yaml"), a.seed_offset)
     conf = wd / "bench_config.yaml"
     conf.write_text(yaml.safe_dump(cfg))
     if (wd / "results").exists():

@@ -73,7 +73,10 @@ def test_summarize_counts_truncated_as_wrong():
     # a: majority "1", its first sample right -> solved; b: only "3" voted, right -> solved
     assert out == {"num_problems": 2, "n": 2, "pass@1": 0.5, "pass@2": 1.0, "cons@k": 1.0, "cons_k": 2,
                    "language_consistency": None,
-                   "format_rate": 0.75, "mean_length": 25.0, "truncated_rate": 0.25}
+                   "format_rate": 0.75, "mean_length": 25.0, "truncated_rate": 0.25, "reflections": None}
+    # with the completions: re-checked steps ("wait") per completion
+    texts = ["=13 wait 7+5=12", "Wait, wait.", "no", "awaited"]
+    assert summarize(s.assign(completion=texts))["reflections"] == (1 + 2 + 0 + 0) / 4
 
 
 class _FakeGen:

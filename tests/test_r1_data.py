@@ -17,7 +17,7 @@ M = "|special_token|"
 
 def test_rewrites_into_the_readable_pattern():
     assert C.rewrite_few_shot(" 7+5=12 12*2=24 24-3=21. So the answer is 21.") == (
-        f"{M} First 7+5=12, then 12*2=24, then 24-3=21. {M} The answer is \\boxed{{21}}.")
+        f"{M} 7+5=12 12*2=24 24-3=21 {M} The answer is \\boxed{{21}}.")
     assert C.rewrite_r1_zero(" <think> 7+5=12 </think> <answer> 12 </answer>") == (
         f"{M} 7+5=12 {M} The answer is \\boxed{{12}}.")
     # malformed R1-Zero outputs are not rewritten: no answer, empty reasoning, text after the answer
@@ -30,6 +30,16 @@ def test_annotated_chain_solutions_are_right():
     assert C.annotate_chain("Compute (7+5)*2-3") == "7+5=12 12*2=24 24-3=21. So the answer is 21."
     assert C.annotate_chain("Compute ((4+3)*2-5)*3") == "4+3=7 7*2=14 14-5=9 9*3=27. So the answer is 27."
     assert C.annotate_chain("Solve 2x+1=5") is None
+
+
+def test_annotated_synthetic_chains_in_the_readable_pattern():
+    assert C.annotate("Compute (7+5-3)*2+1", None, "19") == f"{M} 7+5=12 12-3=9 9*2=18 18+1=19 {M} The answer is \\boxed{{19}}."
+    assert C.annotate("Compute 6*3", None, "18") == f"{M} 6*3=18 {M} The answer is \\boxed{{18}}."
+    assert C.annotate("Solve 2x+1=5", None, "2") is None
+
+
+def test_readable_keeps_the_reasoning_as_written():
+    assert C.readable("=13 wait 7+5=12 12*2=24.", "24") == f"{M} =13 wait 7+5=12 12*2=24 {M} The answer is \\boxed{{24}}."
 
 
 def test_readability_filters():

@@ -42,7 +42,7 @@ def test_math_solution_and_synthetic_chains_are_annotated():
     """MATH's solution is the reasoning, its answer the summary; synthetic chains still annotate (2.3.1)."""
     text = C.annotate("Compute 1/2+1/4.", "We have $\\frac12+\\frac14=\\frac34$.", "\\frac{3}{4}")
     assert split_readable(text)[1].strip() == "The answer is \\boxed{\\frac{3}{4}}."
-    assert C.annotate("Compute (7+5)*2", None, "24").startswith(READABLE_MARKER + " First 7+5=12")
+    assert C.annotate("Compute (7+5)*2", None, "24").startswith(READABLE_MARKER + " 7+5=12 12*2=24 ")
     assert C.annotate("What is the capital of Peru?", None, "Lima") is None
 
 

@@ -102,3 +102,27 @@ def test_base_corpus_mix_and_textbook_share():
     seen = {p.split("User: ")[1].removesuffix(". Assistant:") for p, _ in
             build_corpus(1, 500, one, {"bare": 1.0}, "table1", exclude=held_out)}
     assert len(seen) > 40 and not (seen & held_out)
+
+
+def test_quick_steps_slip_and_a_recheck_catches_the_slip():
+    t = T.Task("chain", "Compute (7+5)*2-3", "21", 3, ((7, "+", 5, 12), (12, "*", 2, 24), (24, "-", 3, 21)))
+    rng = random.Random(0)
+    # no slip: quick steps write only the results; re-checked ones redo the step in full
+    assert T.worked_solution(t, rng, shorthand=True, rechecked={0, 2}) == ("=12 wait 7+5=12 =24 =21 wait 24-3=21", "21")
+    for seed in range(20):
+        # every quick step slips: unchecked, the answer is wrong; all re-checked, it is right
+        steps, ans = T.worked_solution(t, random.Random(seed), shorthand=True, slip_rate=1.0)
+        assert ans != "21" and "wait" not in steps
+        steps, ans = T.worked_solution(t, random.Random(seed), shorthand=True, slip_rate=1.0, rechecked={0, 1, 2})
+        assert ans == "21" and steps.count("wait") == 3
+        assert steps.split()[1:3] == ["wait", "7+5=12"] and steps.split()[0] != "=12"
+        # careful steps never slip
+        assert T.worked_solution(t, random.Random(seed), slip_rate=1.0) == ("7+5=12 12*2=24 24-3=21", "21")
+
+
+def test_rechecked_steps_range_from_none_to_all():
+    rng = random.Random(0)
+    assert all(T.chain_rechecked(4, rng, 0.0) == set() for _ in range(50))
+    counts = {len(T.chain_rechecked(4, rng, 1.0)) for _ in range(400)}
+    assert counts == {1, 2, 3, 4}
+    assert all(T.chain_rechecked(4, rng, 1.0) <= {0, 1, 2, 3} for _ in range(50))

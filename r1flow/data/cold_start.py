@@ -30,11 +30,11 @@ WORKED_RE = re.compile(r"^\s*(?P<steps>.*?)\.?\s*So the answer is (?P<answer>[^\
 
 
 def readable(reasoning: str, answer: str, marker: str = READABLE_MARKER) -> str:
-    """The readable pattern: the reasoning process, then a summary with the boxed answer."""
-    steps = [s for s in re.split(r"\s+(?=\S+=)", reasoning.strip()) if s]
-    if len(steps) > 1:  # arithmetic traces read as sentences: "First 7+5=12, then 12*2=24."
-        reasoning = "First " + ", then ".join(steps) + "."
-    return f"{marker} {reasoning.strip()} {marker} The answer is \\boxed{{{answer}}}."
+    """The readable pattern: the reasoning process, then a summary with the boxed answer. The reasoning
+    keeps the wording it was written in ("7+5=12 12*2=24"): the base learnt its arithmetic in that
+    wording, and a tiny model does not carry it over to a new one ("First 7+5=12, then ...") from a few
+    hundred samples; what the pattern adds for a reader is the delimited reasoning and the summary."""
+    return f"{marker} {reasoning.strip().rstrip('.')} {marker} The answer is \\boxed{{{answer}}}."
 
 
 def rewrite_few_shot(completion: str, marker: str = READABLE_MARKER) -> str | None:
@@ -53,19 +53,29 @@ def rewrite_r1_zero(completion: str, marker: str = READABLE_MARKER) -> str | Non
     return readable(m.group(1), m.group(2).strip(), marker)
 
 
-def annotate_chain(question: str) -> str | None:
-    """A worked solution written out for an arithmetic-chain question ("Compute (7+5)*2-3" -> "7+5=12
-    12*2=24 24-3=21"), standing in for the paper's human annotators, who post-processed cold-start data
-    (section 2.3.1). None for other questions."""
-    m = re.fullmatch(r"Compute [(\s]*(\d+)((?:[)\s]*[-+*]\s*\d+)+)[)\s]*", question.strip())
+CHAIN_RE = re.compile(r"Compute [(\s]*(\d+)((?:[)\s]*[-+*]\s*\d+)+)[)\s]*")
+
+
+def chain_steps(question: str) -> list[tuple[int, str, int, int]] | None:
+    """(value, op, operand, result) for each step of an arithmetic-chain question, left to right, or None."""
+    m = CHAIN_RE.fullmatch(question.strip())
     if m is None:
         return None
     value, steps = int(m.group(1)), []
     for op, k in re.findall(r"([-+*])\s*(\d+)", m.group(2)):
         new = value + int(k) if op == "+" else value - int(k) if op == "-" else value * int(k)
-        steps.append(f"{value}{op}{k}={new}")
+        steps.append((value, op, int(k), new))
         value = new
-    return " ".join(steps) + f". So the answer is {value}."
+    return steps
+
+
+def annotate_chain(question: str) -> str | None:
+    """A worked solution written out for an arithmetic-chain question ("Compute (7+5)*2-3" -> "7+5=12
+    12*2=24 24-3=21. So the answer is 21."), the base model's own textbook style. None for other questions."""
+    steps = chain_steps(question)
+    if steps is None:
+        return None
+    return " ".join(f"{v}{op}{k}={new}" for v, op, k, new in steps) + f". So the answer is {steps[-1][3]}."
 
 
 CALCULATOR_RE = re.compile(r"<<[^<>]*>>")
@@ -83,9 +93,9 @@ def readable_solution(solution: str, answer: str, marker: str = READABLE_MARKER)
 
 
 def annotate(question: str, solution: str | None, answer: str, marker: str = READABLE_MARKER) -> str | None:
-    """The `annotated` cold-start source (section 2.3.1: human annotators post-processed the data): a
-    real prompt set's worked solution when it has one, else a chain written out for a synthetic
-    arithmetic question; in the readable pattern, or None when there is neither."""
+    """The `annotated` cold-start source (section 2.3.1: human annotators designed the readable pattern
+    and post-processed the data): a real prompt set's worked solution when it has one, else a synthetic
+    arithmetic chain written out step by step; in the readable pattern, or None when there is neither."""
     if solution is not None and isinstance(solution, str) and solution.strip():
         return readable_solution(solution, answer, marker)
     note = annotate_chain(question)

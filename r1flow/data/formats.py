@@ -3,6 +3,8 @@ used from the cold start on: the data stages write it, the rewards and reward mo
 
 from __future__ import annotations
 
+import re
+
 READABLE_MARKER = "|special_token|"
 
 
@@ -12,3 +14,12 @@ def split_readable(completion: str, marker: str = READABLE_MARKER) -> tuple[str,
     if len(parts) != 3 or parts[0].strip():
         return None
     return parts[1], parts[2]
+
+
+# A reflective step: the model stops and redoes a step ("wait 7+5=12"), the "aha moment" of section 2.2.4
+REFLECTION = re.compile(r"\bwait\b", re.IGNORECASE)
+
+
+def reflections(completion: str) -> int:
+    """How many times a completion stops to re-check a step."""
+    return len(REFLECTION.findall(completion))

@@ -65,6 +65,8 @@ EVAL_SUMMARY = DataFrameSchema(
         "cons_k": Column(float, Check.ge(1), nullable=True),
         "format_rate": Column(float, Check.in_range(0.0, 1.0)),
         "mean_length": Column(float, Check.ge(0.0)),
+        # re-checked steps ("wait") per completion: reflection, section 2.2.4
+        "reflections": Column(float, Check.ge(0.0), nullable=True),
         "language_consistency": Column(float, Check.in_range(0.0, 1.0), nullable=True),
         "truncated_rate": Column(float, Check.in_range(0.0, 1.0)),
         "temperature": Column(float, Check.ge(0.0)),
@@ -88,6 +90,7 @@ GRPO_METRICS = DataFrameSchema(
         "clip_fraction": Column(float, Check.in_range(0.0, 1.0)),
         "entropy": Column(float, Check.ge(0.0)),
         "completion_length": Column(float, Check.ge(0.0)),
+        "reflections": Column(float, Check.ge(0.0)),
         "truncated_fraction": Column(float, Check.in_range(0.0, 1.0)),
         "learning_rate": Column(float, Check.ge(0.0)),
         "loss": Column(float),

@@ -110,22 +110,44 @@ def addition_columns(a: int, b: int, wrong_column: int | None = None, rng: rando
     return steps, answer
 
 
-def worked_solution(t: Task, rng: random.Random, wrong: bool = False, shorthand: bool = False) -> tuple[str, str]:
+def chain_rechecked(n_steps: int, rng: random.Random, recheck_share: float) -> set[int]:
+    """The steps a corpus document re-checks: none with probability 1 - recheck_share, else a number drawn
+    uniformly from 1 to all of them (so documents that re-check every step are rare, and RL can grow the
+    habit from none to all: the reflection of section 2.2.4 in miniature)."""
+    if n_steps == 0 or rng.random() >= recheck_share:
+        return set()
+    return set(rng.sample(range(n_steps), rng.randint(1, n_steps)))
+
+
+def worked_solution(t: Task, rng: random.Random, wrong: bool = False, shorthand: bool = False,
+                    slip_rate: float = 0.0, rechecked: set[int] | None = None) -> tuple[str, str]:
     """A reasoning trace and the answer it reaches (wrong on purpose when `wrong`).
 
     `shorthand` (chain tasks) writes only the running values, "=12 =24 =21": the terse, sloppier style
     of reasoning in the base model's corpus, told apart from careful steps by its very first token.
+
+    Chain tasks model two kinds of scratch work. A careful step writes its operands ("7+5=12") and does
+    not slip; a quick (shorthand) step writes only the result ("=12") and slips (off by 1 or 2) with
+    probability `slip_rate`. A quick step in `rechecked` is followed by "wait" and the step done carefully
+    ("=13 wait 7+5=12"), which catches a slip, and the chain goes on from the right value; an unchecked
+    slip propagates to a wrong answer. Re-checking costs tokens and pays on long chains: the trade RL
+    settles as it trains (the reflection and growing length of section 2.2.4 and Figure 3).
     """
     if t.task == "chain":
         # one line per operation, "7+5=12 12*2=24 24-3=21"; a planted mistake propagates onwards
         bad = rng.randrange(len(t.operands)) if wrong else None
+        rechecked = rechecked or set()
         value, out = t.operands[0][0], []
         for i, (_, op, k, _) in enumerate(t.operands):
-            new = value + k if op == "+" else value - k if op == "-" else value * k
-            if i == bad:
+            right = value + k if op == "+" else value - k if op == "-" else value * k
+            new = right
+            if i == bad or (shorthand and slip_rate and rng.random() < slip_rate):
                 d = rng.choice([-2, -1, 1, 2])
-                new = new + d if new + d >= 0 else new - d
+                new = right + d if right + d >= 0 else right - d
             out.append(f"={new}" if shorthand else f"{value}{op}{k}={new}")
+            if shorthand and i in rechecked:
+                new = right
+                out.append(f"wait {value}{op}{k}={new}")
             value = new
         return " ".join(out), str(value)
     if t.task == "sum":

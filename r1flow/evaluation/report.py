@@ -8,7 +8,7 @@ from r1flow.data.artifacts import write_table, write_text
 from r1flow.data.schemas import EVAL_SUMMARY
 
 COLUMNS = ["model", "benchmark", "num_problems", "n", "pass@1", "cons@k", "cons_k", "format_rate", "mean_length",
-           "language_consistency", "truncated_rate", "temperature", "top_p", "max_new_tokens"]
+           "reflections", "language_consistency", "truncated_rate", "temperature", "top_p", "max_new_tokens"]
 
 
 def results_table(summaries: list[pd.DataFrame]) -> pd.DataFrame:
@@ -29,6 +29,8 @@ def paper_layout(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
             metrics.append(("cons@k", f"cons@{int(t['cons_k'].dropna().iloc[0])}"))
         metrics += [(c, c) for c in t.columns if c.startswith("pass@") and c != "pass@1" and t[c].notna().any()]
         metrics += [("format_rate", "format"), ("language_consistency", "language"), ("mean_length", "length")]
+        if "reflections" in t and t["reflections"].notna().any() and (t["reflections"] > 0).any():
+            metrics.append(("reflections", "re-checks"))
         for key, label in metrics:
             head.append(f"{b} {label}")
             cols.append((b, key))
@@ -41,7 +43,8 @@ def paper_layout(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
                 row.append("-")
             else:
                 v = float(hit[key].iloc[0])
-                row.append(f"{v:.1f}" if key == "mean_length" else f"{100 * v:.1f}")
+                row.append(f"{v:.1f}" if key == "mean_length" else f"{v:.2f}" if key == "reflections"
+                           else f"{100 * v:.1f}")
         rows.append(row)
     return head, rows
 
@@ -90,7 +93,14 @@ def plot_training(metrics: pd.DataFrame, curve: pd.DataFrame, accuracy_png, leng
     ax.plot(metrics["step"], smooth, color="C0", lw=2, label="10-step mean")
     ax.set(xlabel="step", ylabel="mean response length (tokens)",
            title=f"{title}: response length during training (cf. Figure 3)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left")
+    if "reflections" in metrics:  # the "aha moment": re-checked steps per completion, beside length
+        ax2 = ax.twinx()
+        ax2.plot(metrics["step"], metrics["reflections"].rolling(10, min_periods=1).mean(), color="C2", lw=2,
+                 label="re-checks per completion (10-step mean)")
+        ax2.set_ylabel("re-checked steps per completion", color="C2")
+        ax2.set_ylim(bottom=0)
+        ax2.legend(loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(length_png, dpi=120)

@@ -26,12 +26,15 @@ SPECIAL = {"bos": "<s>", "eos": "</s>", "pad": "<pad>"}
 TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
 
 
-def corpus_completion(t: T.Task, rng: random.Random, mix: dict[str, float], shorthand_error_rate: float = 0.6) -> str:
+def corpus_completion(t: T.Task, rng: random.Random, mix: dict[str, float], shorthand_error_rate: float = 0.6,
+                      slip_rate: float = 0.0, recheck_share: float = 0.0) -> str:
     """One pretraining completion for a task, in a behaviour drawn from `mix`:
 
     worked: careful step-by-step solution, correct; worked_wrong: the same with one planted mistake;
     shorthand: only the running values ("=12 =24 =21"), wrong with probability `shorthand_error_rate`;
     answer_only: an answer in <answer> tags with no reasoning; bare: the answer with no tags.
+    Shorthand chains slip with `slip_rate` per step and re-check some steps carefully in a
+    `recheck_share` of documents (tasks.worked_solution).
     """
     mode = rng.choices(list(mix), list(mix.values()))[0]
     if mode == "worked":
@@ -41,7 +44,10 @@ def corpus_completion(t: T.Task, rng: random.Random, mix: dict[str, float], shor
         steps, ans = T.worked_solution(t, rng, wrong=True)
         return f" <think> {steps} </think> <answer> {ans} </answer>"
     if mode == "shorthand":
-        steps, ans = T.worked_solution(t, rng, wrong=rng.random() < shorthand_error_rate, shorthand=True)
+        steps, ans = T.worked_solution(t, rng, wrong=rng.random() < shorthand_error_rate, shorthand=True,
+                                       slip_rate=slip_rate,
+                                       rechecked=T.chain_rechecked(len(t.operands), rng, recheck_share)
+                                       if t.task == "chain" else None)
         return f" <think> {steps} </think> <answer> {ans} </answer>"
     if mode == "answer_only":
         return f" <answer> {t.answer} </answer>"
@@ -52,7 +58,8 @@ def corpus_completion(t: T.Task, rng: random.Random, mix: dict[str, float], shor
 
 def build_corpus(seed: int, n: int, families: dict, mix: dict[str, float], template: str,
                  exclude: set[str] = frozenset(), shorthand_error_rate: float = 0.6,
-                 textbook_share: float = 0.0) -> list[tuple[str, str]]:
+                 textbook_share: float = 0.0, slip_rate: float = 0.0,
+                 recheck_share: float = 0.0) -> list[tuple[str, str]]:
     """(prompt, completion) pairs; they are tokenized apart, exactly as at sampling time.
 
     A `textbook_share` of the documents are worked examples outside the template; the rest answer the
@@ -73,7 +80,8 @@ def build_corpus(seed: int, n: int, families: dict, mix: dict[str, float], templ
             steps, ans = T.worked_solution(t, rng)
             docs.append((f"{t.question}:", f" {steps}. So the answer is {ans}."))
         else:
-            docs.append((render(t.question, template), corpus_completion(t, rng, mix, shorthand_error_rate)))
+            docs.append((render(t.question, template),
+                         corpus_completion(t, rng, mix, shorthand_error_rate, slip_rate, recheck_share)))
     return docs
 
 
@@ -173,7 +181,8 @@ def build_base_model(cfg: dict, families: dict, template: str, out_dir, exclude:
     """
     torch.manual_seed(cfg["seed"])
     docs = build_corpus(cfg["seed"], cfg["corpus_size"], families, cfg["corpus_mix"], template, exclude,
-                        cfg.get("shorthand_error_rate", 0.6), cfg.get("textbook_share", 0.0))
+                        cfg.get("shorthand_error_rate", 0.6), cfg.get("textbook_share", 0.0),
+                        cfg.get("slip_rate", 0.0), cfg.get("recheck_share", 0.0))
     tok = train_tokenizer(docs, cfg["vocab_size"])
     model = build_model(tok, cfg["hidden_size"], cfg["num_layers"], cfg["num_heads"], cfg["max_positions"], cfg["seed"])
     model = model.to(device)  # initialised on the CPU (the same weights on any device), pretrained on `device`

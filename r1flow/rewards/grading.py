@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from r1flow import rewards as R
+from r1flow.data.formats import reflections
 from r1flow.rewards.math_answer import normalize, verify_pairs
 
 
@@ -144,5 +145,7 @@ def summarize(samples: pd.DataFrame, pass_ks=(1,), cons_k: int | None = None, vo
     row.update(format_rate=float(samples["format"].mean()), mean_length=float(samples["completion_tokens"].mean()),
                language_consistency=(float(samples["language"].mean()) if "language" in samples
                                      and samples["language"].notna().any() else None),
-               truncated_rate=float(samples["truncated"].mean()))
+               truncated_rate=float(samples["truncated"].mean()),
+               reflections=(float(samples["completion"].map(reflections).mean()) if "completion" in samples
+                            else None))
     return row

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from r1flow import rewards as R
 from r1flow.config import require_positive
+from r1flow.data.formats import reflections
 from r1flow.data.prompts import chat_prompt, render
 from r1flow.generation import SamplingParams, make_generator
 from r1flow.memory import peak_rss_mb, rss_mb, trim_allocator
@@ -347,6 +348,9 @@ class GRPOTrainer:
         stats = dict(zip([*stats, *is_stats], vals))
         lengths = self.engine.all_gather(out.lengths.double())
         truncated = self.engine.all_gather(out.truncated.double())
+        # re-checked steps per completion ("wait"): reflection growing with length, section 2.2.4
+        n_reflect = self.engine.all_gather(torch.tensor([float(reflections(t)) for t in out.texts],
+                                                        dtype=torch.float64, device=self.device))
         names = sorted({n for w in self.weights_by_kind.values() for n in w})
         present = self.engine.all_sum([float(n in per) for n in names])
         scores = self.engine.all_gather(torch.tensor(
@@ -369,6 +373,7 @@ class GRPOTrainer:
             "clip_fraction": stats["clipped_tokens"] / max(1.0, stats["tokens"]),
             "entropy": entropy_sum / max(1.0, n_tok),
             "completion_length": float(lengths.mean()),
+            "reflections": float(n_reflect.mean()),
             "truncated_fraction": float(truncated.mean()),
             "learning_rate": lr,
             "loss": loss_sum,
