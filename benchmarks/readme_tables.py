@@ -61,11 +61,46 @@ def block(results: Path, benchmark: str = "held_out") -> str:
     for tsv in sorted((results / "benchmarks").glob("*.tsv")):
         b = pd.read_csv(tsv, sep="\t")
         times.append((float(b["s"].iloc[0]), tsv.stem))
+    lines += [""] + [f"- {f}" for f in findings(results)]
     if times:
         top = ", ".join(f"{name} {s:.0f} s" for s, name in sorted(times, reverse=True)[:8])
         lines += ["", f"Job times (Snakemake's benchmark records, {len(times)} jobs, {sum(s for s, _ in times):.0f} s "
                   f"in all): {top}."]
     return "\n".join(lines)
+
+
+def findings(results: Path, benchmark: str = "held_out") -> list[str]:
+    """The paper's findings as differences of held-out pass@1 (points), and R1-Zero's length by quarter."""
+    t = pd.read_csv(results / "tables" / "benchmarks.csv")
+    p = {m: 100 * float(v) for m, v in t[t["benchmark"] == benchmark].set_index("model")["pass@1"].items()}
+    out = []
+
+    def diff(a, b, what):
+        if a in p and b in p:
+            out.append(f"{what}: {p[a]:.1f} vs {p[b]:.1f} ({p[a] - p[b]:+.1f})")
+
+    diff("r1", "r1_zero", "R1 vs R1-Zero")
+    diff("cold_start", "base", "cold start vs base")
+    diff("reasoning_rl", "cold_start", "reasoning RL vs cold start")
+    diff("r1_sft", "reasoning_rl", "final SFT vs reasoning RL (the checkpoint that produced its data)")
+    diff("r1", "r1_sft", "R1 vs final SFT")
+    for m in p:
+        if m.startswith("distill_"):
+            diff(m, "rl_only_" + m[len("distill_"):], f"distilled vs RL-only student ({m[len('distill_'):]})")
+    r = t[(t["benchmark"] == benchmark) & (t["model"] == "r1_zero")]
+    if not r.empty and pd.notna(r["cons@k"].iloc[0]):
+        out.append(f"R1-Zero cons@{int(r['cons_k'].iloc[0])} vs pass@1: {100 * r['cons@k'].iloc[0]:.1f} vs "
+                   f"{100 * r['pass@1'].iloc[0]:.1f}")
+    metrics = results / "r1_zero" / "metrics.csv"
+    if metrics.exists():
+        m = pd.read_csv(metrics)
+        q = m.groupby(pd.qcut(m["step"], 4, labels=False))
+        out.append("R1-Zero mean response length by quarter of training: "
+                   + ", ".join(f"{x:.1f}" for x in q["completion_length"].mean()) + " tokens")
+        if "reflections" in m:
+            out.append("R1-Zero re-checked steps per completion by quarter: "
+                       + ", ".join(f"{x:.2f}" for x in q["reflections"].mean()))
+    return out
 
 
 def main():
