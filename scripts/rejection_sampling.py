@@ -56,7 +56,8 @@ def main():
         rows = pd.DataFrame({"prompt_id": pd.Series(dtype=str), "messages": pd.Series(dtype=object),
                              "source": pd.Series(dtype=str)})
     write_table(rows, a.out, SFT_DATA)
-    log.info(f"rejection sampling: {len(texts)} samples, kept {len(rows)}; dropped "
+    log.info(f"rejection sampling: {len(texts)} samples, {len(keep)} correct and readable, kept {len(rows)} "
+             f"(repeats of a prompt's sample dropped, then at most target_size); dropped "
              f"{pd.Series([w for w in why if w]).value_counts().to_dict()}")
 
 
