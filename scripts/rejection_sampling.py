@@ -50,14 +50,14 @@ def main():
             why[i] = "" if ok else "wrong"
     keep = [i for i, w in enumerate(why) if not w]
     rows = C.select(C.sft_rows([ids[i] for i in keep], [qs[i] for i in keep], [texts[i] for i in keep],
-                               "rejection_sampling"), s["target_size"], s["seed"])
+                               "rejection_sampling"), s["target_size"], s["seed"], s["drop_repeats"])
     if rows.empty:  # a real run would stop here; a toy one (the smoke config) goes on with the other SFT data
         log.warning("rejection sampling kept no sample; the SFT stage gets non-reasoning data only")
         rows = pd.DataFrame({"prompt_id": pd.Series(dtype=str), "messages": pd.Series(dtype=object),
                              "source": pd.Series(dtype=str)})
     write_table(rows, a.out, SFT_DATA)
     log.info(f"rejection sampling: {len(texts)} samples, {len(keep)} correct and readable, kept {len(rows)} "
-             f"(repeats of a prompt's sample dropped, then at most target_size); dropped "
+             f"({'repeats of a prompt sample dropped, ' if s['drop_repeats'] else ''}at most target_size); dropped "
              f"{pd.Series([w for w in why if w]).value_counts().to_dict()}")
 
 

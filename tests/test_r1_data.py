@@ -56,6 +56,7 @@ def test_select_dedupes_and_caps():
     assert len(C.select(rows, 10, 0)) == 3  # the duplicate (a, x) is dropped
     assert len(C.select(rows, 2, 0)) == 2
     assert C.select(rows.iloc[:0], 5, 0).empty
+    assert len(C.select(rows, 10, 0, drop_repeats=False)) == 4  # repeats kept: they weight a prompt's answers
 
 
 def test_judge_prompt_and_parsing():

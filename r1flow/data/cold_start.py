@@ -112,12 +112,15 @@ def sft_rows(prompt_ids, questions, completions, source: str) -> pd.DataFrame:
     })
 
 
-def select(rows: pd.DataFrame, size: int, seed: int) -> pd.DataFrame:
-    """At most one sample per (prompt, text), then at most `size` rows, drawn without bias to a source."""
+def select(rows: pd.DataFrame, size: int, seed: int, drop_repeats: bool = True) -> pd.DataFrame:
+    """At most one sample per (prompt, text) unless `drop_repeats` is off, then at most `size` rows,
+    drawn without bias to a source. Kept, repeats weight a prompt's answers by how often the model
+    gives them, as sampling many responses per prompt does (section 2.3.3)."""
     if rows.empty:
         return rows.reset_index(drop=True)
-    key = rows["messages"].map(lambda m: m[-1]["content"])
-    rows = rows.loc[~pd.DataFrame({"p": rows["prompt_id"].astype(str), "k": key}).duplicated()]
+    if drop_repeats:
+        key = rows["messages"].map(lambda m: m[-1]["content"])
+        rows = rows.loc[~pd.DataFrame({"p": rows["prompt_id"].astype(str), "k": key}).duplicated()]
     if len(rows) > size:
         rows = rows.sample(n=size, random_state=seed)
     return rows.reset_index(drop=True)
