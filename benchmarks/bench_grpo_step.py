@@ -1,12 +1,18 @@
 """One GRPO step of r1flow's trainer vs TRL's GRPOTrainer, same model, batch, group size and lengths.
 
     pip install -e ".[bench]" && python benchmarks/bench_grpo_step.py [--steps 12] [--hidden 128] [--layers 4]
+    python benchmarks/bench_grpo_step.py --model models/smollm2 --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf \
+        --prompts 8 --group 4 --new-tokens 128 --steps 5 --warmup 1
 
-Both trainers get the same freshly initialised tiny Llama (so neither stops early: every completion runs
-to max_completion_length and the work is equal), 16 prompts x G = 8 completions per step, 32 new tokens,
-beta 0.04 (so both run the reference model), mu = 1, temperature 1.0, float32, on the CPU with the same
-thread count. The first steps are warm-up; the medians of the rest are compared. Run it on an otherwise
-idle machine: the two are timed one after the other.
+Without --model, both trainers get the same freshly initialised tiny Llama (so neither stops early:
+every completion runs to max_completion_length and the work is equal). With --model (a folder, hub id
+or GGUF file), the model is loaded once through r1flow's loader and saved as a plain folder that both
+trainers load; a real model stops at its end-of-sequence token, so the mean completion lengths are
+printed beside the times. Default work: 16 prompts x G = 8 completions per step, 32 new tokens, beta 0.04
+(so both run the reference model), mu = 1, temperature 1.0, float32, on the CPU with the same thread
+count. The first steps are warm-up; the medians of the rest are compared, and r1flow's split between
+sampling and training is printed. Run it on an otherwise idle machine: the two are timed one after the
+other.
 """
 
 import argparse
@@ -18,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-PROMPTS, G, NEW_TOKENS, BETA = 16, 8, 32, 0.04
+BETA = 0.04
+PROMPTS, G, NEW_TOKENS = 16, 8, 32  # set from the command line in main()
 
 
 def build_model(path: Path, hidden: int, layers: int):
@@ -33,6 +40,16 @@ def build_model(path: Path, hidden: int, layers: int):
     save_policy(model, tok, path)
     tasks = generate_tasks(1, fam, {"train": 2000})["train"]
     return tasks
+
+
+def load_real_model(path: Path, model: str, gguf_file: str | None):
+    """A real model (folder, hub id or GGUF) through r1flow's one loader, saved as a plain folder."""
+    from r1flow.data.tasks import generate_tasks
+    from r1flow.models import load_policy, save_policy
+
+    policy, tok = load_policy(model, gguf_file=gguf_file)
+    save_policy(policy, tok, path)
+    return generate_tasks(1, {"chain": {"difficulties": [2, 3, 4, 5]}}, {"train": 2000})["train"]
 
 
 def no_reward(completions, **kw):
@@ -50,13 +67,15 @@ def time_ours(path, tasks, steps, warmup):
                      temperature=1.0, eval_every=0, steps=steps, save_every=10**6)
     with tempfile.TemporaryDirectory() as state:
         trainer = GRPOTrainer(policy, ref, tok, cfg, tasks, None, state)
-        times, lengths = [], []
+        times, lengths, split = [], [], []
         for _ in range(steps):
             t0 = time.perf_counter()
             row = trainer.step()
             times.append(time.perf_counter() - t0)
             lengths.append(row["completion_length"])
-    return times[warmup:], statistics.mean(lengths)
+            split.append((row["time_generation"], row["time_training"]))
+    gen, train = (statistics.median(x) for x in zip(*split[warmup:]))
+    return times[warmup:], statistics.mean(lengths), (gen, train)
 
 
 def time_trl(path, tasks, steps, warmup):
@@ -102,19 +121,29 @@ def main():
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", default=None, help="a real model: folder, hub id, or the folder of --gguf-file")
+    ap.add_argument("--gguf-file", default=None, help="a GGUF file inside --model")
+    ap.add_argument("--prompts", type=int, default=16, help="prompts per step")
+    ap.add_argument("--group", type=int, default=8, help="G, completions per prompt")
+    ap.add_argument("--new-tokens", type=int, default=32, help="max_completion_length")
     a = ap.parse_args()
+    global PROMPTS, G, NEW_TOKENS
+    PROMPTS, G, NEW_TOKENS = a.prompts, a.group, a.new_tokens
     warnings.filterwarnings("ignore")
     torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "model"
-        tasks = build_model(path, a.hidden, a.layers)
+        tasks = load_real_model(path, a.model, a.gguf_file) if a.model else build_model(path, a.hidden, a.layers)
         n_params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(path).parameters())
-        print(f"model: Llama hidden {a.hidden}, {a.layers} layers, {n_params / 1e6:.2f}M parameters; "
+        what = f"{a.model}{' / ' + a.gguf_file if a.gguf_file else ''}" if a.model else \
+            f"Llama hidden {a.hidden}, {a.layers} layers"
+        print(f"model: {what}, {n_params / 1e6:.2f}M parameters; "
               f"{PROMPTS} prompts x G={G}, {NEW_TOKENS} new tokens, beta {BETA}, {a.threads} threads")
-        ours, ours_len = time_ours(path, tasks, a.steps, a.warmup)
+        ours, ours_len, (gen, train) = time_ours(path, tasks, a.steps, a.warmup)
         trl, trl_len = time_trl(path, tasks, a.steps, a.warmup)
     mo, mt = statistics.median(ours), statistics.median(trl)
-    print(f"r1flow GRPO step: median {mo:.3f} s over {len(ours)} steps (mean completion length {ours_len:.1f})")
+    print(f"r1flow GRPO step: median {mo:.3f} s over {len(ours)} steps (mean completion length {ours_len:.1f}); "
+          f"median {gen:.3f} s sampling, {train:.3f} s training")
     print(f"TRL    GRPO step: median {mt:.3f} s over {len(trl)} steps (mean completion length {trl_len:.1f})")
     print(f"ratio r1flow / TRL: {mo / mt:.2f}")
 
