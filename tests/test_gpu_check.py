@@ -26,7 +26,7 @@ def test_gpu_check_runs_tiny_on_the_cpu():
             assert float(m.group(1)) > 0, (name, p.stdout)
     assert len(re.findall(r"^GRPO step \d+:", p.stdout, re.M)) == 5
     assert "SFT: 5 steps" in p.stdout and "evaluation batch:" in p.stdout
-    assert "peak GPU memory: n/a" in p.stdout and p.stdout.rstrip().endswith("GPU CHECK OK")
+    assert "peak GPU memory: GRPO n/a (not a GPU), SFT n/a (not a GPU)" in p.stdout and p.stdout.rstrip().endswith("GPU CHECK OK")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a host without CUDA")
