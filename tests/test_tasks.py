@@ -126,3 +126,18 @@ def test_rechecked_steps_range_from_none_to_all():
     counts = {len(T.chain_rechecked(4, rng, 1.0)) for _ in range(400)}
     assert counts == {1, 2, 3, 4}
     assert all(T.chain_rechecked(4, rng, 1.0) <= {0, 1, 2, 3} for _ in range(50))
+
+
+def test_partial_solutions_write_a_prefix_of_the_steps_and_the_right_answer():
+    from r1flow.models.tiny import corpus_completion
+
+    t = T.Task("chain", "Compute (7+5)*2-3", "21", 3, ((7, "+", 5, 12), (12, "*", 2, 24), (24, "-", 3, 21)))
+    seen = set()
+    for seed in range(60):
+        c = corpus_completion(t, random.Random(seed), {"partial": 1.0})
+        seen.add(c)
+        assert c in {" <think> 7+5=12 </think> <answer> 21 </answer>",
+                     " <think> 7+5=12 12*2=24 </think> <answer> 21 </answer>"}
+    assert len(seen) == 2  # one to all-but-one steps, never none and never all
+    one_step = T.Task("chain", "Compute 7+5", "12", 1, ((7, "+", 5, 12),))
+    assert corpus_completion(one_step, random.Random(0), {"partial": 1.0}) == " <think> 7+5=12 </think> <answer> 12 </answer>"

@@ -31,6 +31,8 @@ def corpus_completion(t: T.Task, rng: random.Random, mix: dict[str, float], shor
     """One pretraining completion for a task, in a behaviour drawn from `mix`:
 
     worked: careful step-by-step solution, correct; worked_wrong: the same with one planted mistake;
+    partial: the first few careful steps (one to all but one, uniformly), then the right answer, the rest
+    done "in the head";
     shorthand: only the running values ("=12 =24 =21"), wrong with probability `shorthand_error_rate`;
     answer_only: an answer in <answer> tags with no reasoning; bare: the answer with no tags.
     Shorthand chains slip with `slip_rate` per step and re-check some steps carefully in a
@@ -40,6 +42,15 @@ def corpus_completion(t: T.Task, rng: random.Random, mix: dict[str, float], shor
     if mode == "worked":
         steps, ans = T.worked_solution(t, rng)
         return f" <think> {steps} </think> <answer> {ans} </answer>"
+    if mode == "partial":
+        # a writer who works some steps on paper and the rest in their head: right in the corpus, but a
+        # step the model does not write is one it has to get right unseen, so RL pays for writing more of
+        # them, one more step at a time (the gradual growth of Figure 3 in miniature)
+        steps, ans = T.worked_solution(t, rng)
+        parts = steps.split(" ")
+        if len(parts) > 1:
+            parts = parts[:rng.randint(1, len(parts) - 1)]
+        return f" <think> {' '.join(parts)} </think> <answer> {ans} </answer>"
     if mode == "worked_wrong":
         steps, ans = T.worked_solution(t, rng, wrong=True)
         return f" <think> {steps} </think> <answer> {ans} </answer>"
