@@ -21,6 +21,7 @@ def main():
     ap.add_argument("--exclude", nargs="*", default=[], help="task tables whose questions must not be pretrained on")
     ap.add_argument("--out", required=True, help="output model folder (save_pretrained)")
     ap.add_argument("--loss", required=True, help="output CSV of the pretraining loss")
+    ap.add_argument("--tokenizer", default=None, help="a model folder whose tokenizer to use instead of training one")
     ap.add_argument("--threads", type=int, default=None)
     add_device(ap)
     a = ap.parse_args()
@@ -29,7 +30,8 @@ def main():
     exclude = set()
     for path in a.exclude:
         exclude |= set(read_table(path, TASKS)["question"])
-    losses = build_base_model(a.tiny, a.families, a.template, a.out, exclude, device=device)
+    losses = build_base_model(a.tiny, a.families, a.template, a.out, exclude, device=device,
+                              tokenizer_from=a.tokenizer)
     pd.DataFrame(losses).to_csv(a.loss, index=False)
     log.info(f"base model -> {a.out} (final pretraining loss {losses[-1]['loss']:.3f})")
 

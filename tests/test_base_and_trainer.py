@@ -27,6 +27,22 @@ def test_base_model_is_a_plain_transformers_model(tiny_policy):
     assert tok.decode(ids) == "<think> 7+5=12 </think> <answer> 12 </answer>"
 
 
+def test_student_built_on_the_base_tokenizer(tiny_policy, tmp_path):
+    """A tiny student takes its teacher's tokenizer instead of training its own: same vocabulary, same ids."""
+    from transformers import AutoTokenizer
+
+    from r1flow.models.tiny import build_base_model
+
+    path, _ = tiny_policy
+    cfg = dict(seed=3, corpus_size=300, corpus_mix={"answer_only": 1.0}, vocab_size=300, hidden_size=16,
+               num_layers=1, num_heads=2, max_positions=128, steps=2, batch_size=4, learning_rate=1e-3)
+    log = build_base_model(cfg, FAMILIES, "table1", tmp_path / "student", progress=False, tokenizer_from=path)
+    teacher, student = AutoTokenizer.from_pretrained(path), AutoTokenizer.from_pretrained(tmp_path / "student")
+    text = "<think> 7+5=12 12*2=24 </think> <answer> 24 </answer>"
+    assert student.get_vocab() == teacher.get_vocab() and student(text)["input_ids"] == teacher(text)["input_ids"]
+    assert len(log) == 2
+
+
 def _trainer(path, state, **over):
     splits = generate_tasks(5, FAMILIES, {"train": 64, "validation": 8})
     policy, tok = load_policy(str(path))

@@ -100,3 +100,13 @@ def test_model_settings_reach_the_script_and_its_record(commands, job):
 def test_other_jobs_get_no_model_settings(commands, job):
     _, script = commands[job]
     assert not {"--device", "--dtype", "--generation", "--deepspeed"} & set(script), job
+
+
+def test_tiny_student_reads_the_base_tokenizer(commands):
+    """The tiny student is pretrained with the base's tokenizer (the distillation data then tokenizes as
+    the teacher's does), so its job takes the base model folder as an input and waits for it."""
+    wrapper, script = commands["student_base_student"]
+    assert option(script, "--tokenizer").endswith("models/base")
+    inputs = wrapper[wrapper.index("--inputs") + 1:wrapper.index("--outputs")]
+    assert any(p.endswith("models/base") for p in inputs)
+    assert "--tokenizer" not in commands["base_model"][1]

@@ -185,7 +185,7 @@ def pretrain(model, tokenizer, docs: list[tuple[str, str]], steps: int, batch_si
 
 
 def build_base_model(cfg: dict, families: dict, template: str, out_dir, exclude: set[str] = frozenset(),
-                     progress: bool = True, device: str | torch.device = "cpu") -> list[dict]:
+                     progress: bool = True, device: str | torch.device = "cpu", tokenizer_from=None) -> list[dict]:
     """Corpus -> tokenizer -> Llama -> brief pretraining -> save_pretrained(out_dir). Returns the loss log.
 
     cfg: the `base_model.tiny` config section (sizes, corpus size and mix, steps, learning rate, seed).
@@ -194,7 +194,12 @@ def build_base_model(cfg: dict, families: dict, template: str, out_dir, exclude:
     docs = build_corpus(cfg["seed"], cfg["corpus_size"], families, cfg["corpus_mix"], template, exclude,
                         cfg.get("shorthand_error_rate", 0.6), cfg.get("textbook_share", 0.0),
                         cfg.get("slip_rate", 0.0), cfg.get("recheck_share", 0.0))
-    tok = train_tokenizer(docs, cfg["vocab_size"])
+    if tokenizer_from:  # a student reads its teacher's tokenizer: the distillation data tokenizes the same way
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer_from)
+    else:
+        tok = train_tokenizer(docs, cfg["vocab_size"])
     model = build_model(tok, cfg["hidden_size"], cfg["num_layers"], cfg["num_heads"], cfg["max_positions"], cfg["seed"])
     model = model.to(device)  # initialised on the CPU (the same weights on any device), pretrained on `device`
     loss_log = pretrain(model, tok, docs, cfg["steps"], cfg["batch_size"], cfg["learning_rate"], cfg["seed"],

@@ -17,8 +17,7 @@ rule base_model:
                     "--exclude {input.validation} {input.test} --out {output.model} --loss {output.loss}"
                     " --threads {threads}", model=("pretrain",)),
     threads: job_threads("base_model")
-    # everything on the critical path waits for the base: start it first, rather than leaving a core
-    # idle behind a one-thread job that nothing needs yet (75 s of the default's 10 minutes)
+    # everything waits for the base (the tiny student reads its tokenizer): start it before anything else
     priority: 10
     log:
         res("logs", "base_model.log"),

@@ -229,6 +229,16 @@ def tiny_student_allowed(wildcards):
     return []
 
 
+def tiny_student_tokenizer(wildcards=None):
+    """A tiny student reads the tiny base's tokenizer (the distillation data then tokenizes as the
+    teacher's does); with a real base it trains its own, as the embedded base does."""
+    return res("models", "base") if config["base_model"]["path"] == "tiny" else None
+
+
+def tiny_student_tokenizer_input(wildcards):
+    return tiny_student_tokenizer() or []
+
+
 def student_tiny(wildcards):
     """A tiny student is built like the embedded base, with the student's own sizes."""
     return {**config["base_model"]["tiny"], **config["distillation"]["students"][wildcards.student]["tiny"]}

@@ -8,6 +8,7 @@ rule student_base:
         validation=rules.tasks.output.validation,
         test=rules.tasks.output.test,
         allowed=tiny_student_allowed,
+        tokenizer=tiny_student_tokenizer_input,
     output:
         model=directory(res("models", "student_{student}")),
         loss=res("students", "{student}_pretrain_loss.csv"),
@@ -17,7 +18,7 @@ rule student_base:
     params:
         **job("build_base.py",
                     {"tiny": student_tiny, "families": config["data"]["synthetic"]["families"],
-                     "template": config["template"]},
+                     "template": config["template"], "tokenizer": tiny_student_tokenizer()},
                     "--exclude {input.validation} {input.test} --out {output.model} --loss {output.loss}"
                     " --threads {threads}", model=("pretrain",)),
     threads: job_threads("student_base")

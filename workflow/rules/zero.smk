@@ -19,6 +19,8 @@ rule r1_zero:
                      **base_model_settings()},
                     GRPO_FILES, model=("generate", "train")),
     threads: job_threads("r1_zero")
+    # the R1 chain waits for it; the student and the reward models fill the other core meanwhile
+    priority: 10
     log:
         res("logs", "r1_zero.log"),
     benchmark:
