@@ -141,3 +141,23 @@ def test_partial_solutions_write_a_prefix_of_the_steps_and_the_right_answer():
     assert len(seen) == 2  # one to all-but-one steps, never none and never all
     one_step = T.Task("chain", "Compute 7+5", "12", 1, ((7, "+", 5, 12),))
     assert corpus_completion(one_step, random.Random(0), {"partial": 1.0}) == " <think> 7+5=12 </think> <answer> 12 </answer>"
+
+
+def test_recheck_guesses_then_writes_the_remaining_steps():
+    from r1flow.data.formats import reflections
+    from r1flow.models.tiny import corpus_completion
+
+    t = T.Task("chain", "Compute (7+5)*2-3", "21", 3, ((7, "+", 5, 12), (12, "*", 2, 24), (24, "-", 3, 21)))
+    guesses, prefixes = set(), set()
+    for seed in range(80):
+        c = corpus_completion(t, random.Random(seed), {"recheck": 1.0})
+        think = c.split("<think> ")[1].split(" </think>")[0]
+        before, after = think.split(" wait ") if " wait " in think else ("", "")
+        assert reflections(c) == 1 and c.endswith("</think> <answer> 21 </answer>")
+        *written, guess = before.split(" ")
+        guesses.add(guess)
+        prefixes.add(len(written))
+        # the careful steps before and after the guess are the whole worked solution, in order
+        assert " ".join(written + after.split(" ")) == "7+5=12 12*2=24 24-3=21"
+    assert "=21" in guesses and guesses <= {"=19", "=20", "=21", "=22", "=23"} and len(guesses) > 2
+    assert prefixes == {0, 1, 2}

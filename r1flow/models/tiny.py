@@ -32,7 +32,8 @@ def corpus_completion(t: T.Task, rng: random.Random, mix: dict[str, float], shor
 
     worked: careful step-by-step solution, correct; worked_wrong: the same with one planted mistake;
     partial: the first few careful steps (one to all but one, uniformly), then the right answer, the rest
-    done "in the head";
+    done "in the head"; recheck: a few careful steps (none to all but one), the answer guessed in the
+    head ("=21", off by 1 or 2 half the time), then "wait" and the remaining steps written out after all;
     shorthand: only the running values ("=12 =24 =21"), wrong with probability `shorthand_error_rate`;
     answer_only: an answer in <answer> tags with no reasoning; bare: the answer with no tags.
     Shorthand chains slip with `slip_rate` per step and re-check some steps carefully in a
@@ -51,6 +52,16 @@ def corpus_completion(t: T.Task, rng: random.Random, mix: dict[str, float], shor
         if len(parts) > 1:
             parts = parts[:rng.randint(1, len(parts) - 1)]
         return f" <think> {' '.join(parts)} </think> <answer> {ans} </answer>"
+    if mode == "recheck":
+        # the writer jumps to an answer, stops ("wait") and works the rest out on paper: the reflection of
+        # section 2.2.4 in miniature. The model's own guesses are unreliable, so RL can make the re-check
+        # the rule where the base does it seldom
+        steps, ans = T.worked_solution(t, rng)
+        parts = steps.split(" ")
+        j = rng.randint(0, len(parts) - 1)
+        guess = int(ans) + (rng.choice([-2, -1, 1, 2]) if rng.random() < 0.5 else 0)
+        done = " ".join(parts[:j] + [f"={abs(guess)}", "wait"] + parts[j:])
+        return f" <think> {done} </think> <answer> {ans} </answer>"
     if mode == "worked_wrong":
         steps, ans = T.worked_solution(t, rng, wrong=True)
         return f" <think> {steps} </think> <answer> {ans} </answer>"
