@@ -59,6 +59,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--beta", type=float, default=0.04, help="> 0 loads a reference model, as the config does")
     ap.add_argument("--micro-batch-size", type=int, default=0)
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="recompute each decoder layer in the backward (the config's gradient_checkpointing)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--trim-in-bench", action="store_true", help="malloc_trim(0) after each step, here")
     ap.add_argument("--csv", default=None, help="also write the per-step figures here")
@@ -86,11 +88,13 @@ def main(argv=None):
         cfg = GRPOConfig(prompts_per_step=a.prompts_per_step, num_generations=a.G, max_completion_length=a.max_tokens,
                          beta=a.beta, temperature=1.0, learning_rate=5e-6, warmup_steps=2, eval_every=0,
                          steps=a.steps, save_every=10**6, micro_batch_size=a.micro_batch_size,
+                         gradient_checkpointing=a.gradient_checkpointing,
                          reward_options={"accuracy": {"fallback": "last_number"}})
         trainer = GRPOTrainer(policy, ref, tok, cfg, tasks, None, Path(tmp) / "state")
         print(f"models loaded: rss {rss_mb():.0f} MB, peak {peak_rss_mb():.0f} MB; "
               f"{a.prompts_per_step} prompts x G={a.G}, {a.max_tokens} new tokens, beta {a.beta}, "
-              f"{a.threads} thread(s)", flush=True)
+              f"{a.threads} thread(s)"
+              f"{', gradient checkpointing' if a.gradient_checkpointing else ''}", flush=True)
         print(f"{'step':>4} {'secs':>6} {'len':>6} {'rss_mb':>8} {'peak_mb':>8} {'child_mb':>8} {'child_peak':>10}",
               flush=True)
         rows = []
