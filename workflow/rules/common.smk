@@ -229,10 +229,10 @@ def tiny_student_allowed(wildcards):
     return []
 
 
-def tiny_student_tokenizer(wildcards=None):
+def tiny_student_tokenizer():
     """A tiny student reads the tiny base's tokenizer (the distillation data then tokenizes as the
     teacher's does); with a real base it trains its own, as the embedded base does."""
-    return res("models", "base") if config["base_model"]["path"] == "tiny" else None
+    return res("models", "base") if base_is_tiny() else None
 
 
 def tiny_student_tokenizer_input(wildcards):
