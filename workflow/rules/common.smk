@@ -260,8 +260,8 @@ def student_input(wildcards):
 # -- evaluation (section 3) ----------------------------------------------------------------------------
 EVAL_MODELS = list(config["evaluation"]["models"]) + list(config["evaluation"]["external_models"])
 BENCHMARKS = list(config["evaluation"]["benchmarks"])
-# Models before the cold start answer in the Table 1 template; from the cold start on they are chat models
-# answering in the readable pattern (section 2.3.1). A benchmark whose template is "model" uses each
+# Models before the cold start answer in the config's `template` (Table 1); from the cold start on they
+# are chat models answering in the readable pattern (section 2.3.1). A benchmark whose template is "model" uses each
 # model's own style, so base, R1-Zero, R1 and the students can share one held-out table.
 CHAT_STAGES = ("cold_start", "reasoning_rl", "r1_sft", "r1")
 
@@ -307,7 +307,7 @@ def benchmark_spec(wildcards):
             spec["template"] = "plain"
             spec["format_reward"] = spec.get("format_reward") or "format_readable"
         else:
-            spec["template"] = "table1"
+            spec["template"] = config["template"]  # the prompt R1-Zero was trained with (Table 1 by default)
     return spec
 
 
