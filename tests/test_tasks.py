@@ -62,6 +62,16 @@ def test_too_many_prompts_for_the_space_fails_clearly():
         T.generate_tasks(0, {"nope": {"difficulties": [1]}}, {"train": 5})
 
 
+def test_weight_zero_leaves_a_family_out():
+    # a config extending the default inherits its `chain` family; weight 0 is how it trains on others alone
+    fam = {"chain": {"weight": 0.0, "difficulties": [1]}, "addition": {"difficulties": [2]}}
+    split = T.generate_tasks(3, fam, {"train": 40})["train"]
+    assert set(split["task"]) == {"addition"}
+    assert split["question"].str.fullmatch(r"Compute \d\d \+ \d\d").all()
+    with pytest.raises(ValueError, match="every task family has weight 0"):
+        T.generate_tasks(3, {"chain": {"weight": 0, "difficulties": [1]}}, {"train": 5})
+
+
 def test_table1_template_word_for_word():
     assert render("Compute 1+2") == (
         "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "

@@ -173,17 +173,25 @@ def worked_solution(t: Task, rng: random.Random, wrong: bool = False, shorthand:
     raise ValueError(f"no worked solution for task family {t.task!r}")
 
 
+def family_weights(families: dict[str, dict]) -> tuple[list[str], list[float]]:
+    """The families to draw from and their weights. Weight 0 leaves a family out: a config that extends
+    the default one (whose `chain` family it inherits) can then train on other families alone."""
+    unknown = set(families) - set(FAMILIES)
+    if unknown:
+        raise ValueError(f"unknown task families {sorted(unknown)}; known: {sorted(FAMILIES)}")
+    names = [n for n in families if families[n].get("weight", 1.0) > 0]
+    if not names:
+        raise ValueError(f"every task family has weight 0 in data.synthetic.families: {families}")
+    return names, [families[n].get("weight", 1.0) for n in names]
+
+
 def generate_tasks(seed: int, families: dict[str, dict], sizes: dict[str, int]) -> dict[str, pd.DataFrame]:
     """Draw disjoint splits of unique questions.
 
     families: {name: {"weight": w, "difficulties": [d, ...]}}; sizes: {split: number of prompts}.
     """
-    unknown = set(families) - set(FAMILIES)
-    if unknown:
-        raise ValueError(f"unknown task families {sorted(unknown)}; known: {sorted(FAMILIES)}")
+    names, weights = family_weights(families)
     rng = random.Random(seed)
-    names = list(families)
-    weights = [families[n].get("weight", 1.0) for n in names]
     seen: set[str] = set()
     out = {}
     for split, n in sizes.items():

@@ -88,8 +88,7 @@ def build_corpus(seed: int, n: int, families: dict, mix: dict[str, float], templ
     Table 1 prompt in a behaviour drawn from `mix`.
     """
     rng = random.Random(seed)
-    names = list(families)
-    weights = [families[k].get("weight", 1.0) for k in names]
+    names, weights = T.family_weights(families)
     docs = []
     while len(docs) < n:
         name = rng.choices(names, weights)[0]
