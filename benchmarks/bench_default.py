@@ -1,6 +1,10 @@
 """Time the default target from a clean results folder: wall time, peak memory, the results table.
 
     python benchmarks/bench_default.py [--workdir DIR] [--config config/config.yaml] [--seed-offset N]
+        [--target all] [--link models/smollm2 ...]
+
+--target runs another target (r1_zero_report for a config that stops at R1-Zero); --link makes paths of
+this checkout (a downloaded model) visible in the workdir, where the config's relative paths point.
 
 --seed-offset shifts every seed of the config (tasks, corpora, models, every RL and SFT stage, sampling,
 reward models, evaluation; the schema's defaults included) to check that the result holds on another seed. Prints the wall time, the peak RSS of the largest job, each job's time and memory (from
@@ -39,6 +43,8 @@ def main():
     ap.add_argument("--config", default=str(ROOT / "config" / "config.yaml"))
     ap.add_argument("--seed-offset", type=int, default=0)
     ap.add_argument("--cores", type=int, default=2)
+    ap.add_argument("--target", default="all")
+    ap.add_argument("--link", nargs="*", default=[], help="paths, relative to this checkout, to link into the workdir")
     a = ap.parse_args()
     wd = Path(a.workdir or tempfile.mkdtemp(prefix="r1flow-bench-"))
     wd.mkdir(parents=True, exist_ok=True)
@@ -48,10 +54,15 @@ def main():
         cfg = shift_seeds(validate_config(cfg, ROOT / "workflow" / "schemas" / "config.schema.yaml"), a.seed_offset)
     conf = wd / "bench_config.yaml"
     conf.write_text(yaml.safe_dump(cfg))
-    if (wd / "results").exists():
-        raise SystemExit(f"{wd}/results exists; the benchmark starts from a clean results folder")
+    res = wd / cfg.get("results", "results")
+    if res.exists():
+        raise SystemExit(f"{res} exists; the benchmark starts from a clean results folder")
+    for rel in a.link:
+        (wd / rel).parent.mkdir(parents=True, exist_ok=True)
+        if not (wd / rel).exists():
+            (wd / rel).symlink_to((ROOT / rel).resolve())
     cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(wd),
-           "--configfile", str(conf), "--cores", str(a.cores), "--quiet", "all"]
+           "--configfile", str(conf), "--cores", str(a.cores), "--quiet", a.target]
     t0 = time.time()
     p = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.time() - t0
@@ -63,14 +74,14 @@ def main():
     print(f"wall time, snakemake --cores {a.cores} from clean results/: {wall:.1f} s")
     print(f"peak RSS of the largest process: {peak_mb:.0f} MB")
     rows = []
-    for tsv in sorted((wd / "results" / "benchmarks").glob("*.tsv")):
+    for tsv in sorted((res / "benchmarks").glob("*.tsv")):
         b = pd.read_csv(tsv, sep="\t")
         rows.append({"job": tsv.stem, "s": b["s"].iloc[0], "max_rss_MB": b["max_rss"].iloc[0]})
     print(pd.DataFrame(rows).to_string(index=False))
-    print((wd / "results" / "tables" / "r1_zero.md").read_text())
-    curve = pd.read_csv(wd / "results" / "r1_zero" / "validation_curve.csv")
+    print((res / "tables" / "r1_zero.md").read_text())
+    curve = pd.read_csv(res / "r1_zero" / "validation_curve.csv")
     print("validation curve:\n" + curve.to_string(index=False))
-    m = pd.read_csv(wd / "results" / "r1_zero" / "metrics.csv")
+    m = pd.read_csv(res / "r1_zero" / "metrics.csv")
     print("mean completion length by quarter of training:",
           [round(x, 1) for x in m.groupby(pd.qcut(m["step"], 4, labels=False))["completion_length"].mean()])
 

@@ -8,7 +8,8 @@ loaded reference model, the rule-based rewards with their Math-Verify worker pro
 template, no validation), and prints after every step:
 
     rss_mb       the trainer process's current resident memory (VmRSS)
-    peak_mb      its peak so far (getrusage ru_maxrss)
+    peak_mb      its peak so far
+    sample/train/update  the step's own peak in each phase: sampling, log-probs and backward, optimizer
     child_mb     current resident memory summed over its child processes (the reward workers)
     child_peak   the largest peak (VmHWM) among them
 
@@ -70,7 +71,7 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
 
     from r1flow.data.tasks import load_prompts
-    from r1flow.memory import children_rss_mb, peak_rss_mb, rss_mb, trim_allocator
+    from r1flow.memory import children_rss_mb, rss_mb, trim_allocator
     from r1flow.models import load_policy
     from r1flow.training.grpo import GRPOConfig, GRPOTrainer
 
@@ -91,12 +92,12 @@ def main(argv=None):
                          gradient_checkpointing=a.gradient_checkpointing,
                          reward_options={"accuracy": {"fallback": "last_number"}})
         trainer = GRPOTrainer(policy, ref, tok, cfg, tasks, None, Path(tmp) / "state")
-        print(f"models loaded: rss {rss_mb():.0f} MB, peak {peak_rss_mb():.0f} MB; "
+        print(f"models loaded: rss {rss_mb():.0f} MB, peak {trainer.peaks.run_peak:.0f} MB; "
               f"{a.prompts_per_step} prompts x G={a.G}, {a.max_tokens} new tokens, beta {a.beta}, "
               f"{a.threads} thread(s)"
               f"{', gradient checkpointing' if a.gradient_checkpointing else ''}", flush=True)
-        print(f"{'step':>4} {'secs':>6} {'len':>6} {'rss_mb':>8} {'peak_mb':>8} {'child_mb':>8} {'child_peak':>10}",
-              flush=True)
+        print(f"{'step':>4} {'secs':>6} {'len':>6} {'rss_mb':>8} {'peak_mb':>8} {'sample':>7} {'train':>7} "
+              f"{'update':>7} {'child_mb':>8} {'child_peak':>10}", flush=True)
         rows = []
         for _ in range(a.steps):
             t0 = time.perf_counter()
@@ -106,11 +107,13 @@ def main(argv=None):
             secs = time.perf_counter() - t0
             cur, cpeak = children_rss_mb()
             r = {"step": row["step"], "secs": secs, "completion_length": row["completion_length"],
-                 "rss_mb": rss_mb(), "peak_mb": peak_rss_mb(), "child_mb": cur, "child_peak_mb": cpeak,
-                 "trainer_rss_mb": row.get("rss_mb", float("nan"))}
+                 "rss_mb": rss_mb(), "peak_mb": trainer.peaks.run_peak, "child_mb": cur, "child_peak_mb": cpeak,
+                 "trainer_rss_mb": row.get("rss_mb", float("nan")),
+                 **{k: row[f"peak_rss_{k}_mb"] for k in ("sampling", "training", "update")}}
             rows.append(r)
             print(f"{r['step']:>4} {secs:>6.1f} {r['completion_length']:>6.1f} {r['rss_mb']:>8.0f} "
-                  f"{r['peak_mb']:>8.0f} {cur:>8.0f} {cpeak:>10.0f}", flush=True)
+                  f"{r['peak_mb']:>8.0f} {r['sampling']:>7.0f} {r['training']:>7.0f} {r['update']:>7.0f} "
+                  f"{cur:>8.0f} {cpeak:>10.0f}", flush=True)
     first, last = rows[0], rows[-1]
     print(f"growth step {first['step']} -> {last['step']}: {last['rss_mb'] - first['rss_mb']:+.0f} MB "
           f"(trainer), {last['child_mb'] - first['child_mb']:+.0f} MB (children); "

@@ -36,6 +36,38 @@ def peak_rss_mb() -> float:
     return kb / 1024 / (1024 if sys.platform == "darwin" else 1)  # macOS reports bytes
 
 
+class PhasePeaks:
+    """The peak resident memory of each phase of a step (sampling, training, update), and of the run.
+
+    Linux keeps one high-water mark per process (VmHWM); writing "5" to /proc/self/clear_refs sets it
+    back to the current RSS, so reading it at the end of a phase gives that phase's own peak. That reset
+    also lowers getrusage's ru_maxrss, so the run's peak is kept here. Where the reset is not allowed,
+    phases read NaN and the run's peak is ru_maxrss."""
+
+    def __init__(self):
+        self.run_peak = peak_rss_mb()
+        self.can_reset = self.reset()
+
+    @staticmethod
+    def reset() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    def end(self) -> float:
+        """The peak since the last reset (MB), then a new reset; NaN where resets do not work."""
+        if not self.can_reset:
+            self.run_peak = max(self.run_peak, peak_rss_mb())
+            return float("nan")
+        peak = _status_kb("self", "VmHWM") / 1024
+        self.run_peak = max(self.run_peak, peak)
+        self.reset()
+        return peak
+
+
 def child_pids(pid: int | None = None) -> list[int]:
     """Every live descendant of `pid` (this process by default), from /proc's children lists."""
     pid = os.getpid() if pid is None else pid

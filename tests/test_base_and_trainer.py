@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from conftest import FAMILIES
 
 from r1flow.data.tasks import generate_tasks
@@ -199,6 +200,27 @@ def test_metrics_report_resident_memory_per_step(tiny_policy, tmp_path):
     back = read_table(tmp_path / "metrics.csv", GRPO_METRICS)
     assert len(back) == 2
     assert (back["rss_mb"] > 10).all() and (back["peak_rss_mb"] >= back["rss_mb"]).all()
+    # each phase's own peak is a part of the step's: positive, never above the run's peak so far
+    phases = back[["peak_rss_sampling_mb", "peak_rss_training_mb", "peak_rss_update_mb"]]
+    assert (phases > 10).all().all()
+    assert (phases.max(axis=1) <= back["peak_rss_mb"] + 1e-6).all()
+
+
+def test_phase_peaks_see_each_phase_alone():
+    """A phase that allocates 200 MB shows it in its own peak; the next phase, which allocates nothing,
+    does not; the run's peak keeps it."""
+    from r1flow.memory import PhasePeaks
+
+    p = PhasePeaks()
+    if not p.can_reset:
+        pytest.skip("/proc/self/clear_refs cannot be written here")
+    p.end()
+    x = torch.ones(200 * 2**20 // 4)  # 200 MB, touched
+    del x
+    big = p.end()
+    small = p.end()
+    assert big - small > 150
+    assert p.run_peak >= big
 
 
 def test_batches_mix_kinds_in_proportion_and_are_deterministic():

@@ -31,7 +31,9 @@ OTHER_JOBS = {"tasks", "preferences", "non_reasoning_data", "r1_zero_report", "b
 # "cuda:1" is planned here without a GPU: the device is resolved (and refused) in the job, not at planning
 SETTINGS = {"device": "cuda:1", "base_model": {"dtype": "bfloat16"},
             "generation": {"backend": "transformers", "vllm": {"gpu_memory_utilization": 0.5}},
-            "training": {"deepspeed": {"enabled": True, "accelerator": "cpu", "nproc_per_node": 2}}}
+            "training": {"deepspeed": {"enabled": True, "accelerator": "cpu", "nproc_per_node": 2}},
+            # a prompt of the user's own (config/smollm2_r1_zero.yaml's kind), and each model's own style
+            "template": "Question: {prompt}\nAnswer:", "evaluation": {"benchmarks": {"held_out": {"template": "model"}}}}
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +112,15 @@ def test_tiny_student_reads_the_base_tokenizer(commands):
     inputs = wrapper[wrapper.index("--inputs") + 1:wrapper.index("--outputs")]
     assert any(p.endswith("models/base") for p in inputs)
     assert "--tokenizer" not in commands["base_model"][1]
+
+
+def test_models_before_the_cold_start_are_evaluated_with_the_prompt_r1_zero_trained_on(commands):
+    """Template "model": base and R1-Zero get the config's `template` (what R1-Zero's GRPO used), the
+    chat models from the cold start on get their own chat template ("plain" question, `--chat`)."""
+    template = SETTINGS["template"]
+    assert option(commands["r1_zero"][1], "--template") == template
+    for job in ("evaluate_base_held_out", "evaluate_r1_zero_held_out"):
+        assert json.loads(option(commands[job][1], "--spec"))["template"] == template, job
+        assert "--chat" not in commands[job][1], job
+    r1 = commands["evaluate_r1_held_out"][1]
+    assert json.loads(option(r1, "--spec"))["template"] == "plain" and "--chat" in r1

@@ -99,6 +99,10 @@ GRPO_METRICS = DataFrameSchema(
         # resident memory of the trainer process after the step, and its peak so far (MB; NaN off Linux)
         "rss_mb": Column(float, Check.gt(0.0), nullable=True),
         "peak_rss_mb": Column(float, Check.gt(0.0), nullable=True),
+        # the step's own peak in each phase: sampling, training (log-probs and backward), the optimizer update
+        "peak_rss_sampling_mb": Column(float, Check.gt(0.0), nullable=True, required=False),
+        "peak_rss_training_mb": Column(float, Check.gt(0.0), nullable=True, required=False),
+        "peak_rss_update_mb": Column(float, Check.gt(0.0), nullable=True, required=False),
         "val_pass@1": Column(float, Check.in_range(0.0, 1.0), nullable=True),
         "val_format_rate": Column(float, Check.in_range(0.0, 1.0), nullable=True),
         "val_length": Column(float, Check.ge(0.0), nullable=True),

@@ -44,7 +44,7 @@ from r1flow.config import require_positive
 from r1flow.data.formats import reflections
 from r1flow.data.prompts import chat_prompt, render
 from r1flow.generation import SamplingParams, make_generator
-from r1flow.memory import peak_rss_mb, rss_mb, trim_allocator
+from r1flow.memory import PhasePeaks, rss_mb, trim_allocator
 from r1flow.models import load_weights, model_device, save_policy
 from r1flow.models.chunked import set_activation_checkpointing
 from r1flow.models.logprobs import completion_logprobs
@@ -186,6 +186,7 @@ class GRPOTrainer:
         # which policy training started from: a checkpoint made from another starting model (an upstream
         # stage was rerun) must not be resumed, even when the GRPO settings are the same
         self.start_fingerprint = weights_fingerprint(model)
+        self.peaks = PhasePeaks()
         self.generator = make_generator(model, tokenizer, generation, model_path=model_path,
                                         batch_size=cfg.generation_batch_size, seed=cfg.seed, fast=cfg.fast_path)
         # an engine of its own (vLLM) samples, with its own copy of the weights, synced after each update
@@ -257,7 +258,7 @@ class GRPOTrainer:
         row = self._step()
         # every tensor of the step (completions, logits, graphs) was freed when _step returned
         trim_allocator()
-        row["rss_mb"], row["peak_rss_mb"] = rss_mb(), peak_rss_mb()
+        row["rss_mb"], row["peak_rss_mb"] = rss_mb(), self.peaks.run_peak
         return row
 
     def _step(self) -> dict:
@@ -272,6 +273,7 @@ class GRPOTrainer:
         seeds = [self._group_seed(self.step_no, g) for g in range(groups.start, groups.stop)]
         tis = c.vllm_importance_sampling_cap is not None and self.samples_externally
 
+        self.peaks.end()  # what came before this step's sampling is not the step's
         t0 = time.perf_counter()
         out = self.generator.generate(
             prompts, SamplingParams(G, c.temperature, c.top_p, c.max_completion_length, logprobs=tis), seeds=seeds)
@@ -279,6 +281,9 @@ class GRPOTrainer:
             self.generator.sleep()
         out = out.to(self.device)  # a no-op for the transformers backend, which samples on the policy's device
         t_gen = time.perf_counter() - t0
+        peak = {"sampling": self.peaks.end(), "training": float("nan"), "update": float("nan")}
+        # the sampler's caches are freed: hand them back before training allocates gradients and activations
+        trim_allocator()
 
         total, per = self._score(local, out.texts, G)
         rewards_local = torch.tensor(total, dtype=torch.float32, device=self.device)
@@ -333,7 +338,9 @@ class GRPOTrainer:
                     stats[k] += st[k]
                 if ent is not None:
                     entropy_sum += (ent * out.completion_mask[sl]).sum().item()
+            peak["training"] = _nanmax(peak["training"], self.peaks.end())  # log-probs, loss, backward
             self.engine.step()  # clip the global gradient norm, update
+            peak["update"] = _nanmax(peak["update"], self.peaks.end())
         if self.samples_externally:  # an external engine (vLLM) samples the next batch: new weights, no stale cache
             self.generator.sync_weights(self.model)
         lr = self.sched.get_last_lr()[0]
@@ -379,6 +386,8 @@ class GRPOTrainer:
             "loss": loss_sum,
             "time_generation": t_gen,
             "time_training": t_train,
+            # each phase's own peak resident memory (MB): where a step's memory goes
+            **{f"peak_rss_{k}_mb": v for k, v in peak.items()},
         }
         for fmt in ("format", "format_readable"):  # the first of the two that this step scored
             if fmt in names and present[names.index(fmt)]:
@@ -637,6 +646,10 @@ def progress_line(rows: list[dict], steps: int, best: dict) -> str:
             f"kl {mean('kl'):.4g}, clip fraction {mean('clip_fraction'):.3f}, entropy {mean('entropy'):.3f}, "
             f"length {mean('completion_length'):.1f}, val pass@1 {val}; time {t_gen:.1f}s generating, "
             f"{t_train:.1f}s training over {len(rows)} step(s)")
+
+
+def _nanmax(a: float, b: float) -> float:
+    return b if math.isnan(a) else a if math.isnan(b) else max(a, b)
 
 
 def _mean_of(values) -> float:
