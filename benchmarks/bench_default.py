@@ -62,7 +62,7 @@ def main():
         if not (wd / rel).exists():
             (wd / rel).symlink_to((ROOT / rel).resolve())
     cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(wd),
-           "--configfile", str(conf), "--cores", str(a.cores), "--quiet", a.target]
+           "--configfile", str(conf), "--cores", str(a.cores), a.target, "--quiet"]  # --quiet takes optional words
     t0 = time.time()
     p = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.time() - t0
