@@ -58,12 +58,15 @@ class PhasePeaks:
             return False
 
     def end(self) -> float:
-        """The peak since the last reset (MB), then a new reset; NaN where resets do not work."""
+        """The peak since the last reset (MB), then a new reset; NaN where resets do not work. Free heap
+        memory is handed back before the reset, so that the next phase's peak starts from what is live
+        rather than from what the allocator kept of the phase before."""
         if not self.can_reset:
             self.run_peak = max(self.run_peak, peak_rss_mb())
             return float("nan")
         peak = _status_kb("self", "VmHWM") / 1024
         self.run_peak = max(self.run_peak, peak)
+        trim_allocator()
         self.reset()
         return peak
 

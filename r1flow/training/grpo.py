@@ -281,9 +281,8 @@ class GRPOTrainer:
             self.generator.sleep()
         out = out.to(self.device)  # a no-op for the transformers backend, which samples on the policy's device
         t_gen = time.perf_counter() - t0
+        # (end() also hands the sampler's freed caches back before training allocates gradients)
         peak = {"sampling": self.peaks.end(), "training": float("nan"), "update": float("nan")}
-        # the sampler's caches are freed: hand them back before training allocates gradients and activations
-        trim_allocator()
 
         total, per = self._score(local, out.texts, G)
         rewards_local = torch.tensor(total, dtype=torch.float32, device=self.device)
