@@ -33,7 +33,7 @@ SETTINGS = {"device": "cuda:1", "base_model": {"dtype": "bfloat16"},
             "generation": {"backend": "transformers", "vllm": {"gpu_memory_utilization": 0.5}},
             "training": {"deepspeed": {"enabled": True, "accelerator": "cpu", "nproc_per_node": 2}},
             # a prompt of the user's own (config/smollm2_r1_zero.yaml's kind), and each model's own style
-            "template": "Question: {prompt}\nAnswer:", "evaluation": {"benchmarks": {"held_out": {"template": "model"}}}}
+            "template": "Question: {prompt} Answer:", "evaluation": {"benchmarks": {"held_out": {"template": "model"}}}}
 
 
 @pytest.fixture(scope="module")
