@@ -89,7 +89,7 @@ def main(argv=None):
         cfg = GRPOConfig(prompts_per_step=a.prompts_per_step, num_generations=a.G, max_completion_length=a.max_tokens,
                          beta=a.beta, temperature=1.0, learning_rate=5e-6, warmup_steps=2, eval_every=0,
                          steps=a.steps, save_every=10**6, micro_batch_size=a.micro_batch_size,
-                         gradient_checkpointing=a.gradient_checkpointing,
+                         gradient_checkpointing=a.gradient_checkpointing, memory_by_phase=True,
                          reward_options={"accuracy": {"fallback": "last_number"}})
         trainer = GRPOTrainer(policy, ref, tok, cfg, tasks, None, Path(tmp) / "state")
         print(f"models loaded: rss {rss_mb():.0f} MB, peak {trainer.peaks.run_peak:.0f} MB; "

@@ -36,26 +36,28 @@ def peak_rss_mb() -> float:
     return kb / 1024 / (1024 if sys.platform == "darwin" else 1)  # macOS reports bytes
 
 
+def reset_peak_rss() -> bool:
+    """Set this process's high-water mark (VmHWM, and with it getrusage's ru_maxrss) back to its current
+    RSS (Linux: "5" to /proc/self/clear_refs); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 class PhasePeaks:
     """The peak resident memory of each phase of a step (sampling, training, update), and of the run.
 
-    Linux keeps one high-water mark per process (VmHWM); writing "5" to /proc/self/clear_refs sets it
-    back to the current RSS, so reading it at the end of a phase gives that phase's own peak. That reset
-    also lowers getrusage's ru_maxrss, so the run's peak is kept here. Where the reset is not allowed,
-    phases read NaN and the run's peak is ru_maxrss."""
+    Reading the high-water mark at the end of a phase and resetting it (`reset_peak_rss`) gives that
+    phase's own peak. The reset also lowers ru_maxrss, of this process and, once it exits, the one its
+    parent reads (RUSAGE_CHILDREN): so it is opt-in (`enabled`), and the run's peak is kept here.
+    Disabled, or where the reset is not allowed, phases read NaN and the run's peak is ru_maxrss."""
 
-    def __init__(self):
+    def __init__(self, enabled: bool = True):
         self.run_peak = peak_rss_mb()
-        self.can_reset = self.reset()
-
-    @staticmethod
-    def reset() -> bool:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            return True
-        except OSError:
-            return False
+        self.can_reset = enabled and reset_peak_rss()
 
     def end(self) -> float:
         """The peak since the last reset (MB), then a new reset; NaN where resets do not work. Free heap
@@ -67,7 +69,7 @@ class PhasePeaks:
         peak = _status_kb("self", "VmHWM") / 1024
         self.run_peak = max(self.run_peak, peak)
         trim_allocator()
-        self.reset()
+        reset_peak_rss()
         return peak
 
 

@@ -1,6 +1,7 @@
 """The tiny base model and the GRPO trainer: HF-loadable artifacts, learning signal, exact resumption."""
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -194,7 +195,7 @@ def test_metrics_report_resident_memory_per_step(tiny_policy, tmp_path):
     from r1flow.data.schemas import GRPO_METRICS
 
     path, _ = tiny_policy
-    m = _trainer(path, tmp_path / "rss", eval_every=0, steps=2).train(progress=False)
+    m = _trainer(path, tmp_path / "rss", eval_every=0, steps=2, memory_by_phase=True).train(progress=False)
     assert "rss_mb" in GRPO_METRICS.columns and "peak_rss_mb" in GRPO_METRICS.columns
     write_table(m, tmp_path / "metrics.csv", GRPO_METRICS)
     back = read_table(tmp_path / "metrics.csv", GRPO_METRICS)
@@ -211,6 +212,7 @@ def test_phase_peaks_see_each_phase_alone():
     does not; the run's peak keeps it."""
     from r1flow.memory import PhasePeaks
 
+    assert not PhasePeaks(enabled=False).can_reset and math.isnan(PhasePeaks(enabled=False).end())
     p = PhasePeaks()
     if not p.can_reset:
         pytest.skip("/proc/self/clear_refs cannot be written here")

@@ -99,6 +99,9 @@ class GRPOConfig:
     save_every: int = 50
     seed: int = 0
     fast_path: bool = True
+    # each step's peak memory by phase (peak_rss_*_mb); it resets the process's peak mark, which the
+    # job's own peak-memory accounting (getrusage) then no longer covers, so it is off unless asked for
+    memory_by_phase: bool = False
     generation_batch_size: int = 512
     # steps in a row without any learning signal (every group of G outputs with one reward value, so
     # every advantage of eq. 3 is 0) after which training stops with an error; 0 = never
@@ -186,7 +189,7 @@ class GRPOTrainer:
         # which policy training started from: a checkpoint made from another starting model (an upstream
         # stage was rerun) must not be resumed, even when the GRPO settings are the same
         self.start_fingerprint = weights_fingerprint(model)
-        self.peaks = PhasePeaks()
+        self.peaks = PhasePeaks(cfg.memory_by_phase)
         self.generator = make_generator(model, tokenizer, generation, model_path=model_path,
                                         batch_size=cfg.generation_batch_size, seed=cfg.seed, fast=cfg.fast_path)
         # an engine of its own (vLLM) samples, with its own copy of the weights, synced after each update
