@@ -65,6 +65,7 @@ class PhasePeaks:
         rather than from what the allocator kept of the phase before."""
         if not self.can_reset:
             self.run_peak = max(self.run_peak, peak_rss_mb())
+            trim_allocator()  # the same memory behaviour whether the phases are read or not
             return float("nan")
         peak = _status_kb("self", "VmHWM") / 1024
         self.run_peak = max(self.run_peak, peak)
