@@ -299,26 +299,36 @@ def _prompt_mask(prompt_mask):
                                                                    device=prompt_mask.device))[:, None]
 
 
-def _prefill(W: _Weights, prompt_ids, prompt_mask):
+def _prefill(W: _Weights, prompt_ids, prompt_mask, recompute: bool = False):
     """Run the prompts; returns the final normed hidden state of the last position (M, hidden),
-    the per-layer keys and values (M, Hkv, P, D) and the positions (M, P)."""
+    the per-layer keys and values (M, Hkv, P, D) and the positions (M, P). With `recompute` (training
+    under activation checkpointing) each layer keeps only its outputs; the rest is recomputed in the
+    backward, as for the completion tokens."""
     pos = (prompt_mask.long().cumsum(1) - 1).clamp(min=0)
     x = W.embed(prompt_ids)
     cos, sin = _rope_tables(W, x, pos)
-    mask = _group_mask(_prompt_mask(prompt_mask), W.H // W.Hkv)
-    kvs = []
-    n = len(W.layers)
-    for i, L in enumerate(W.layers):
+    full = _prompt_mask(prompt_mask)
+    g = W.H // W.Hkv
+    mask, last_mask = _group_mask(full, g), _group_mask(full[:, :, -1:], g)
+
+    def layer(x, L, last: bool):
         h = _rms_norm(x, L.ln1, L.eps1)
         q, k, v = _qkv(W, L, h, cos, sin)
         k, v = k.transpose(1, 2), v.transpose(1, 2)
+        m = mask
+        if last:  # the last layer's outputs are only needed at the last position
+            x, q, m = x[:, -1:], q[:, -1:], last_mask
+        x = x + F.linear(_attend(W, q, k, v, m), L.w_o, L.b_o)
+        return x + _mlp(L, _rms_norm(x, L.ln2, L.eps2)), k, v
+
+    kvs = []
+    n = len(W.layers)
+    for i, L in enumerate(W.layers):
+        if recompute:
+            x, k, v = torch.utils.checkpoint.checkpoint(layer, x, L, i == n - 1, use_reentrant=False)
+        else:
+            x, k, v = layer(x, L, i == n - 1)
         kvs.append((k, v))
-        if i == n - 1:  # the last layer's outputs are only needed at the last position
-            x = x[:, -1:]
-            q = q[:, -1:]
-            mask = _group_mask(_prompt_mask(prompt_mask)[:, :, -1:], W.H // W.Hkv)
-        x = x + F.linear(_attend(W, q, k, v, mask), L.w_o, L.b_o)
-        x = x + _mlp(L, _rms_norm(x, L.ln2, L.eps2))
     return _rms_norm(x[:, -1], W.norm, W.norm_eps), kvs, pos
 
 
@@ -356,7 +366,7 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
     causal mask is exact), and log-probs and entropy come from `chunked.linear_logprobs`, which never
     holds more than `chunk_size` tokens' logits. When the model has activation checkpointing enabled
     (`chunked.set_activation_checkpointing`) and is training, each decoder layer over the completions
-    is recomputed in the backward instead of keeping its activations.
+    is recomputed in the backward instead of keeping its activations; so is each layer over the prompts.
     """
     require_positive("temperature", temperature)  # greedy (0) has no log-probs to train on
     W = _weights(model)
@@ -368,7 +378,8 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
         return empty, (empty.detach() if with_entropy else None)
     dev = completion_ids.device
     rows = torch.repeat_interleave(torch.arange(M, device=dev), torch.tensor(counts, device=dev))  # row -> prompt
-    h0, kvs, ppos = _prefill(W, prompt_ids, prompt_mask)
+    recompute = model.training and torch.is_grad_enabled() and activation_checkpointing(model)
+    h0, kvs, ppos = _prefill(W, prompt_ids, prompt_mask, recompute)
     hs = [h0[rows][:, None]]  # predicts completion token 0
     if C > 1:  # completion tokens 0..C-2 predict 1..C-1; the last token is never an input
         T, S, H, Hkv, D = C - 1, P + C - 1, W.H, W.Hkv, W.D
@@ -399,7 +410,6 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
             x = x + F.linear(o, L.w_o, L.b_o)
             return x + _mlp(L, _rms_norm(x, L.ln2, L.eps2))
 
-        recompute = model.training and torch.is_grad_enabled() and activation_checkpointing(model)
         for L, (kp, vp) in zip(W.layers, kvs):
             if recompute:
                 x = torch.utils.checkpoint.checkpoint(layer, x, L, kp, vp, use_reentrant=False)
