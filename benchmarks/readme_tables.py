@@ -1,11 +1,14 @@
 """Write the README's result tables from a finished run's `results/`, stating the commit they came from.
 
     python benchmarks/readme_tables.py --results RUN/results [--label default-seed0] [--write README.md]
+        [--benchmark held_out] [--base-label "base (tiny Llama)"] [--jobs]
 
 Prints a markdown block: the held-out table of the default target (pass@1, cons@k, format, length of
 every model), the commit recorded in the run's provenance (and whether the tree was modified), and each
 job's time. With --write, replaces the block between `<!-- results:LABEL -->` and `<!-- /results:LABEL -->`
-in that file, so the README's figures are always a run's own output, never typed by hand.
+in that file, so the README's figures are always a run's own output, never typed by hand. --jobs adds a
+table of every job's wall time and peak resident memory (what a real-model config's `resources` are
+declared from).
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ LABELS = {
 }
 
 
-def _label(model: str) -> str:
+def _label(model: str, base_label: str | None = None) -> str:
+    if model == "base" and base_label:
+        return base_label
     if model.startswith("distill_"):
         return f"distilled student ({model[len('distill_'):]})"
     if model.startswith("rl_only_"):
@@ -41,14 +46,14 @@ def provenance_commit(results: Path) -> str:
     return f"{git['commit'][:10]}{' (with uncommitted changes)' if git['dirty'] else ''}"
 
 
-def block(results: Path, benchmark: str = "held_out") -> str:
+def block(results: Path, benchmark: str = "held_out", base_label: str | None = None, jobs: bool = False) -> str:
     t = pd.read_csv(results / "tables" / "benchmarks.csv")
     t = t[t["benchmark"] == benchmark]
     k = int(t["cons_k"].dropna().iloc[0]) if t["cons_k"].notna().any() else None
     head = ["model", "pass@1"] + ([f"cons@{k}"] if k else []) + ["format", "length (tokens)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in t.iterrows():
-        cells = [_label(r["model"]), f"{100 * r['pass@1']:.1f}"]
+        cells = [_label(r["model"], base_label), f"{100 * r['pass@1']:.1f}"]
         if k:
             cells.append(f"{100 * r['cons@k']:.1f}")
         cells += [f"{100 * r['format_rate']:.1f}", f"{r['mean_length']:.1f}"]
@@ -57,15 +62,19 @@ def block(results: Path, benchmark: str = "held_out") -> str:
     lines += ["", f"{int(r0['num_problems'])} held-out problems, n = {int(r0['n'])} samples each at temperature "
               f"{r0['temperature']} and top-p {r0['top_p']}, at most {int(r0['max_new_tokens'])} new tokens. "
               f"Measured on commit `{provenance_commit(results)}`."]
-    times = []
+    times, rss = [], {}
     for tsv in sorted((results / "benchmarks").glob("*.tsv")):
         b = pd.read_csv(tsv, sep="\t")
         times.append((float(b["s"].iloc[0]), tsv.stem))
-    lines += [""] + [f"- {f}" for f in findings(results)]
+        rss[tsv.stem] = float(b["max_rss"].iloc[0])
+    lines += [""] + [f"- {f}" for f in findings(results, benchmark)]
     if times:
         top = ", ".join(f"{name} {s:.0f} s" for s, name in sorted(times, reverse=True)[:8])
         lines += ["", f"Job times (Snakemake's benchmark records, {len(times)} jobs, {sum(s for s, _ in times):.0f} s "
                   f"in all): {top}."]
+    if jobs and times:
+        lines += ["", "| job | wall time (s) | peak RSS (MB) |", "|---|---|---|"]
+        lines += [f"| {name} | {s:.0f} | {rss[name]:,.0f} |" for s, name in sorted(times, key=lambda x: x[1])]
     return "\n".join(lines)
 
 
@@ -108,8 +117,11 @@ def main():
     ap.add_argument("--results", required=True, help="a run's results/ folder")
     ap.add_argument("--label", default="default", help="the README block to replace")
     ap.add_argument("--write", default=None, help="a markdown file with the block's markers")
+    ap.add_argument("--benchmark", default="held_out", help="the benchmark whose table is written")
+    ap.add_argument("--base-label", default=LABELS["base"], help="how the base model is named in the table")
+    ap.add_argument("--jobs", action="store_true", help="also a table of each job's time and peak memory")
     a = ap.parse_args()
-    text = block(Path(a.results))
+    text = block(Path(a.results), a.benchmark, a.base_label, a.jobs)
     print(text)
     if a.write:
         path = Path(a.write)

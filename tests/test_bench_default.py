@@ -1,4 +1,5 @@
-"""benchmarks/bench_default.py --seed-offset shifts the whole default: every seed of the config tree."""
+"""benchmarks/bench_default.py --seed-offset shifts the whole default: every seed of the config tree;
+benchmarks/readme_tables.py writes a run's table from its own records."""
 
 import importlib.util
 from pathlib import Path
@@ -8,8 +9,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_default", ROOT / "benchmarks" / "bench_default.py")
+def _bench(name="bench_default"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -43,3 +44,26 @@ def test_seed_offset_shifts_every_seed_defaults_included():
     assert all(after[k] == v + 7 for k, v in before.items())
     # nothing but seeds changes
     assert b.shift_seeds({"a": [{"seed": 1, "steps": 3}], "seeds": 2}, 5) == {"a": [{"seed": 6, "steps": 3}], "seeds": 2}
+
+
+def test_readme_table_of_a_named_benchmark_with_each_jobs_time_and_memory(tmp_path):
+    import json
+
+    import pandas as pd
+
+    res = tmp_path / "results"
+    for d in ("tables", "provenance", "benchmarks"):
+        (res / d).mkdir(parents=True)
+    rows = [("base", 0.05, 0.10), ("r1_zero", 0.25, 0.95)]
+    pd.DataFrame([{"benchmark": "gsm8k_held_out", "model": m, "pass@1": p, "cons@k": p, "cons_k": 2,
+                   "format_rate": f, "mean_length": 100.0, "num_problems": 50, "n": 2, "temperature": 0.6,
+                   "top_p": 0.95, "max_new_tokens": 200} for m, p, f in rows]).to_csv(res / "tables" / "benchmarks.csv")
+    (res / "provenance" / "benchmark_table.json").write_text(json.dumps({"git": {"commit": "abc" * 14, "dirty": False}}))
+    for job, s, rss in (("r1_zero", 900.5, 6123.4), ("tasks", 1.2, 150.0)):
+        (res / "benchmarks" / f"{job}.tsv").write_text(f"s\tmax_rss\n{s}\t{rss}\n")
+    text = _bench("readme_tables").block(res, "gsm8k_held_out", "SmolLM2-135M-Instruct", jobs=True)
+    assert "| SmolLM2-135M-Instruct | 5.0 | 5.0 | 10.0 | 100.0 |" in text
+    assert "| R1-Zero | 25.0 | 25.0 | 95.0 | 100.0 |" in text
+    assert "R1 vs R1-Zero" not in text and "cons@2 vs pass@1: 25.0 vs 25.0" in text
+    assert "| r1_zero | 900 | 6,123 |" in text and "| tasks | 1 | 150 |" in text
+    assert "abcabcabca" in text and "50 held-out problems, n = 2" in text
