@@ -11,6 +11,8 @@ backend from the config's `generation` section.
 from __future__ import annotations
 
 import inspect
+import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +20,8 @@ from tqdm.auto import tqdm
 
 from r1flow.models import fast_llama, model_device
 from r1flow.models.decoding import GroupGenerators, pad_batch, sample_next
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,8 @@ class Generator:
         self.fast = fast and fast_llama.supports(model)
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        # a progress bar over sequences, for long evaluation runs; never in a log file (disable=None: not a tty)
+        # progress over sequences, for long evaluation and sampling runs: a bar on a terminal, and a log line
+        # per decoding batch (sequences, tokens, throughput, time left) that a SLURM log keeps
         self.progress = progress
         # on the model's device: torch.multinomial draws with a generator of its probabilities' device
         self.device = model_device(model)
@@ -95,12 +100,17 @@ class Generator:
         enc = tok(prompts, add_special_tokens=False)["input_ids"]
         per_chunk = max(1, self.batch_size // params.n)  # prompts per decoding batch
         parts = []
-        with tqdm(total=len(enc) * params.n, unit="seq", desc="generating",
-                  disable=None if self.progress else True) as bar:
+        total, done, tokens, t0 = len(enc) * params.n, 0, 0, time.perf_counter()
+        with tqdm(total=total, unit="seq", desc="generating", disable=None if self.progress else True) as bar:
             for i in range(0, len(enc), per_chunk):
                 rng = self.rng if seeds is None else GroupGenerators(seeds[i : i + per_chunk], params.n)
                 parts.append(self._decode(enc[i : i + per_chunk], params, rng))
                 bar.update(parts[-1][0].shape[0])
+                if self.progress:
+                    done, tokens = done + parts[-1][0].shape[0], tokens + int(parts[-1][3].sum())
+                    secs = time.perf_counter() - t0
+                    log.info("generated %d/%d sequences, %d new tokens in %.0f s (%.1f tokens/s), about %.0f s left",
+                             done, total, tokens, secs, tokens / max(secs, 1e-9), secs / done * (total - done))
         P = max(p[0].shape[1] for p in parts)
         C = max(p[2].shape[1] for p in parts)
         pad = tok.pad_token_id

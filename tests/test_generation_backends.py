@@ -40,6 +40,27 @@ def test_completions_from_token_lists_match_the_transformers_layout(tiny_policy)
     assert torch.equal(got.completion_ids, ref.completion_ids[:, :w])
 
 
+def test_progress_is_logged_per_decoding_batch(tiny_policy, caplog):
+    """A long sampling job (evaluation, rejection sampling) says in its log how far it is and how fast."""
+    import logging
+
+    from r1flow.models import load_policy
+
+    model, tok = load_policy(str(tiny_policy[0]))
+    prompts = ["Compute 1+2", "Compute (3+4)*2", "Compute 5*5"]
+    params = SamplingParams(n=2, temperature=1.0, top_p=1.0, max_new_tokens=6)
+    with caplog.at_level(logging.INFO, logger="r1flow.generation"):
+        out = Generator(model, tok, batch_size=4, seed=0, progress=True).generate(prompts, params)  # 2 prompts a batch
+    lines = [r.getMessage() for r in caplog.records if r.name == "r1flow.generation"]
+    assert len(lines) == 2
+    assert lines[0].startswith("generated 4/6 sequences, ") and lines[1].startswith("generated 6/6 sequences, ")
+    assert f"{int(out.completion_mask.sum())} new tokens" in lines[1] and lines[1].endswith("about 0 s left")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="r1flow.generation"):
+        Generator(model, tok, batch_size=4, seed=0).generate(prompts, params)  # GRPO's sampler: no lines
+    assert not [r for r in caplog.records if r.name == "r1flow.generation"]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None or not torch.cuda.is_available(),
                     reason="needs vllm and a CUDA GPU (the vLLM backend is unexercised without them)")
 def test_vllm_backend_samples_and_syncs_weights(tiny_policy):  # pragma: no cover - no GPU here
