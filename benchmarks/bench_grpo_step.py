@@ -10,7 +10,8 @@ or GGUF file), the model is loaded once through r1flow's loader and saved as a p
 trainers load; a real model stops at its end-of-sequence token, so the mean completion lengths are
 printed beside the times. Default work: 16 prompts x G = 8 completions per step, 32 new tokens, beta 0.04
 (so both run the reference model), mu = 1, temperature 1.0, float32, on the CPU with the same thread
-count. The first steps are warm-up; the medians of the rest are compared, and r1flow's split between
+count. `--mixed-precision bfloat16` runs r1flow with `mixed_precision: bfloat16` and TRL with `bf16=True`
+(both: bfloat16 autocast over float32 weights and optimizer). The first steps are warm-up; the medians of the rest are compared, and r1flow's split between
 sampling and training is printed. Run it on an otherwise idle machine: the two are timed one after the
 other.
 """
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 BETA = 0.04
-PROMPTS, G, NEW_TOKENS = 16, 8, 32  # set from the command line in main()
+PROMPTS, G, NEW_TOKENS, MIXED = 16, 8, 32, None  # set from the command line in main()
 
 
 def build_model(path: Path, hidden: int, layers: int):
@@ -64,7 +65,7 @@ def time_ours(path, tasks, steps, warmup):
     ref, _ = load_policy(str(path))
     # a zero reward would still cost the same; use the real rewards so the step is the real one
     cfg = GRPOConfig(prompts_per_step=PROMPTS, num_generations=G, max_completion_length=NEW_TOKENS, beta=BETA,
-                     temperature=1.0, eval_every=0, steps=steps, save_every=10**6)
+                     temperature=1.0, eval_every=0, steps=steps, save_every=10**6, mixed_precision=MIXED)
     with tempfile.TemporaryDirectory() as state:
         trainer = GRPOTrainer(policy, ref, tok, cfg, tasks, None, state)
         times, lengths, split = [], [], []
@@ -105,7 +106,7 @@ def time_trl(path, tasks, steps, warmup):
         args = GRPOConfig(
             output_dir=out, per_device_train_batch_size=PROMPTS * G, num_generations=G,
             max_completion_length=NEW_TOKENS, beta=BETA, temperature=1.0, num_iterations=1, learning_rate=1e-4,
-            max_steps=steps, logging_steps=1, report_to=[], use_cpu=True, bf16=False, save_strategy="no",
+            max_steps=steps, logging_steps=1, report_to=[], use_cpu=True, bf16=MIXED == "bfloat16", save_strategy="no",
             dataloader_num_workers=0, disable_tqdm=True)
         trainer = GRPOTrainer(model=model, processing_class=tok, reward_funcs=[no_reward], args=args,
                               train_dataset=ds, callbacks=[Timer()])
@@ -126,9 +127,12 @@ def main():
     ap.add_argument("--prompts", type=int, default=16, help="prompts per step")
     ap.add_argument("--group", type=int, default=8, help="G, completions per prompt")
     ap.add_argument("--new-tokens", type=int, default=32, help="max_completion_length")
+    ap.add_argument("--mixed-precision", choices=["bfloat16"], default=None,
+                    help="bfloat16 autocast in both trainers (r1flow mixed_precision, TRL bf16=True)")
+    ap.add_argument("--only", choices=["r1flow", "trl"], default=None, help="time one trainer only")
     a = ap.parse_args()
-    global PROMPTS, G, NEW_TOKENS
-    PROMPTS, G, NEW_TOKENS = a.prompts, a.group, a.new_tokens
+    global PROMPTS, G, NEW_TOKENS, MIXED
+    PROMPTS, G, NEW_TOKENS, MIXED = a.prompts, a.group, a.new_tokens, a.mixed_precision
     warnings.filterwarnings("ignore")
     torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory() as d:
@@ -138,14 +142,19 @@ def main():
         what = f"{a.model}{' / ' + a.gguf_file if a.gguf_file else ''}" if a.model else \
             f"Llama hidden {a.hidden}, {a.layers} layers"
         print(f"model: {what}, {n_params / 1e6:.2f}M parameters; "
-              f"{PROMPTS} prompts x G={G}, {NEW_TOKENS} new tokens, beta {BETA}, {a.threads} threads")
-        ours, ours_len, (gen, train) = time_ours(path, tasks, a.steps, a.warmup)
-        trl, trl_len = time_trl(path, tasks, a.steps, a.warmup)
-    mo, mt = statistics.median(ours), statistics.median(trl)
-    print(f"r1flow GRPO step: median {mo:.3f} s over {len(ours)} steps (mean completion length {ours_len:.1f}); "
-          f"median {gen:.3f} s sampling, {train:.3f} s training")
-    print(f"TRL    GRPO step: median {mt:.3f} s over {len(trl)} steps (mean completion length {trl_len:.1f})")
-    print(f"ratio r1flow / TRL: {mo / mt:.2f}")
+              f"{PROMPTS} prompts x G={G}, {NEW_TOKENS} new tokens, beta {BETA}, {a.threads} threads, "
+              f"{MIXED or 'float32'}")
+        if a.only != "trl":
+            ours, ours_len, (gen, train) = time_ours(path, tasks, a.steps, a.warmup)
+            mo = statistics.median(ours)
+            print(f"r1flow GRPO step: median {mo:.3f} s over {len(ours)} steps (mean completion length "
+                  f"{ours_len:.1f}); median {gen:.3f} s sampling, {train:.3f} s training", flush=True)
+        if a.only != "r1flow":
+            trl, trl_len = time_trl(path, tasks, a.steps, a.warmup)
+            mt = statistics.median(trl)
+            print(f"TRL    GRPO step: median {mt:.3f} s over {len(trl)} steps (mean completion length {trl_len:.1f})")
+    if a.only is None:
+        print(f"ratio r1flow / TRL: {mo / mt:.2f}")
 
 
 if __name__ == "__main__":

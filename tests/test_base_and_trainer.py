@@ -152,17 +152,22 @@ def test_metrics_and_validation_curve(tiny_policy, tmp_path):
     assert step in (3, 6) and (out / "config.json").exists()
 
 
-def test_gradient_step_moves_towards_rewarded_output(tiny_policy, tmp_path):
-    """One GRPO step with a reward that pays for short outputs raises their log-probability."""
+@pytest.mark.parametrize("mixed_precision", [None, "bfloat16"])
+def test_gradient_step_moves_towards_rewarded_output(tiny_policy, tmp_path, mixed_precision):
+    """GRPO steps with a reward that pays for short outputs shorten them, in float32 and under bfloat16
+    mixed precision (weights and optimizer state stay float32 there)."""
     path, _ = tiny_policy
     from r1flow import rewards as R
 
     name = "test_short"
     if name not in R.REGISTRY:
         R.register(name)(R.per_sample(lambda c, a: R.Reward(1.0 if len(c) < 30 else 0.0, "len")))
-    t = _trainer(path, tmp_path / "g", rewards={name: 1.0}, beta=0.0, learning_rate=3e-3, steps=12, eval_every=0)
+    t = _trainer(path, tmp_path / "g", rewards={name: 1.0}, beta=0.0, learning_rate=3e-3, steps=12, eval_every=0,
+                 mixed_precision=mixed_precision)
     m = t.train(progress=False)
     assert m["completion_length"].iloc[-4:].mean() < m["completion_length"].iloc[:4].mean()
+    assert all(p.dtype == torch.float32 for p in t.model.parameters())
+    assert all(v.dtype == torch.float32 for st in t.opt.state.values() for v in st.values() if v.dim())
 
 
 def test_bad_settings_fail_clearly(tiny_policy, tmp_path):
@@ -171,6 +176,8 @@ def test_bad_settings_fail_clearly(tiny_policy, tmp_path):
         GRPOConfig.from_dict({"G": 8})
     with pytest.raises(ValueError, match="micro_batch_size"):
         _trainer(path, tmp_path / "x", micro_batch_size=-1)
+    with pytest.raises(ValueError, match="mixed_precision"):
+        GRPOConfig.from_dict({"mixed_precision": "float16"})
     with pytest.raises(KeyError, match="unknown reward"):
         _trainer(path, tmp_path / "x", rewards={"nope": 1.0})
 

@@ -118,6 +118,26 @@ def test_top_p_keeps_smallest_nucleus():
     assert sample_next(torch.tensor([[0.1, 3.0, 0.2]]), 0.0, 1.0).tolist() == [1]  # temperature 0: greedy
 
 
+def test_draws_follow_the_probabilities():
+    """The inverse-CDF draw: frequencies match the softmax, tiny and zero probabilities keep theirs, per-group
+    streams draw the same as a batch stream of one group."""
+    from r1flow.models.decoding import GroupGenerators
+
+    N = 40000
+    logits = torch.tensor([0.0, -0.5, -1.0, -float("inf"), -9.0]).expand(N, 5)
+    p = torch.softmax(logits[0], -1)
+    seen = torch.bincount(sample_next(logits, 1.0, 1.0, torch.Generator().manual_seed(1)), minlength=5) / N
+    assert seen[3] == 0  # probability 0: never
+    assert torch.allclose(seen[:3], p[:3], atol=0.01)
+    assert 0 < seen[4] < 5 * p[4]  # 1.2e-4: drawn about 5 times in 40,000
+    # a row whose mass sits on its last token (the clamp at the end of the cdf)
+    assert sample_next(torch.tensor([[-float("inf"), -float("inf"), 0.0]]).expand(100, 3), 1.0, 1.0,
+                       torch.Generator().manual_seed(0)).eq(2).all()
+    a = sample_next(logits[:6], 1.0, 1.0, GroupGenerators([7], 6))
+    b = sample_next(logits[:6], 1.0, 1.0, torch.Generator().manual_seed(7))
+    assert a.tolist() == b.tolist()
+
+
 def test_generator_fast_and_reference_paths_agree(tiny_policy):
     from r1flow.data.prompts import render
     from r1flow.generation import Generator, SamplingParams

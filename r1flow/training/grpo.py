@@ -23,6 +23,7 @@ own engine on its own GPU (generation.vllm.colocate), sleeping while the rank tr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -89,6 +90,10 @@ class GRPOConfig:
     max_grad_norm: float = 1.0
     micro_batch_size: int = 0  # outputs per forward/backward (any number, not only whole groups); 0 = the whole batch
     gradient_checkpointing: bool = False  # recompute each decoder layer in the backward (less memory)
+    # "bfloat16": sampling and the log-prob forward/backward run their matmuls in bfloat16 (torch.autocast)
+    # while the weights, gradients and optimizer stay in their own dtype (float32): mixed precision, as
+    # GPU training runs, and ~2x faster on CPUs with bfloat16 instructions. None = the weights' dtype.
+    mixed_precision: str | None = None
     # held-out validation during training (Figure 2) and checkpoint choice
     eval_every: int = 25
     eval_prompts: int = 128
@@ -118,6 +123,8 @@ class GRPOConfig:
     def __post_init__(self):
         # the config schema refuses these too; the Python API must not train on NaN log-probs either
         require_positive("temperature", self.temperature)
+        if self.mixed_precision not in (None, "bfloat16"):
+            raise ValueError(f"mixed_precision must be null or bfloat16, got {self.mixed_precision!r}")
         if self.vllm_importance_sampling_cap is not None:
             require_positive("vllm_importance_sampling_cap", self.vllm_importance_sampling_cap)
 
@@ -196,7 +203,7 @@ class GRPOTrainer:
         self.samples_externally = hasattr(self.generator, "sync_weights")
         if cfg.vllm_importance_sampling_cap is not None and not self.samples_externally:
             log.info("vllm_importance_sampling_cap has no effect: the %s sampler is the trained model itself",
-                     gen.get("backend", "transformers"))
+                     (generation or {}).get("backend", "transformers"))
         self.step_no = 0
         self.best = {"step": 0, "val_pass@1": -1.0}
         self.history: list[dict] = []
@@ -278,8 +285,10 @@ class GRPOTrainer:
 
         self.peaks.end()  # what came before this step's sampling is not the step's
         t0 = time.perf_counter()
-        out = self.generator.generate(
-            prompts, SamplingParams(G, c.temperature, c.top_p, c.max_completion_length, logprobs=tis), seeds=seeds)
+        # an external engine (vLLM) has its own dtype; the in-process sampler runs under mixed precision
+        with self._mixed_precision(not self.samples_externally):
+            out = self.generator.generate(
+                prompts, SamplingParams(G, c.temperature, c.top_p, c.max_completion_length, logprobs=tis), seeds=seeds)
         if hasattr(self.generator, "sleep"):  # a colocated vLLM engine frees its GPU memory for training
             self.generator.sleep()
         out = out.to(self.device)  # a no-op for the transformers backend, which samples on the policy's device
@@ -302,9 +311,10 @@ class GRPOTrainer:
         mb = c.micro_batch_size or n_local
         chunks = [slice(i, min(i + mb, n_local)) for i in range(0, n_local, mb)]
 
-        def logps(model, sl, with_entropy=False):
-            return completion_logprobs(model, out.prompt_ids[sl], out.prompt_mask[sl], out.completion_ids[sl],
-                                       out.completion_mask[sl], G, c.temperature, with_entropy, c.fast_path)
+        def logps(model, sl, with_entropy=False):  # float32 log-probs; the backward runs outside autocast
+            with self._mixed_precision():
+                return completion_logprobs(model, out.prompt_ids[sl], out.prompt_mask[sl], out.completion_ids[sl],
+                                           out.completion_mask[sl], G, c.temperature, with_entropy, c.fast_path)
 
         with torch.no_grad():
             ref = [logps(self.ref_model, sl)[0] for sl in chunks] if (c.beta and self.ref_model is not None) else None
@@ -404,6 +414,12 @@ class GRPOTrainer:
             s = np.array([v for v in score_list(name) if v is not None])
             row[f"reward/{name}_mean"], row[f"reward/{name}_std"] = float(s.mean()), float(s.std())
         return row
+
+    def _mixed_precision(self, on: bool = True):
+        """torch.autocast in the configured dtype (GRPOConfig.mixed_precision), or nothing."""
+        if not (on and self.cfg.mixed_precision):
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=getattr(torch, self.cfg.mixed_precision))
 
     def _prompt(self, question: str) -> str:
         # "chat": the tokenizer's chat template (models after the cold start); else a named template
