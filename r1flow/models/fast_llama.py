@@ -43,8 +43,9 @@ _FUSE_MAX_ELEMENTS = 64 * 1024 * 1024
 # Training attention with a mask tensor when it has at most this many elements (rows x query heads per
 # KV head x completion tokens x keys): then only the completion tokens are queries (2.6x faster than the
 # maskless causal layout at 200 prompt + 116 completion tokens, measured on CPU); beyond it (long
-# completions) the maskless layout keeps memory linear in the length.
-_MASK_MAX_ELEMENTS = 64 * 1024 * 1024
+# completions) the maskless layout keeps memory linear in the length. (SDPA may expand a boolean mask
+# to floats: at most 64 MB here.)
+_MASK_MAX_ELEMENTS = 16 * 1024 * 1024
 # Rope types whose frequencies are fixed, tested equal to the HF forward past max_position_embeddings.
 # `dynamic` and `longrope` rescale with the longest position of the call (transformers'
 # `dynamic_rope_update`), so a one-shot forward and incremental decoding disagree (by ~5 nats measured):
