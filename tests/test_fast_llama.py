@@ -329,32 +329,19 @@ def test_mixed_precision_logprobs_and_gradients_near_float32(arch):
             assert cos > 0.99, (fast, k, float(cos))
 
 
-def test_mixed_precision_sampling():
+def test_mixed_precision_sampling(monkeypatch):
     """Decoding under bfloat16 autocast: the float32 logits it samples from stay close to the float32 model's
     (same tokens at temperature 0 here), with the K/V caches in bfloat16."""
     model = _llama()
     p_ids, p_mask = _prompts([4, 7, 2])
     stop = torch.tensor([VOCAB + 5])
-    seen = []
 
     def run(mixed):
-        seen.clear()
         with _bf16() if mixed else torch.autocast("cpu", enabled=False):
-            return fast_llama.sample(model, p_ids, p_mask, 2, 6, 0.0, 1.0, stop, PAD), list(seen)
+            return _fast_decode(monkeypatch, model, p_ids, p_mask, 2, 6, 0.0, 1.0, stop, PAD)
 
-    import r1flow.models.fast_llama as fl
-    orig = fl.sample_next
-
-    def recording(logits, *a):
-        seen.append(logits.clone())
-        return orig(logits, *a)
-
-    fl.sample_next = recording
-    try:
-        (ids32, _, _), l32 = run(False)
-        (ids16, cmask, trunc), l16 = run(True)
-    finally:
-        fl.sample_next = orig
+    (ids32, _, _), l32 = run(False)
+    (ids16, _, trunc), l16 = run(True)
     assert torch.equal(ids16, ids32) and bool(trunc.all())
     for a, b in zip(l16, l32):
         assert a.dtype == torch.float32
