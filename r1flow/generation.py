@@ -75,7 +75,7 @@ class Generator:
         # progress over sequences, for long evaluation and sampling runs: a bar on a terminal, and a log line
         # per decoding batch (sequences, tokens, throughput, time left) that a SLURM log keeps
         self.progress = progress
-        # on the model's device: torch.multinomial draws with a generator of its probabilities' device
+        # on the model's device: each draw's uniforms come from a generator on its probabilities' device
         self.device = model_device(model)
         self.rng = torch.Generator(device=self.device).manual_seed(seed)
         stop = {tokenizer.eos_token_id}

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["linear_logprobs", "output_layer", "chunk_rows", "CHUNK_ELEMENTS", "set_activation_checkpointing",
-           "activation_checkpointing"]
+           "activation_checkpointing", "compute_dtype"]
 
 # Logits per chunk: 2^24 float32 = 64 MiB (110 tokens of a 152k vocabulary: matmuls still large enough
 # to run at full speed). The backward holds two or three such buffers at once.
@@ -47,6 +47,12 @@ def chunk_rows(vocab: int, chunk_size: int | None = None) -> int:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         return int(chunk_size)
     return max(1, CHUNK_ELEMENTS // max(1, vocab))
+
+
+def compute_dtype(device) -> torch.dtype | None:
+    """The dtype of mixed precision (torch.autocast) in force on `device`'s type, or None."""
+    kind = torch.device(device).type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
 
 
 def _chunk_logits(hidden, weight, bias, temperature: float):
@@ -132,12 +138,11 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Te
     if hidden.shape[:-1] != shape:
         raise ValueError(f"hidden states {tuple(hidden.shape)} do not match tokens {tuple(shape)}")
     chunk = chunk_rows(weight.shape[0], chunk_size)
-    kind = hidden.device.type
-    if torch.is_autocast_enabled(kind):
+    cd = compute_dtype(hidden.device)
+    if cd is not None:
         # mixed precision: autocast would run this function's forward matmuls in its dtype but not its
         # backward's (autograd runs a custom backward outside autocast); cast the inputs here, so both
         # run in that dtype and the weight's gradient flows back to the float32 parameter through the cast
-        cd = torch.get_autocast_dtype(kind)
         hidden, weight = hidden.to(cd), weight.to(cd)
         bias = bias.to(cd) if bias is not None else None
     h = hidden.reshape(-1, hidden.shape[-1])

@@ -31,7 +31,7 @@ class GroupGenerators:
         self.seeds, self.n = [int(s) for s in seeds], n
         self.gens: list[torch.Generator] | None = None
 
-    def multinomial(self, probs: torch.Tensor) -> torch.Tensor:
+    def draw(self, probs: torch.Tensor) -> torch.Tensor:
         if probs.shape[0] != len(self.seeds) * self.n:
             raise ValueError(f"{probs.shape[0]} rows for {len(self.seeds)} groups of {self.n}")
         if self.gens is None:  # created on the device of the probabilities
@@ -67,5 +67,5 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
     if isinstance(generator, GroupGenerators):
-        return generator.multinomial(probs)
+        return generator.draw(probs)
     return _inverse_cdf(probs, _uniforms(probs.shape[0], probs.device, generator))

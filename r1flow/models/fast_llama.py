@@ -33,9 +33,9 @@ from torch import nn
 
 from r1flow.config import require_positive
 from r1flow.models.decoding import sample_next
-from r1flow.models.chunked import activation_checkpointing, linear_logprobs
+from r1flow.models.chunked import activation_checkpointing, compute_dtype, linear_logprobs
 
-__all__ = ["supports", "sample", "completion_logprobs", "compute_dtype"]
+__all__ = ["supports", "sample", "completion_logprobs"]
 
 # Concatenating q/k/v (and gate/up) weights costs one copy of them per call; worth it for the small
 # models this is for (fewer, larger matmuls), not for big ones, where separate matmuls are as fast.
@@ -160,12 +160,6 @@ def _cat_bias(pairs):
     if all(b is None for _, b in pairs):
         return None
     return torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in pairs])
-
-
-def compute_dtype(device) -> torch.dtype | None:
-    """The dtype of mixed precision (torch.autocast) in force on `device`'s type, or None."""
-    kind = torch.device(device).type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
 
 
 def _weights(model, prescale_q: bool = False) -> _Weights:
@@ -424,13 +418,8 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
                               torch.ones((T, T), dtype=torch.bool, device=dev).tril().expand(B, 1, T, T)), -1)
             masked = _group_mask(seen, g)
 
-            def layer(x, L, kp, vp):
-                h = _rms_norm(x, L.ln1, L.eps1)
-                q, k, v = _qkv(W, L, h, cos, sin)
-                k = torch.cat((kp[rows], k.transpose(1, 2)), 2)  # (B, Hkv, S, D); gradients sum back into the prompt
-                v = torch.cat((vp[rows], v.transpose(1, 2)), 2)
-                x = x + F.linear(_attend(W, q, k, v, masked), L.w_o, L.b_o)
-                return x + _mlp(L, _rms_norm(x, L.ln2, L.eps2))
+            def attend(q, k, v):
+                return _attend(W, q, k, v, masked)
         else:
             # Sequence order of each row: [its prompt tokens ; completion ; its prompt padding] (a stable sort
             # of the keys by padding), so that query i may see keys 0..i: a causal mask, exact, without a
@@ -443,17 +432,20 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
             qidx = qpos[:, :, None, None].expand(B, T, H, D)
             scale = 1.0 if W.q_prescaled else None
 
-            def layer(x, L, kp, vp):
-                h = _rms_norm(x, L.ln1, L.eps1)
-                q, k, v = _qkv(W, L, h, cos, sin)
-                # the prompt keys/values are indexed per row (their gradients sum back into the shared prompt)
-                k = torch.cat((kp[rows], k.transpose(1, 2)), 2).gather(2, kidx)  # (B, Hkv, S, D)
-                v = torch.cat((vp[rows], v.transpose(1, 2)), 2).gather(2, kidx)
+            def attend(q, k, v):
+                k, v = k.gather(2, kidx), v.gather(2, kidx)
                 q = q.new_zeros((B, S, H, D)).scatter(1, qidx, q).transpose(1, 2)  # (B, H, S, D)
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hkv != H, scale=scale)
-                o = o.transpose(1, 2).gather(1, qidx).reshape(B, T, H * D)
-                x = x + F.linear(o, L.w_o, L.b_o)
-                return x + _mlp(L, _rms_norm(x, L.ln2, L.eps2))
+                return o.transpose(1, 2).gather(1, qidx).reshape(B, T, H * D)
+
+        def layer(x, L, kp, vp):
+            h = _rms_norm(x, L.ln1, L.eps1)
+            q, k, v = _qkv(W, L, h, cos, sin)
+            # the prompt keys/values are indexed per row (their gradients sum back into the shared prompt)
+            k = torch.cat((kp[rows], k.transpose(1, 2)), 2)  # (B, Hkv, S, D)
+            v = torch.cat((vp[rows], v.transpose(1, 2)), 2)
+            x = x + F.linear(attend(q, k, v), L.w_o, L.b_o)
+            return x + _mlp(L, _rms_norm(x, L.ln2, L.eps2))
 
         for L, (kp, vp) in zip(W.layers, kvs):
             if recompute:
