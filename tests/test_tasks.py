@@ -171,3 +171,63 @@ def test_recheck_guesses_then_writes_the_remaining_steps():
         assert " ".join(written + after.split(" ")) == "7+5=12 12*2=24 24-3=21"
     assert "=21" in guesses and guesses <= {"=19", "=20", "=21", "=22", "=23"} and len(guesses) > 2
     assert prefixes == {0, 1, 2}
+
+
+def test_guess_tasks_invert_a_chain_and_check_each_guess_forwards():
+    from r1flow.data.formats import reflections
+
+    rng = random.Random(0)
+    for _ in range(300):
+        t = T.make_guess(rng, rng.randint(1, 3))
+        expr, target = t.question.removeprefix("Find x: ").split(" = ")
+        x = int(t.answer)
+        assert _eval_question(expr.replace("x", t.answer, 1)) == int(target) and expr.count("x") == 1
+        steps, ans = T.worked_solution(t, rng)
+        assert ans == t.answer and steps.endswith(f" vs {target} x={x}")
+        tries = steps.removesuffix(f" x={x}").split(" wait ")
+        assert 1 <= len(tries) <= T.GUESS_MAX_TRIES and reflections(steps) == len(tries) - 1
+        guesses = []
+        for i, tr in enumerate(tries):
+            head, rest = tr.split(": ")
+            g = int(head.removeprefix("try "))
+            written, verdict = rest.split(f" vs {target}")
+            written = written.split(" ")
+            value = int(written[-1].split("=")[1])
+            # each check runs the chain forwards from the guess, every step right and within 0..20
+            assert written[0].startswith(f"{g}") and len(written) == t.difficulty
+            assert all(_eval_question(w.split("=")[0]) == int(w.split("=")[1]) <= T.MAX_CHAIN_VALUE for w in written)
+            # the verdict is the comparison of the result with the target; only the last check holds
+            assert verdict == ("" if i == len(tries) - 1 else " low" if value < int(target) else " high")
+            assert (value == int(target)) == (i == len(tries) - 1)
+            guesses.append(g)
+        assert guesses[-1] == x and all(abs(a - b) == 1 for a, b in zip(guesses, guesses[1:]))
+        steps, ans = T.worked_solution(t, rng, wrong=True)
+        assert ans != t.answer and "wait" not in steps and steps.endswith(f" x={ans}")
+
+
+def test_guess_worked_solution_example():
+    t = T.Task("guess", "Find x: (x+5)*2-3 = 15", "4", 3, ((4, "+", 5, 9), (9, "*", 2, 18), (18, "-", 3, 15)))
+    rng = random.Random(3)
+    traces = {T.worked_solution(t, rng)[0] for _ in range(200)}
+    # right at once, or off by one or two and one step towards x per failed check; 6 would leave 0..20
+    right = "try 4: 4+5=9 9*2=18 18-3=15 vs 15 x=4"
+    assert traces == {
+        right,
+        "try 5: 5+5=10 10*2=20 20-3=17 vs 15 high wait " + right,
+        "try 3: 3+5=8 8*2=16 16-3=13 vs 15 low wait " + right,
+        "try 2: 2+5=7 7*2=14 14-3=11 vs 15 low wait try 3: 3+5=8 8*2=16 16-3=13 vs 15 low wait " + right,
+    }
+
+
+def test_partial_guess_checks_one_guess_then_answers():
+    from r1flow.models.tiny import corpus_completion
+
+    t = T.Task("guess", "Find x: x*3-2 = 13", "5", 2, ((5, "*", 3, 15), (15, "-", 2, 13)))
+    firsts = set()
+    for seed in range(60):
+        c = corpus_completion(t, random.Random(seed), {"partial": 1.0})
+        think = c.split("<think> ")[1].split(" </think>")[0]
+        assert think.count("try") == 1 and c.endswith("<answer> 5 </answer>")
+        assert not any(w in think for w in ("wait", "low", "high"))
+        firsts.add(think.split(":")[0])
+    assert firsts == {"try 3", "try 4", "try 5", "try 6"}  # 7 would leave 0..20 (7*3=21)

@@ -83,7 +83,47 @@ def make_chain(rng: random.Random, ops: int) -> Task:
     return Task("chain", f"Compute {expr}", str(value), ops, tuple(steps))
 
 
-FAMILIES = {"chain": make_chain, "sum": make_sum, "addition": make_addition, "linear": make_linear}
+def make_guess(rng: random.Random, ops: int) -> Task:
+    # An arithmetic chain run backwards: "Find x: (x+5)*2-3 = 21". The base's textbook never inverts a chain,
+    # it guesses x and checks the guess by running the chain forwards, the arithmetic it knows: checking is
+    # easier than solving, so re-checking a guess ("wait") pays (the reflection of section 2.2.4).
+    t = make_chain(rng, ops)
+    expr = re.sub(r"^(\(*)\d+", r"\g<1>x", t.question.removeprefix("Compute "), count=1)
+    return Task("guess", f"Find x: {expr} = {t.answer}", str(t.operands[0][0]), ops, t.operands)
+
+
+FAMILIES = {"chain": make_chain, "sum": make_sum, "addition": make_addition, "linear": make_linear,
+            "guess": make_guess}
+
+# Guess-and-check in the corpus: the first guess is right with probability GUESS_HIT_RATE, else off by one
+# or two (a rough guess: the base learns such an intuition, not the inversion); each failed check says
+# whether the result is low or high, and the next guess moves one step that way. Guesses whose chain
+# leaves 0..MAX_CHAIN_VALUE (the arithmetic the textbook teaches) are not made.
+GUESS_HIT_RATE = 0.4
+GUESS_OFFSETS = (-2, -1, 1, 2)
+GUESS_MAX_TRIES = max(map(abs, GUESS_OFFSETS)) + 1
+
+
+def run_chain(start: int, steps: tuple) -> tuple[list[str], bool]:
+    """The steps of a chain's operations run forwards from `start` ("5+5=10 10*2=20"), and whether every
+    value stays within 0..MAX_CHAIN_VALUE."""
+    value, out, inside = start, [], True
+    for _, op, k, _ in steps:
+        new = value + k if op == "+" else value - k if op == "-" else value * k
+        inside = inside and 0 <= new <= MAX_CHAIN_VALUE
+        out.append(f"{value}{op}{k}={new}")
+        value = new
+    return out, inside
+
+
+def guess_tries(t: Task, rng: random.Random) -> list[int]:
+    """The guesses a corpus document tries for a guess task, in order, one step apart, the right one last."""
+    x = int(t.answer)
+    off = [d for d in GUESS_OFFSETS if x + d >= 0 and run_chain(x + d, t.operands)[1]]
+    if not off or rng.random() < GUESS_HIT_RATE:
+        return [x]
+    d = rng.choice(off)
+    return [x + d - i * (1 if d > 0 else -1) for i in range(abs(d) + 1)]
 
 
 def addition_columns(a: int, b: int, wrong_column: int | None = None, rng: random.Random | None = None):
@@ -150,6 +190,23 @@ def worked_solution(t: Task, rng: random.Random, wrong: bool = False, shorthand:
                 out.append(f"wait {value}{op}{k}={new}")
             value = new
         return " ".join(out), str(value)
+    if t.task == "guess":
+        # "try 5: 5+5=10 10*2=20 20-3=17 vs 21 low wait try 6: ... 22-3=19 vs 21 low wait try 7: 7+5=12
+        # 12*2=24 24-3=21 vs 21 x=7": each guess checked by running the chain forwards and setting the result
+        # beside the target (a comparison of two adjacent numbers); "low"/"high", "wait" and the next guess
+        # one step that way when they differ, "x=7" when they agree (the answer is then the last value
+        # written, as in a chain). A planted mistake accepts a failed guess.
+        target = int(t.question.rsplit(" = ", 1)[1])
+        tries = guess_tries(t, rng)
+        if wrong:
+            tries = [tries[0] if len(tries) > 1 else int(t.answer) + 1]
+        out = []
+        for g in tries:
+            steps = run_chain(g, t.operands)[0]
+            value = int(steps[-1].rsplit("=", 1)[1])
+            verdict = "" if value == target or wrong else " low wait" if value < target else " high wait"
+            out.append(f"try {g}: {' '.join(steps)} vs {target}{verdict}")
+        return " ".join(out) + f" x={tries[-1]}", str(tries[-1])
     if t.task == "sum":
         # running total: "+5=8 +8=16 ..." after the first term; a planted mistake propagates onwards
         xs, total, steps = t.operands, t.operands[0], []

@@ -32,7 +32,7 @@ def corpus_completion(t: T.Task, rng: random.Random, mix: dict[str, float], shor
 
     worked: careful step-by-step solution, correct; worked_wrong: the same with one planted mistake;
     partial: the first few careful steps (one to all but one, uniformly), then the right answer, the rest
-    done "in the head"; recheck: a few careful steps (none to all but one), the answer guessed in the
+    done "in the head" (for guess tasks: the first guess checked, then the right answer); recheck: a few careful steps (none to all but one), the answer guessed in the
     head ("=21", off by 1 or 2 half the time), then "wait" and the remaining steps written out after all;
     shorthand: only the running values ("=12 =24 =21"), wrong with probability `shorthand_error_rate`;
     answer_only: an answer in <answer> tags with no reasoning; bare: the answer with no tags.
@@ -48,6 +48,11 @@ def corpus_completion(t: T.Task, rng: random.Random, mix: dict[str, float], shor
         # step the model does not write is one it has to get right unseen, so RL pays for writing more of
         # them, one more step at a time (the gradual growth of Figure 3 in miniature)
         steps, ans = T.worked_solution(t, rng)
+        if t.task == "guess":  # the first guesses checked (one to all but one); the rest done in the head
+            tries = steps.split(" wait ")
+            done = " wait ".join(tries[:rng.randint(1, max(1, len(tries) - 1))])
+            done = done.removesuffix(" low").removesuffix(" high")
+            return f" <think> {done} </think> <answer> {ans} </answer>"
         parts = steps.split(" ")
         if len(parts) > 1:
             parts = parts[:rng.randint(1, len(parts) - 1)]
