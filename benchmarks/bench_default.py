@@ -49,6 +49,15 @@ def main():
     wd = Path(a.workdir or tempfile.mkdtemp(prefix="r1flow-bench-"))
     wd.mkdir(parents=True, exist_ok=True)
     cfg = yaml.safe_load(Path(a.config).read_text())
+    default = ROOT / "config" / "config.yaml"
+    if Path(a.config).resolve() != default.resolve():
+        # as Snakemake does with --configfile: the file is merged over the default, so a config that sets
+        # a few keys (config/reflection.yaml) keeps the default's other values when its seeds are shifted
+        from snakemake.utils import update_config
+
+        merged = yaml.safe_load(default.read_text())
+        update_config(merged, cfg)
+        cfg = merged
     if a.seed_offset:
         # the whole default shifted: every `seed` of the config tree, the schema's defaults included
         cfg = shift_seeds(validate_config(cfg, ROOT / "workflow" / "schemas" / "config.schema.yaml"), a.seed_offset)
@@ -82,8 +91,10 @@ def main():
     curve = pd.read_csv(res / "r1_zero" / "validation_curve.csv")
     print("validation curve:\n" + curve.to_string(index=False))
     m = pd.read_csv(res / "r1_zero" / "metrics.csv")
-    print("mean completion length by quarter of training:",
-          [round(x, 1) for x in m.groupby(pd.qcut(m["step"], 4, labels=False))["completion_length"].mean()])
+    q = m.groupby(pd.qcut(m["step"], 4, labels=False))
+    print("mean completion length by quarter of training:", [round(x, 1) for x in q["completion_length"].mean()])
+    if "reflections" in m:
+        print("re-checks (wait) per completion by quarter of training:", [round(x, 3) for x in q["reflections"].mean()])
 
 
 if __name__ == "__main__":

@@ -219,15 +219,22 @@ def test_guess_worked_solution_example():
     }
 
 
-def test_partial_guess_checks_one_guess_then_answers():
+def test_partial_guess_checks_the_first_guesses_then_answers():
     from r1flow.models.tiny import corpus_completion
 
     t = T.Task("guess", "Find x: x*3-2 = 13", "5", 2, ((5, "*", 3, 15), (15, "-", 2, 13)))
-    firsts = set()
-    for seed in range(60):
+    # a prefix of the worked trace, one try to all but one (the rest done in the head), then the answer;
+    # 7 is never tried (7*3=21 leaves 0..20)
+    expected = {
+        "try 5: 5*3=15 15-2=13 vs 13 x=5",
+        "try 4: 4*3=12 12-2=10 vs 13",
+        "try 6: 6*3=18 18-2=16 vs 13",
+        "try 3: 3*3=9 9-2=7 vs 13",
+        "try 3: 3*3=9 9-2=7 vs 13 low wait try 4: 4*3=12 12-2=10 vs 13",
+    }
+    seen = set()
+    for seed in range(200):
         c = corpus_completion(t, random.Random(seed), {"partial": 1.0})
-        think = c.split("<think> ")[1].split(" </think>")[0]
-        assert think.count("try") == 1 and c.endswith("<answer> 5 </answer>")
-        assert not any(w in think for w in ("wait", "low", "high"))
-        firsts.add(think.split(":")[0])
-    assert firsts == {"try 3", "try 4", "try 5", "try 6"}  # 7 would leave 0..20 (7*3=21)
+        assert c.startswith(" <think> ") and c.endswith(" </think> <answer> 5 </answer>")
+        seen.add(c.removeprefix(" <think> ").removesuffix(" </think> <answer> 5 </answer>"))
+    assert seen == expected
