@@ -67,3 +67,16 @@ def test_readme_table_of_a_named_benchmark_with_each_jobs_time_and_memory(tmp_pa
     assert "R1 vs R1-Zero" not in text and "cons@2 vs pass@1: 25.0 vs 25.0" in text
     assert "| r1_zero | 900 | 6,123 |" in text and "| tasks | 1 | 150 |" in text
     assert "abcabcabca" in text and "50 held-out problems, n = 2" in text
+
+
+def test_guess_checks_reads_each_checked_guess_and_what_follows():
+    checks = _bench("guess_checks").checks
+    text = (" <think> try 5: 5+5=10 10*2=20 vs 18 high wait try 4: 4+5=9 9*2=18 vs 18 x=4 </think>"
+            " <answer> 4 </answer>")
+    assert checks(text, "18") == {(False, "wait"): 1, (True, "x"): 1}
+    # a failed check accepted anyway; a check left hanging (stop); the result, not the echoed target, decides
+    assert checks(" <think> try 6: 6*2=12 vs 18 x=6 </think> <answer> 6 </answer>", "18") == {(False, "x"): 1}
+    assert checks(" <think> try 9: 9*2=18 vs 12 </think> <answer> 9 </answer>", "18") == {(True, "stop"): 1}
+    # tries after </think>, malformed steps and chains without "try" are not checks
+    assert checks(" <think> 7+5=12 12*2=24 </think> try 3: 3*2=6 vs 6 x=3", "6") == {}
+    assert checks(" <think> try 3: 3*2= vs 6 wait try x: 1+1=2 vs 2 </think>", "2") == {}
