@@ -23,6 +23,7 @@ import re
 import pandas as pd
 
 from r1flow.data.formats import READABLE_MARKER, split_readable
+from r1flow.data.tasks import apply_op
 
 # The few-shot prompt: one worked example in the form the base model has seen, then the question.
 FEW_SHOT = "{example}\n{question}:"
@@ -63,7 +64,7 @@ def chain_steps(question: str) -> list[tuple[int, str, int, int]] | None:
         return None
     value, steps = int(m.group(1)), []
     for op, k in re.findall(r"([-+*])\s*(\d+)", m.group(2)):
-        new = value + int(k) if op == "+" else value - int(k) if op == "-" else value * int(k)
+        new = apply_op(value, op, int(k))
         steps.append((value, op, int(k), new))
         value = new
     return steps

@@ -104,22 +104,27 @@ GUESS_OFFSETS = (-2, -1, 1, 2)
 GUESS_MAX_TRIES = max(map(abs, GUESS_OFFSETS)) + 1
 
 
-def run_chain(start: int, steps: tuple) -> tuple[list[str], bool]:
-    """The steps of a chain's operations run forwards from `start` ("5+5=10 10*2=20"), and whether every
-    value stays within 0..MAX_CHAIN_VALUE."""
+def apply_op(value: int, op: str, k: int) -> int:
+    """One step of a chain: value op k, for op in + - *."""
+    return value + k if op == "+" else value - k if op == "-" else value * k
+
+
+def run_chain(start: int, steps: tuple) -> tuple[list[str], int, bool]:
+    """A chain's operations run forwards from `start`: the steps written out ("5+5=10 10*2=20"), the
+    result, and whether every value stays within 0..MAX_CHAIN_VALUE."""
     value, out, inside = start, [], True
     for _, op, k, _ in steps:
-        new = value + k if op == "+" else value - k if op == "-" else value * k
+        new = apply_op(value, op, k)
         inside = inside and 0 <= new <= MAX_CHAIN_VALUE
         out.append(f"{value}{op}{k}={new}")
         value = new
-    return out, inside
+    return out, value, inside
 
 
 def guess_tries(t: Task, rng: random.Random) -> list[int]:
     """The guesses a corpus document tries for a guess task, in order, one step apart, the right one last."""
     x = int(t.answer)
-    off = [d for d in GUESS_OFFSETS if x + d >= 0 and run_chain(x + d, t.operands)[1]]
+    off = [d for d in GUESS_OFFSETS if x + d >= 0 and run_chain(x + d, t.operands)[2]]
     if not off or rng.random() < GUESS_HIT_RATE:
         return [x]
     d = rng.choice(off)
@@ -179,7 +184,7 @@ def worked_solution(t: Task, rng: random.Random, wrong: bool = False, shorthand:
         rechecked = rechecked or set()
         value, out = t.operands[0][0], []
         for i, (_, op, k, _) in enumerate(t.operands):
-            right = value + k if op == "+" else value - k if op == "-" else value * k
+            right = apply_op(value, op, k)
             new = right
             if i == bad or (shorthand and slip_rate and rng.random() < slip_rate):
                 d = rng.choice([-2, -1, 1, 2])
@@ -202,8 +207,7 @@ def worked_solution(t: Task, rng: random.Random, wrong: bool = False, shorthand:
             tries = [tries[0] if len(tries) > 1 else int(t.answer) + 1]
         out = []
         for g in tries:
-            steps = run_chain(g, t.operands)[0]
-            value = int(steps[-1].rsplit("=", 1)[1])
+            steps, value, _ = run_chain(g, t.operands)
             verdict = "" if value == target or wrong else " low wait" if value < target else " high wait"
             out.append(f"try {g}: {' '.join(steps)} vs {target}{verdict}")
         return " ".join(out) + f" x={tries[-1]}", str(tries[-1])

@@ -32,8 +32,9 @@ def corpus_completion(t: T.Task, rng: random.Random, mix: dict[str, float], shor
 
     worked: careful step-by-step solution, correct; worked_wrong: the same with one planted mistake;
     partial: the first few careful steps (one to all but one, uniformly), then the right answer, the rest
-    done "in the head" (for guess tasks: the first guess checked, then the right answer); recheck: a few careful steps (none to all but one), the answer guessed in the
-    head ("=21", off by 1 or 2 half the time), then "wait" and the remaining steps written out after all;
+    done "in the head" (for guess tasks: the first one to all-but-one guesses checked); recheck: a few
+    careful steps (none to all but one), the answer guessed in the head ("=21", off by 1 or 2 half the
+    time), then "wait" and the remaining steps written out after all;
     shorthand: only the running values ("=12 =24 =21"), wrong with probability `shorthand_error_rate`;
     answer_only: an answer in <answer> tags with no reasoning; bare: the answer with no tags.
     Shorthand chains slip with `slip_rate` per step and re-check some steps carefully in a
