@@ -201,7 +201,7 @@ def worked_solution(t: Task, rng: random.Random, wrong: bool = False, shorthand:
         # beside the target (a comparison of two adjacent numbers); "low"/"high", "wait" and the next guess
         # one step that way when they differ, "x=7" when they agree (the answer is then the last value
         # written, as in a chain). A planted mistake accepts a failed guess.
-        target = int(t.question.rsplit(" = ", 1)[1])
+        target = t.operands[-1][3]  # the chain's result, the right-hand side of the question
         tries = guess_tries(t, rng)
         if wrong:
             tries = [tries[0] if len(tries) > 1 else int(t.answer) + 1]
