@@ -18,12 +18,14 @@ tooling (TRL's SFTTrainer, datasets) reads directly.
 
 from __future__ import annotations
 
+import random
 import re
+import zlib
 
 import pandas as pd
 
 from r1flow.data.formats import READABLE_MARKER, split_readable
-from r1flow.data.tasks import apply_op
+from r1flow.data.tasks import Task, apply_op, worked_solution
 
 # The few-shot prompt: one worked example in the form the base model has seen, then the question.
 FEW_SHOT = "{example}\n{question}:"
@@ -79,6 +81,26 @@ def annotate_chain(question: str) -> str | None:
     return " ".join(f"{v}{op}{k}={new}" for v, op, k, new in steps) + f". So the answer is {steps[-1][3]}."
 
 
+GUESS_RE = re.compile(r"Find x: (?P<expr>[^=]+?) = (?P<target>\d+)")
+
+
+def annotate_guess(question: str, answer: str) -> str | None:
+    """A worked guess-and-check solution for a guess question ("Find x: (x+5)*2 = 18" -> "try 5: 5+5=10
+    10*2=20 vs 18 high wait try 4: 4+5=9 9*2=18 vs 18 x=4. So the answer is 4."): the cold start's
+    "detailed answers with reflection and verification" (section 2.3.1), in the base's textbook style,
+    the first guess drawn as the textbook draws it (seeded by the question, so the data is reproducible).
+    None for other questions, or when the answer does not solve the question."""
+    m = GUESS_RE.fullmatch(question.strip())
+    if m is None or not str(answer).strip().isdigit():
+        return None
+    steps = chain_steps("Compute " + m.group("expr").replace("x", str(answer).strip(), 1))
+    if steps is None or steps[-1][3] != int(m.group("target")):
+        return None
+    t = Task("guess", question, str(answer).strip(), len(steps), tuple(steps))
+    trace, x = worked_solution(t, random.Random(zlib.crc32(question.encode())))
+    return f"{trace}. So the answer is {x}."
+
+
 CALCULATOR_RE = re.compile(r"<<[^<>]*>>")
 
 
@@ -96,10 +118,11 @@ def readable_solution(solution: str, answer: str, marker: str = READABLE_MARKER)
 def annotate(question: str, solution: str | None, answer: str, marker: str = READABLE_MARKER) -> str | None:
     """The `annotated` cold-start source (section 2.3.1: human annotators designed the readable pattern
     and post-processed the data): a real prompt set's worked solution when it has one, else a synthetic
-    arithmetic chain written out step by step; in the readable pattern, or None when there is neither."""
+    arithmetic chain written out step by step, or a synthetic guess task guessed and checked; in the
+    readable pattern, or None when there is none of these."""
     if solution is not None and isinstance(solution, str) and solution.strip():
         return readable_solution(solution, answer, marker)
-    note = annotate_chain(question)
+    note = annotate_chain(question) or annotate_guess(question, answer)
     return rewrite_few_shot(note, marker) if note else None
 
 

@@ -16,6 +16,7 @@ rule cold_start_data:
                     "--r1-zero {input.r1_zero} --train {input.train} --out {output.data} --threads {threads}",
                     model=("generate",)),
     threads: job_threads("cold_start_data")
+    priority: 10  # the R1 chain, the critical path: before evaluations ready beside it
     log:
         res("logs", "cold_start_data.log"),
     benchmark:
@@ -40,6 +41,7 @@ rule cold_start_sft:
         **job("sft.py", {"settings": config["r1"]["sft"], **base_model_settings()}, SFT_FILES,
                     model=()),
     threads: job_threads("cold_start_sft")
+    priority: 10  # the R1 chain, the critical path: before evaluations ready beside it
     log:
         res("logs", "cold_start_sft.log"),
     benchmark:

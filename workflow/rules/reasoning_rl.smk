@@ -18,6 +18,7 @@ rule reasoning_rl:
                      "model": res("models", "cold_start")},
                     GRPO_FILES, model=("generate", "train")),
     threads: job_threads("reasoning_rl")
+    priority: 10  # the R1 chain, the critical path: before evaluations ready beside it
     log:
         res("logs", "reasoning_rl.log"),
     benchmark:

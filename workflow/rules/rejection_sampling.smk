@@ -14,6 +14,7 @@ rule rejection_sampling:
                     "--model {input.model} --train {input.train} --out {output.data} --threads {threads}",
                     model=("generate",)),
     threads: job_threads("rejection_sampling")
+    priority: 10  # the R1 chain, the critical path: before evaluations ready beside it
     log:
         res("logs", "rejection_sampling.log"),
     benchmark:
@@ -77,6 +78,7 @@ rule final_sft:
         **job("sft.py", {"settings": config["r1"]["final_sft"], **base_model_settings()}, SFT_FILES,
                     model=()),
     threads: job_threads("final_sft")
+    priority: 10  # the R1 chain, the critical path: before evaluations ready beside it
     log:
         res("logs", "final_sft.log"),
     benchmark:

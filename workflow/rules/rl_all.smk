@@ -50,6 +50,7 @@ rule r1:
                      "general_prompts": config["r1"]["rl_all"]["general_prompts"]},
                     GRPO_FILES, model=("generate", "train")),
     threads: job_threads("r1")
+    priority: 10  # the R1 chain, the critical path: before evaluations ready beside it
     log:
         res("logs", "r1.log"),
     benchmark:
