@@ -1,6 +1,7 @@
 """Cold-start rewriting and filtering, rejection-sampling filters, the model judge's parsing, and the
 non-reasoning and general-prompt tables (sections 2.3.1, 2.3.3, 2.3.4)."""
 
+import re
 from types import SimpleNamespace
 
 import pandas as pd
@@ -36,6 +37,25 @@ def test_annotated_synthetic_chains_in_the_readable_pattern():
     assert C.annotate("Compute (7+5-3)*2+1", None, "19") == f"{M} 7+5=12 12-3=9 9*2=18 18+1=19 {M} The answer is \\boxed{{19}}."
     assert C.annotate("Compute 6*3", None, "18") == f"{M} 6*3=18 {M} The answer is \\boxed{{18}}."
     assert C.annotate("Solve 2x+1=5", None, "2") is None
+
+
+def test_annotated_guesses_are_checked_and_end_right():
+    # "Find x: (x+5)*2 = 18", x = 4: every try is checked by running the chain forwards, a miss says which
+    # way and moves one step that way, the last try is x (whichever first guess the question's seed draws)
+    note = C.annotate_guess("Find x: (x+5)*2 = 18", "4")
+    assert note.endswith("x=4. So the answer is 4.")
+    runs = {1: "1+5=6 6*2=12 vs 18 low", 2: "2+5=7 7*2=14 vs 18 low", 3: "3+5=8 8*2=16 vs 18 low",
+            4: "4+5=9 9*2=18 vs 18 x=4", 5: "5+5=10 10*2=20 vs 18 high", 6: "6+5=11 11*2=22 vs 18 high"}
+    tries = [int(g) for g in re.findall(r"try (\d+):", note)]
+    assert tries[-1] == 4 and all(abs(a - b) == 1 for a, b in zip(tries, tries[1:])) and len(tries) <= 3
+    assert note == " wait ".join(f"try {g}: {runs[g]}" for g in tries) + ". So the answer is 4."
+    assert C.annotate_guess("Find x: (x+5)*2 = 18", "4") == note  # reproducible
+    # in the readable pattern through `annotate`, as a chain is
+    assert C.annotate("Find x: x*3 = 15", None, "5").endswith(f"x=5 {M} The answer is \\boxed{{5}}.")
+    # a gold answer that does not solve the question, or a question that is not a guess task: no note
+    for q, a in [("Find x: (x+5)*2 = 18", "5"), ("Find x: (x+5)*2 = 18", "four"), ("Find x: x = 3", "3"),
+                 ("Find x: (x+5)*2 = 18; rm -rf /", "4"), ("Find y: (y+5)*2 = 18", "4"), ("Compute 6*3", "18")]:
+        assert C.annotate_guess(q, a) is None, q
 
 
 def test_readable_keeps_the_reasoning_as_written():
