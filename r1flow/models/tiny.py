@@ -202,19 +202,24 @@ def pretrain(model, tokenizer, docs: list[tuple[str, str]], steps: int, batch_si
     for step in bar:
         if not queue:
             queue = length_grouped_batches(completions, prompts, batch_size, g)
+            # every token weighs what it would in a batch drawn at random: a batch's loss is divided by the
+            # group's mean tokens per batch, not its own count (else a batch of one-token answers would
+            # weigh as much as one of whole worked solutions, and the base would learn to answer at once)
+            tokens_per_batch = sum(len(completions[i]) for b in queue for i in b) / len(queue)
         idx = queue.pop()
         # prompts left-padded, completions right-padded, as at sampling time, on the model's device
         p_ids, p_mask = pad_batch([prompts[i] for i in idx], pad, left=True, device=device)
         c_ids, c_mask = pad_batch([completions[i] for i in idx], pad, left=False, device=device)
         logps, _ = completion_logprobs(model, p_ids, p_mask, c_ids, c_mask, group_size=1)
-        loss = -(logps * c_mask).sum() / c_mask.sum()
+        loss = -(logps * c_mask).sum() / tokens_per_batch
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        log.append({"step": step + 1, "loss": loss.item(), "time": time.time() - t0})
+        token_loss = loss.item() * tokens_per_batch / c_mask.sum().item()  # the batch's mean per token, logged
+        bar.set_postfix(loss=f"{token_loss:.3f}", refresh=False)
+        log.append({"step": step + 1, "loss": token_loss, "time": time.time() - t0})
     model.eval()
     return log
 
