@@ -29,27 +29,6 @@ def test_base_model_is_a_plain_transformers_model(tiny_policy):
     assert tok.decode(ids) == "<think> 7+5=12 </think> <answer> 12 </answer>"
 
 
-def test_pretraining_batches_group_similar_lengths():
-    # 8 batches' worth of documents drawn uniformly, sorted by (completion, prompt) length and cut into
-    # batches: every batch is full, the batches tile the sorted draw, and their order is shuffled
-    from r1flow.models.tiny import LENGTH_GROUP, length_grouped_batches
-
-    completions = [[0] * (i % 37 + 1) for i in range(500)]
-    prompts = [[0] * (i % 5 + 1) for i in range(500)]
-    g = torch.Generator().manual_seed(0)
-    batches = length_grouped_batches(completions, prompts, 16, g)
-    assert len(batches) == LENGTH_GROUP and all(len(b) == 16 for b in batches)
-    key = [sorted((len(completions[i]), len(prompts[i])) for i in b) for b in batches]
-    ordered = sorted(key)
-    assert all(a[-1] <= b[0] for a, b in zip(ordered, ordered[1:]))  # no overlap: each batch one length band
-    assert key != ordered  # drawn in random order, not shortest first
-    spread = max(k[-1][0] - k[0][0] for k in key)
-    assert spread < 36  # a batch spans a band of lengths, not all of them (1..37)
-    # the same draw as torch.randint from the same generator state: uniform, with replacement
-    g2 = torch.Generator().manual_seed(0)
-    assert sorted(i for b in batches for i in b) == sorted(torch.randint(500, (16 * LENGTH_GROUP,), generator=g2).tolist())
-
-
 def test_student_built_on_the_base_tokenizer(tiny_policy, tmp_path):
     """A tiny student takes its teacher's tokenizer instead of training its own: same vocabulary, same ids."""
     from transformers import AutoTokenizer

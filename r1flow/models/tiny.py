@@ -162,22 +162,6 @@ def build_model(tokenizer, hidden_size: int, num_layers: int, num_heads: int, ma
     return LlamaForCausalLM(cfg)
 
 
-# Documents are drawn LENGTH_GROUP batches at a time, sorted by length and cut into batches (as Hugging Face's
-# group_by_length does): each document is drawn as before, only which ones share a batch changes, and the
-# padding a batch computes on falls from about 60% of its tokens to about 35% (the corpus mixes one-token
-# answers with whole worked solutions).
-LENGTH_GROUP = 8
-
-
-def length_grouped_batches(completions: list, prompts: list, batch_size: int, g: torch.Generator) -> list[list[int]]:
-    """LENGTH_GROUP batches of document indices drawn uniformly with replacement, each of similar lengths
-    (completion, then prompt), in random order."""
-    draw = torch.randint(len(completions), (batch_size * LENGTH_GROUP,), generator=g, device="cpu").tolist()
-    draw.sort(key=lambda i: (len(completions[i]), len(prompts[i])))
-    batches = [draw[k * batch_size:(k + 1) * batch_size] for k in range(LENGTH_GROUP)]
-    return [batches[k] for k in torch.randperm(LENGTH_GROUP, generator=g).tolist()]
-
-
 def pretrain(model, tokenizer, docs: list[tuple[str, str]], steps: int, batch_size: int, lr: float, seed: int,
              warmup: int = 20, progress: bool = True) -> list[dict]:
     """Next-token pretraining on the corpus, AdamW with a cosine schedule. Returns the loss log.
@@ -198,28 +182,20 @@ def pretrain(model, tokenizer, docs: list[tuple[str, str]], steps: int, batch_si
     log, t0 = [], time.time()
     # disable=None: no bar when stderr is not a terminal (a SLURM log)
     bar = tqdm(range(steps), desc="pretrain base", disable=None if progress else True, mininterval=1.0)
-    queue: list[list[int]] = []
     for step in bar:
-        if not queue:
-            queue = length_grouped_batches(completions, prompts, batch_size, g)
-            # every token weighs what it would in a batch drawn at random: a batch's loss is divided by the
-            # group's mean tokens per batch, not its own count (else a batch of one-token answers would
-            # weigh as much as one of whole worked solutions, and the base would learn to answer at once)
-            tokens_per_batch = sum(len(completions[i]) for b in queue for i in b) / len(queue)
-        idx = queue.pop()
+        idx = torch.randint(len(docs), (batch_size,), generator=g, device="cpu").tolist()
         # prompts left-padded, completions right-padded, as at sampling time, on the model's device
         p_ids, p_mask = pad_batch([prompts[i] for i in idx], pad, left=True, device=device)
         c_ids, c_mask = pad_batch([completions[i] for i in idx], pad, left=False, device=device)
         logps, _ = completion_logprobs(model, p_ids, p_mask, c_ids, c_mask, group_size=1)
-        loss = -(logps * c_mask).sum() / tokens_per_batch
+        loss = -(logps * c_mask).sum() / c_mask.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        token_loss = loss.item() * tokens_per_batch / c_mask.sum().item()  # the batch's mean per token, logged
-        bar.set_postfix(loss=f"{token_loss:.3f}", refresh=False)
-        log.append({"step": step + 1, "loss": token_loss, "time": time.time() - t0})
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        log.append({"step": step + 1, "loss": loss.item(), "time": time.time() - t0})
     model.eval()
     return log
 
