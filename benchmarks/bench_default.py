@@ -52,7 +52,7 @@ def main():
     default = ROOT / "config" / "config.yaml"
     if Path(a.config).resolve() != default.resolve():
         # as Snakemake does with --configfile: the file is merged over the default, so a config that sets
-        # a few keys (config/reflection.yaml) keeps the default's other values when its seeds are shifted
+        # a few keys (config/smoke.yaml) keeps the default's other values when its seeds are shifted
         from snakemake.utils import update_config
 
         merged = yaml.safe_load(default.read_text())

@@ -1,6 +1,6 @@
-"""How a model checks its guesses on the guess tasks of a run's held-out evaluation (config/reflection.yaml).
+"""How a model checks its guesses on the guess tasks of a run's held-out evaluation (the default's 40%).
 
-    python benchmarks/guess_checks.py --results RUN/results/reflection [--models base r1_zero]
+    python benchmarks/guess_checks.py --results RUN/results [--models base r1_zero ...]
 
 For each model: held-out pass@1 on chains and on guess tasks, re-checks ("wait") per guess completion,
 pass@1 by the number of re-checks, and what the model writes after a check whose result misses the
@@ -26,15 +26,18 @@ def checks(completion: str, target: str) -> Counter:
         out[(result == target, m.group(4).split("=")[0] or "stop")] += 1
     return out
 
+MODELS = ["base", "r1_zero", "cold_start", "reasoning_rl", "r1_sft", "r1", "distill_student", "rl_only_student"]
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", required=True)
-    ap.add_argument("--models", nargs="+", default=["base", "r1_zero"])
+    ap.add_argument("--models", nargs="+", default=None, help="default: every model the run evaluated")
     a = ap.parse_args()
     res = Path(a.results)
     tasks = pd.read_parquet(res / "data" / "tasks" / "test.parquet").rename(columns={"prompt_id": "problem_id"})
-    for model in a.models:
+    models = a.models or [m for m in MODELS if (res / "eval" / m / "held_out" / "samples.parquet").exists()]
+    for model in models:
         d = pd.read_parquet(res / "eval" / model / "held_out" / "samples.parquet").merge(tasks, on="problem_id")
         d["rechecks"] = d["completion"].str.count(r"\bwait\b")
         g = d[d["task"] == "guess"]

@@ -56,7 +56,7 @@ def test_tables_match_the_samples(smoke_run):
     assert "| r1_zero |" in md and "n = 2 samples each, temperature 0.6, top-p 0.95, at most 24 new tokens" in md
     assert (r / "tables" / "benchmarks.md").read_text().count("| base |") == 1
     assert (r / "plots" / "benchmarks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # both task families of the smoke config reach every split (guess tasks: config/reflection.yaml's)
+    # both task families of the smoke config reach every split (guess tasks: the default's)
     for split in ("train", "test"):
         assert set(pd.read_parquet(r / "data" / "tasks" / f"{split}.parquet")["task"]) == {"chain", "guess"}
 
