@@ -108,7 +108,7 @@ def findings(results: Path, benchmark: str = "held_out") -> list[str]:
                    + ", ".join(f"{x:.1f}" for x in q["completion_length"].mean()) + " tokens")
         if "reflections" in m:
             out.append("R1-Zero re-checked steps per completion by quarter: "
-                       + ", ".join(f"{x:.2f}" for x in q["reflections"].mean()))
+                       + ", ".join(f"{x:.3f}" for x in q["reflections"].mean()))
     return out
 
 
