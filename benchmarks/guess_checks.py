@@ -26,6 +26,7 @@ def checks(completion: str, target: str) -> Counter:
         out[(result == target, m.group(4).split("=")[0] or "stop")] += 1
     return out
 
+
 MODELS = ["base", "r1_zero", "cold_start", "reasoning_rl", "r1_sft", "r1", "distill_student", "rl_only_student"]
 
 

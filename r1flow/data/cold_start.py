@@ -90,13 +90,13 @@ def annotate_guess(question: str, answer: str) -> str | None:
     "detailed answers with reflection and verification" (section 2.3.1), in the base's textbook style,
     the first guess drawn as the textbook draws it (seeded by the question, so the data is reproducible).
     None for other questions, or when the answer does not solve the question."""
-    m = GUESS_RE.fullmatch(question.strip())
-    if m is None or not str(answer).strip().isdigit():
+    m, answer = GUESS_RE.fullmatch(question.strip()), str(answer).strip()
+    if m is None or not answer.isdigit():
         return None
-    steps = chain_steps("Compute " + m.group("expr").replace("x", str(answer).strip(), 1))
+    steps = chain_steps("Compute " + m.group("expr").replace("x", answer, 1))
     if steps is None or steps[-1][3] != int(m.group("target")):
         return None
-    t = Task("guess", question, str(answer).strip(), len(steps), tuple(steps))
+    t = Task("guess", question, answer, len(steps), tuple(steps))
     trace, x = worked_solution(t, random.Random(zlib.crc32(question.encode())))
     return f"{trace}. So the answer is {x}."
 
