@@ -20,6 +20,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from r1flow.evaluation.report import format_cell
+from r1flow.rewards.grading import paired_difference, per_problem_pass_at_1
+
 LABELS = {
     "base": "base (tiny Llama)",
     "r1_zero": "R1-Zero",
@@ -52,15 +55,16 @@ def block(results: Path, benchmark: str = "held_out", base_label: str | None = N
     k = int(t["cons_k"].dropna().iloc[0]) if t["cons_k"].notna().any() else None
     head = ["model", "pass@1"] + ([f"cons@{k}"] if k else []) + ["format", "length (tokens)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for _, r in t.iterrows():
-        cells = [_label(r["model"], base_label), f"{100 * r['pass@1']:.1f}"]
+    for _, r in t.iterrows():  # pass@1 with its standard error over problems, cons@k with its 95% interval
+        cells = [_label(r["model"], base_label), format_cell(r, "pass@1")]
         if k:
-            cells.append(f"{100 * r['cons@k']:.1f}")
+            cells.append(format_cell(r, "cons@k"))
         cells += [f"{100 * r['format_rate']:.1f}", f"{r['mean_length']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     r0 = t.iloc[0]
     lines += ["", f"{int(r0['num_problems'])} held-out problems, n = {int(r0['n'])} samples each at temperature "
-              f"{r0['temperature']} and top-p {r0['top_p']}, at most {int(r0['max_new_tokens'])} new tokens. "
+              f"{r0['temperature']} and top-p {r0['top_p']}, at most {int(r0['max_new_tokens'])} new tokens; "
+              "pass@1 ± its standard error over problems, cons@k with a 95% bootstrap interval over problems. "
               f"Measured on commit `{provenance_commit(results)}`."]
     times, rss = [], {}
     for tsv in sorted((results / "benchmarks").glob("*.tsv")):
@@ -79,14 +83,25 @@ def block(results: Path, benchmark: str = "held_out", base_label: str | None = N
 
 
 def findings(results: Path, benchmark: str = "held_out") -> list[str]:
-    """The paper's findings as differences of held-out pass@1 (points), and R1-Zero's length by quarter."""
+    """The paper's findings as differences of held-out pass@1 (points) with the standard error of each
+    difference (paired over the problems both models answered), and R1-Zero's length by quarter."""
     t = pd.read_csv(results / "tables" / "benchmarks.csv")
     p = {m: 100 * float(v) for m, v in t[t["benchmark"] == benchmark].set_index("model")["pass@1"].items()}
     out = []
 
+    def per_problem(m):
+        path = results / "eval" / m / benchmark / "samples.parquet"
+        return per_problem_pass_at_1(pd.read_parquet(path)) if path.exists() else None
+
     def diff(a, b, what):
         if a in p and b in p:
-            out.append(f"{what}: {p[a]:.1f} vs {p[b]:.1f} ({p[a] - p[b]:+.1f})")
+            line = f"{what}: {p[a]:.1f} vs {p[b]:.1f} ({p[a] - p[b]:+.1f}"
+            pa, pb = per_problem(a), per_problem(b)
+            if pa is not None and pb is not None:
+                d, se = paired_difference(pa, pb)
+                line += f" ± {100 * se:.1f}" + ("; within two standard errors: not shown apart" if abs(d) <= 2 * se
+                                                else "")
+            out.append(line + ")")
 
     diff("r1", "r1_zero", "R1 vs R1-Zero")
     diff("cold_start", "base", "cold start vs base")

@@ -41,24 +41,27 @@ def main():
     if "few_shot" in s["sources"]:
         # one worked example with a long chain of thought in front of each question (few-shot prompting)
         prompts = [C.FEW_SHOT.format(example=s["few_shot_example"], question=q) for q in tasks["question"]]
-        texts = S.sample_completions(a.base, prompts, s, a.generation, a.dtype, device, gguf_file=a.gguf_file)
-        parts.append(("few_shot", [C.rewrite_few_shot(t) for t in texts]))
+        texts, cut = S.sample_completions(a.base, prompts, s, a.generation, a.dtype, device, gguf_file=a.gguf_file)
+        parts.append(("few_shot", [C.rewrite_few_shot(t) for t in texts], cut))
     if "annotated" in s["sources"]:
         # a real prompt set's worked solutions (GSM8K, MATH) or the synthetic chains, written out
         sols = [x for x in (tasks["solution"] if "solution" in tasks else [None] * len(tasks)) for _ in range(k)]
-        parts.append(("annotated", [C.annotate(q, sol, g) for q, sol, g in zip(qs, sols, golds)]))
+        parts.append(("annotated", [C.annotate(q, sol, g) for q, sol, g in zip(qs, sols, golds)], None))
     if "r1_zero" in s["sources"]:
-        texts = S.sample_completions(a.r1_zero, [render(q, "table1") for q in tasks["question"]], s, a.generation,
-                                     a.dtype, device)
-        parts.append(("r1_zero", [C.rewrite_r1_zero(t) for t in texts]))
+        texts, cut = S.sample_completions(a.r1_zero, [render(q, "table1") for q in tasks["question"]], s,
+                                          a.generation, a.dtype, device)
+        parts.append(("r1_zero", [C.rewrite_r1_zero(t) for t in texts], cut))
     frames = []
-    for source, rewritten in parts:
+    for source, rewritten, cut in parts:  # cut: truncated per sample (None: written by rule, not sampled)
         keep = [i for i, t in enumerate(rewritten) if t is not None]
         why = S.readability([rewritten[i] for i in keep], [golds[i] for i in keep])
+        if cut is not None:
+            why = S.drop_truncated(why, [cut[i] for i in keep])
         ok = [i for i, w in zip(keep, why) if not w]
         report[source] = {"sampled": len(rewritten), "rewritten": len(keep), "kept": len(ok),
                           "dropped": pd.Series([w for w in why if w]).value_counts().to_dict()}
-        frames.append(C.sft_rows([ids[i] for i in ok], [qs[i] for i in ok], [rewritten[i] for i in ok], source))
+        frames.append(C.sft_rows([ids[i] for i in ok], [qs[i] for i in ok], [rewritten[i] for i in ok], source,
+                                 "written" if cut is None else "stop"))
     data = C.select(pd.concat([f for f in frames if not f.empty] or frames, ignore_index=True), s["size"], s["seed"])
     if data.empty:
         raise RuntimeError(f"no cold-start sample survived the filters: {report}")

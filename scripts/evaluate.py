@@ -49,9 +49,14 @@ def main():
         samples, row = run_benchmark(gen, tok, spec, e, a.rewards, chat=a.chat)
     write_table(samples, a.samples, SAMPLES)
     write_table(pd.DataFrame([{"model": a.name, **row}]), a.summary, EVAL_SUMMARY)
-    cons = f"  cons@{row['cons_k']} {row['cons@k']:.3f}" if row.get("cons@k") is not None else ""
-    log.info(f"{a.name} on {spec.name}: pass@1 {row['pass@1']:.3f}{cons}  format {row['format_rate']:.3f}  "
-             f"({row['num_problems']} problems x {row['n']} samples)")
+    cons = (f"  cons@{row['cons_k']} {row['cons@k']:.3f} [{row['cons@k_lo']:.3f}, {row['cons@k_hi']:.3f}]"
+            if row.get("cons@k") is not None else "")
+    log.info(f"{a.name} on {spec.name}: pass@1 {row['pass@1']:.3f} ± {row['pass@1_se']:.3f}{cons}  format "
+             f"{row['format_rate']:.3f}  truncated {row['truncated_rate']:.3f}  ({row['num_problems']} problems x "
+             f"{row['n']} samples)")
+    if row["sandbox_errors"]:  # scored as wrong, but the host failed, not the model: say so where it is read
+        log.warning(f"{a.name} on {spec.name}: {row['sandbox_errors']} samples could not be run by the sandbox "
+                    "(reason sandbox_error in the samples table); their code reward is 0")
 
 
 if __name__ == "__main__":

@@ -34,13 +34,13 @@ def main():
     s = a.settings
     tasks = C.sample_prompts(read_table(a.train, TASKS), s)
     k = s["samples_per_prompt"]
-    out = S.sample_completions(a.model, lambda tok: [chat_prompt(tok, q) for q in tasks["question"]], s, a.generation,
-                               a.dtype, device)
+    out, cut = S.sample_completions(a.model, lambda tok: [chat_prompt(tok, q) for q in tasks["question"]], s,
+                                    a.generation, a.dtype, device)
     texts = [t.strip() for t in out]
     ids = [p for p in tasks["prompt_id"] for _ in range(k)]
     qs = [q for q in tasks["question"] for _ in range(k)]
     golds = [g for g in tasks["answer"] for _ in range(k)]
-    why = S.readability(texts, golds, max_paragraph_chars=s["max_paragraph_chars"])
+    why = S.drop_truncated(S.readability(texts, golds, max_paragraph_chars=s["max_paragraph_chars"]), cut)
     if s["judge"]["type"] == "model":  # a generative judge for answers the rules called wrong
         judge_model, judge_tok = load_policy(s["judge"]["model"], a.dtype, device)
         wrong = [i for i, w in enumerate(why) if w == "wrong"]
@@ -50,11 +50,11 @@ def main():
             why[i] = "" if ok else "wrong"
     keep = [i for i, w in enumerate(why) if not w]
     rows = C.select(C.sft_rows([ids[i] for i in keep], [qs[i] for i in keep], [texts[i] for i in keep],
-                               "rejection_sampling"), s["target_size"], s["seed"], s["drop_repeats"])
+                               "rejection_sampling", "stop"), s["target_size"], s["seed"], s["drop_repeats"])
     if rows.empty:  # a real run would stop here; a toy one (the smoke config) goes on with the other SFT data
         log.warning("rejection sampling kept no sample; the SFT stage gets non-reasoning data only")
         rows = pd.DataFrame({"prompt_id": pd.Series(dtype=str), "messages": pd.Series(dtype=object),
-                             "source": pd.Series(dtype=str)})
+                             "source": pd.Series(dtype=str), "stop_reason": pd.Series(dtype=str)})
     write_table(rows, a.out, SFT_DATA)
     log.info(f"rejection sampling: {len(texts)} samples, {len(keep)} correct and readable, kept {len(rows)} "
              f"({'repeats of a prompt sample dropped, ' if s['drop_repeats'] else ''}at most target_size); dropped "

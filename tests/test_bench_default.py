@@ -80,3 +80,37 @@ def test_guess_checks_reads_each_checked_guess_and_what_follows():
     # tries after </think>, malformed steps and chains without "try" are not checks
     assert checks(" <think> 7+5=12 12*2=24 </think> try 3: 3*2=6 vs 6 x=3", "6") == {}
     assert checks(" <think> try 3: 3*2= vs 6 wait try x: 1+1=2 vs 2 </think>", "2") == {}
+
+
+def test_readme_findings_carry_the_paired_standard_error(tmp_path):
+    """Hand-computed: per-problem pass@1 of R1 [1, .5, 1, 0] (62.5) and of R1-Zero [.5, .5, .5, 0] (37.5) on
+    the same four problems: differences [.5, 0, .5, 0], mean .25, sample sd sqrt(4 * .25**2 / 3) = .2887, se
+    .1443 -- the difference (25.0) is within two standard errors (28.9)."""
+    import json
+
+    import pandas as pd
+
+    res = tmp_path / "results"
+    for d in ("tables", "provenance"):
+        (res / d).mkdir(parents=True)
+    per = {"r1": [[1, 1], [1, 0], [1, 1], [0, 0]], "r1_zero": [[1, 0], [0, 1], [1, 0], [0, 0]]}
+    rows = []
+    for m, correct in per.items():
+        out = res / "eval" / m / "held_out"
+        out.mkdir(parents=True)
+        # problem 3's second sample of R1-Zero is right but truncated: wrong, as section 3 counts it
+        cut = [[False, False], [False, False], [False, True], [False, False]] if m == "r1_zero" else [[False] * 2] * 4
+        if m == "r1_zero":
+            correct = [[1, 0], [0, 1], [1, 1], [0, 0]]
+        pd.DataFrame([{"problem_id": f"p{i}", "sample": j, "correct": float(c), "truncated": t}
+                      for i, (cs, ts) in enumerate(zip(correct, cut)) for j, (c, t) in enumerate(zip(cs, ts))]
+                     ).iloc[::-1].to_parquet(out / "samples.parquet")  # any row order
+        p1 = sum(map(sum, per[m])) / 8
+        rows.append({"benchmark": "held_out", "model": m, "pass@1": p1, "pass@1_se": 0.125, "cons@k": 0.5,
+                     "cons@k_lo": 0.25, "cons@k_hi": 0.75, "cons_k": 2, "format_rate": 1.0, "mean_length": 9.0,
+                     "num_problems": 4, "n": 2, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 20})
+    pd.DataFrame(rows).to_csv(res / "tables" / "benchmarks.csv")
+    (res / "provenance" / "benchmark_table.json").write_text(json.dumps({"git": {"commit": "f" * 40, "dirty": False}}))
+    text = _bench("readme_tables").block(res)
+    assert "R1 vs R1-Zero: 62.5 vs 37.5 (+25.0 ± 14.4; within two standard errors: not shown apart)" in text
+    assert "| **R1** (RL for all scenarios) | 62.5 ± 12.5 | 50.0 [25.0, 75.0] | 100.0 | 9.0 |" in text

@@ -100,6 +100,85 @@ def test_non_reasoning_and_general_prompts(tmp_path):
 
 @pytest.mark.parametrize("bad", [[{"role": "user", "content": "q"}], []])
 def test_sft_schema_needs_an_assistant_turn(bad, tmp_path):
-    df = pd.DataFrame({"prompt_id": ["p"], "messages": [bad], "source": ["s"]})
+    df = pd.DataFrame({"prompt_id": ["p"], "messages": [bad], "source": ["s"], "stop_reason": ["stop"]})
     with pytest.raises(Exception, match="sft_data"):
         write_table(df, tmp_path / "x.parquet", SFT_DATA)
+
+
+def test_sft_schema_refuses_a_truncated_sample(tmp_path):
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    ok = pd.DataFrame({"prompt_id": ["p", "q"], "messages": [msgs, msgs], "source": "s", "stop_reason": ["stop", "written"]})
+    write_table(ok, tmp_path / "ok.parquet", SFT_DATA)
+    with pytest.raises(Exception, match="sft_data"):
+        write_table(ok.assign(stop_reason=["stop", "length"]), tmp_path / "x.parquet", SFT_DATA)
+
+
+class _TruncatingGenerator:
+    """Every odd sample is cut off at the length limit; every sample holds the right, boxed answer (a
+    cut-off sample whose summary already closed its answer passes every readability filter)."""
+
+    def __init__(self, text):
+        self.text, self.calls = text, 0
+
+    def generate(self, prompts, params):
+        import torch
+
+        self.calls += 1
+        n = len(prompts) * params.n
+        return SimpleNamespace(texts=[self.text(p) for p in prompts for _ in range(params.n)],
+                               truncated=torch.tensor([i % 2 == 1 for i in range(n)]))
+
+
+def _run_script(name, argv, monkeypatch, generator):
+    import importlib
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "scripts"))
+    monkeypatch.setattr(S, "load_policy", lambda *a, **k: (None, None))
+    monkeypatch.setattr(S, "make_generator", lambda *a, **k: generator)
+    mod = importlib.import_module(name)
+    monkeypatch.setattr(mod.C, "sample_prompts", lambda tasks, s: tasks)
+    monkeypatch.setattr(sys, "argv", [name, *argv])
+    mod.main()
+
+
+def _tasks(tmp_path):
+    from r1flow.data.schemas import TASKS
+
+    tasks = pd.DataFrame({"prompt_id": ["p0", "p1"], "task": "chain", "question": ["Compute 7+5", "Compute 2*3"],
+                          "answer": ["12", "6"], "difficulty": 1, "kind": "chain"})
+    write_table(tasks, tmp_path / "train.parquet", TASKS)
+    return tmp_path / "train.parquet"
+
+
+def test_no_truncated_sample_reaches_rejection_sampling_data(tmp_path, monkeypatch):
+    import json
+
+    answers = {"7+5": "12", "2*3": "6"}
+    gen = _TruncatingGenerator(lambda p: C.readable("x", next(v for k, v in answers.items() if k in p)))
+    settings = {"prompts": 2, "samples_per_prompt": 4, "target_size": 100, "max_new_tokens": 8, "temperature": 1.0,
+                "seed": 0, "drop_repeats": False, "max_paragraph_chars": 2000, "judge": {"type": "rule"}}
+    monkeypatch.setattr("r1flow.data.prompts.chat_prompt", lambda tok, q: q)
+    _run_script("rejection_sampling", ["--model", "m", "--train", str(_tasks(tmp_path)), "--settings",
+                                       json.dumps(settings), "--out", str(tmp_path / "rs.parquet")], monkeypatch, gen)
+    rows = read_table(tmp_path / "rs.parquet", SFT_DATA)
+    # 2 prompts x 4 samples, all right and readable, the odd ones truncated: exactly the 4 finished ones stay
+    assert len(rows) == 4 and set(rows["stop_reason"]) == {"stop"}
+    assert sorted(rows["prompt_id"]) == ["p0", "p0", "p1", "p1"]
+
+
+def test_no_truncated_sample_reaches_cold_start_data(tmp_path, monkeypatch):
+    import json
+
+    gen = _TruncatingGenerator(lambda p: "<think> 5+7=12 </think> <answer> 12 </answer>" if "7+5" in p
+                               else "<think> 3*2=6 </think> <answer> 6 </answer>")
+    settings = {"sources": ["r1_zero", "annotated"], "size": 100, "prompts": 2, "samples_per_prompt": 2,
+                "max_new_tokens": 8, "temperature": 1.0, "seed": 0, "few_shot_example": ""}
+    _run_script("cold_start", ["--base", "b", "--r1-zero", "z", "--train", str(_tasks(tmp_path)), "--settings",
+                               json.dumps(settings), "--out", str(tmp_path / "cs.parquet")], monkeypatch, gen)
+    rows = read_table(tmp_path / "cs.parquet", SFT_DATA)
+    sampled = rows[rows["source"] == "r1_zero"]
+    # 2 prompts x 2 samples from R1-Zero, the second of each truncated: one finished sample per prompt
+    assert sorted(sampled["prompt_id"]) == ["p0", "p1"] and set(sampled["stop_reason"]) == {"stop"}
+    assert set(rows.loc[rows["source"] == "annotated", "stop_reason"]) == {"written"}

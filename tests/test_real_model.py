@@ -172,6 +172,6 @@ def test_every_stage_runs_on_a_real_model(smollm2_gguf, tmp_path):
 
     # sampling for rejection sampling, in the chat template, then the readability filter
     s = {"samples_per_prompt": 2, "temperature": 0.7, "max_new_tokens": 16, "seed": 0}
-    texts = S.sample_completions(str(out), lambda tk: [chat_prompt(tk, q) for q in train["question"]], s, None)
-    assert len(texts) == 4
+    texts, cut = S.sample_completions(str(out), lambda tk: [chat_prompt(tk, q) for q in train["question"]], s, None)
+    assert len(texts) == 4 and len(cut) == 4 and all(isinstance(c, bool) for c in cut)
     assert len(S.readability(texts, ["5", "5", "20", "20"])) == 4

@@ -126,13 +126,16 @@ def annotate(question: str, solution: str | None, answer: str, marker: str = REA
     return rewrite_few_shot(note, marker) if note else None
 
 
-def sft_rows(prompt_ids, questions, completions, source: str) -> pd.DataFrame:
-    """SFT records: a user turn (the question) and an assistant turn (the completion)."""
+def sft_rows(prompt_ids, questions, completions, source: str, stop_reason: str = "written") -> pd.DataFrame:
+    """SFT records: a user turn (the question) and an assistant turn (the completion). `stop_reason` says
+    how the completion ended: "stop" for a sample that ended with the end of sequence, "written" for a
+    text composed by rule (annotated chains, non-reasoning answers); SFT_DATA admits no other."""
     return pd.DataFrame({
         "prompt_id": list(prompt_ids),
         "messages": [[{"role": "user", "content": q}, {"role": "assistant", "content": c}]
                      for q, c in zip(questions, completions)],
         "source": source,
+        "stop_reason": stop_reason,
     })
 
 
@@ -179,10 +182,10 @@ def non_reasoning_rows(pairs: pd.DataFrame, size: int, seed: int) -> pd.DataFram
     factual QA, self-cognition, translation, refusals), some with a short chain of thought in the
     readable pattern, some without; plus greetings answered directly, as "hello" needs no reasoning."""
     rows = [{"prompt_id": f"nr-{r['pair_id']}", "messages": list(r["prompt"]) + list(r["chosen"]),
-             "source": f"non_reasoning:{r['aspect']}"} for _, r in pairs.iterrows()]
+             "source": f"non_reasoning:{r['aspect']}", "stop_reason": "written"} for _, r in pairs.iterrows()]
     for i, (q, a) in enumerate([("hello", "Hello! How can I help you today?"), ("hi", "Hi! What can I do for you?"),
                                 ("thanks", "You are welcome."), ("good morning", "Good morning! How can I help?")]):
-        rows.append({"prompt_id": f"nr-greeting-{i}", "source": "non_reasoning:greeting",
+        rows.append({"prompt_id": f"nr-greeting-{i}", "source": "non_reasoning:greeting", "stop_reason": "written",
                      "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
     df = pd.DataFrame(rows)
     return df.sample(n=min(size, len(df)), random_state=seed).reset_index(drop=True)

@@ -61,7 +61,11 @@ EVAL_SUMMARY = DataFrameSchema(
         "num_problems": Column(int, Check.ge(1)),
         "n": Column(int, Check.ge(1)),
         "pass@1": Column(float, Check.in_range(0.0, 1.0)),
+        # standard error over problems (NaN for one problem); cons@k's 95% bootstrap interval over problems
+        "pass@1_se": Column(float, Check.ge(0.0), nullable=True),
         "cons@k": Column(float, Check.in_range(0.0, 1.0), nullable=True),
+        "cons@k_lo": Column(float, Check.in_range(0.0, 1.0), nullable=True),
+        "cons@k_hi": Column(float, Check.in_range(0.0, 1.0), nullable=True),
         "cons_k": Column(float, Check.ge(1), nullable=True),
         "format_rate": Column(float, Check.in_range(0.0, 1.0)),
         "mean_length": Column(float, Check.ge(0.0)),
@@ -69,6 +73,8 @@ EVAL_SUMMARY = DataFrameSchema(
         "reflections": Column(float, Check.ge(0.0), nullable=True),
         "language_consistency": Column(float, Check.in_range(0.0, 1.0), nullable=True),
         "truncated_rate": Column(float, Check.in_range(0.0, 1.0)),
+        # code samples the sandbox could not start (scored 0; not the model's failure)
+        "sandbox_errors": Column(int, Check.ge(0)),
         "temperature": Column(float, Check.ge(0.0)),
         "top_p": Column(float, Check.in_range(0.0, 1.0, include_min=False)),
         "max_new_tokens": Column(int, Check.ge(1)),
@@ -160,6 +166,10 @@ SFT_DATA = DataFrameSchema(
         "prompt_id": Column(str),
         "messages": Column(object, _messages(roles=("system", "user", "assistant"), last="assistant")),
         "source": Column(str),
+        # how the assistant turn ended: "stop" (a sample that emitted the end of sequence) or "written" (a
+        # text composed by rule). "length" (cut off at max_new_tokens) is refused: SFT appends an end of
+        # sequence to every target and would teach the model to stop mid-thought.
+        "stop_reason": Column(str, Check.isin(["stop", "written"])),
     },
     name="sft_data",
     coerce=True,

@@ -2,20 +2,47 @@
 
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 
 from r1flow.data.artifacts import write_table, write_text
 from r1flow.data.schemas import EVAL_SUMMARY
 
-COLUMNS = ["model", "benchmark", "num_problems", "n", "pass@1", "cons@k", "cons_k", "format_rate", "mean_length",
-           "reflections", "language_consistency", "truncated_rate", "temperature", "top_p", "max_new_tokens"]
+COLUMNS = ["model", "benchmark", "num_problems", "n", "pass@1", "pass@1_se", "cons@k", "cons@k_lo", "cons@k_hi",
+           "cons_k", "format_rate", "mean_length", "reflections", "language_consistency", "truncated_rate",
+           "sandbox_errors", "temperature", "top_p", "max_new_tokens"]
+PASS_K = re.compile(r"pass@(\d+)$")
+
+
+def pass_k_columns(columns) -> list[int]:
+    """The k of every pass@k column but pass@1, in increasing order."""
+    return sorted({int(m.group(1)) for c in columns if (m := PASS_K.match(c)) and m.group(1) != "1"})
 
 
 def results_table(summaries: list[pd.DataFrame]) -> pd.DataFrame:
-    """All (model, benchmark) rows, with any pass@k columns after the fixed ones."""
+    """All (model, benchmark) rows, with any pass@k columns (and their intervals) after the fixed ones."""
     table = pd.concat(summaries, ignore_index=True)
-    extra = sorted((c for c in table.columns if c.startswith("pass@") and c != "pass@1"), key=lambda c: int(c[5:]))
+    extra = [c for k in pass_k_columns(table.columns) for c in (f"pass@{k}", f"pass@{k}_lo", f"pass@{k}_hi")]
     return table[COLUMNS + extra]
+
+
+def format_cell(row: pd.Series, key: str) -> str:
+    """A table cell: pass@1 as mean +- standard error, cons@k and pass@k with their 95% bootstrap
+    interval, in percent as in the paper; lengths as tokens, re-checks per completion."""
+    v = row[key]
+    if pd.isna(v):
+        return "-"
+    v = float(v)
+    if key == "mean_length":
+        return f"{v:.1f}"
+    if key == "reflections":
+        return f"{v:.2f}"
+    if key == "pass@1" and pd.notna(row.get("pass@1_se")):
+        return f"{100 * v:.1f} ± {100 * float(row['pass@1_se']):.1f}"
+    if (key == "cons@k" or PASS_K.match(key)) and pd.notna(row.get(f"{key}_lo")):
+        return f"{100 * v:.1f} [{100 * float(row[f'{key}_lo']):.1f}, {100 * float(row[f'{key}_hi']):.1f}]"
+    return f"{100 * v:.1f}"
 
 
 def paper_layout(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
@@ -27,7 +54,7 @@ def paper_layout(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
         metrics = [("pass@1", "pass@1")]
         if t["cons@k"].notna().any():
             metrics.append(("cons@k", f"cons@{int(t['cons_k'].dropna().iloc[0])}"))
-        metrics += [(c, c) for c in t.columns if c.startswith("pass@") and c != "pass@1" and t[c].notna().any()]
+        metrics += [(f"pass@{k}", f"pass@{k}") for k in pass_k_columns(t.columns) if t[f"pass@{k}"].notna().any()]
         metrics += [("format_rate", "format"), ("language_consistency", "language"), ("mean_length", "length")]
         if "reflections" in t and t["reflections"].notna().any() and (t["reflections"] > 0).any():
             metrics.append(("reflections", "re-checks"))
@@ -39,12 +66,7 @@ def paper_layout(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
         row = [m]
         for b, key in cols:
             hit = table[(table["model"] == m) & (table["benchmark"] == b)]
-            if hit.empty or pd.isna(hit[key].iloc[0]):
-                row.append("-")
-            else:
-                v = float(hit[key].iloc[0])
-                row.append(f"{v:.1f}" if key == "mean_length" else f"{v:.2f}" if key == "reflections"
-                           else f"{100 * v:.1f}")
+            row.append("-" if hit.empty else format_cell(hit.iloc[0], key))
         rows.append(row)
     return head, rows
 
@@ -61,6 +83,14 @@ def to_markdown(table: pd.DataFrame, title: str) -> str:
         lines.append(f"- {b}: {int(r['num_problems'])} problems, n = {int(r['n'])} samples each, temperature "
                      f"{r['temperature']}, top-p {r['top_p']}, at most {int(r['max_new_tokens'])} new tokens; "
                      "pass@1 is the mean correctness over the n samples, truncated samples count as wrong.")
+    lines.append("- pass@1 is given as mean ± its standard error over problems (the per-problem mean over n "
+                 "samples, then the spread across problems); cons@k and pass@k with a 95% bootstrap interval over "
+                 "problems. Two models whose pass@1 differ by less than twice the standard error are not shown "
+                 "apart by this table.")
+    errors = table[table["sandbox_errors"].fillna(0) > 0] if "sandbox_errors" in table else table.iloc[:0]
+    for _, r in errors.iterrows():  # programs the sandbox could not start: scored 0, but not the model's fault
+        lines.append(f"- **{r['model']} on {r['benchmark']}: {int(r['sandbox_errors'])} samples hit a sandbox error** "
+                     "(scored as wrong; see the job log).")
     return "\n".join(lines) + "\n"
 
 

@@ -50,13 +50,23 @@ def model_judge(generator, questions, golds, completions) -> list[bool]:
 
 def sample_completions(model_path: str, prompts, s: dict, generation: dict | None,
                        dtype: str = "float32", device: str | torch.device = "cpu",
-                       gguf_file: str | None = None) -> list[str]:
+                       gguf_file: str | None = None) -> tuple[list[str], list[bool]]:
     """s["samples_per_prompt"] completions per prompt from a model folder, hub id or GGUF file (loaded in
-    `dtype` on `device`), at s["temperature"].
-    `prompts` is a list of texts, or a function of the model's tokenizer (for chat templates)."""
+    `dtype` on `device`), at s["temperature"], and whether each was cut off at s["max_new_tokens"].
+    `prompts` is a list of texts, or a function of the model's tokenizer (for chat templates).
+    A truncated sample must never become SFT data: SFT appends an end of sequence to every target, so a
+    cut-off chain of thought would teach the model to stop mid-thought (see `drop_truncated`)."""
     model, tok = load_policy(model_path, dtype, device, gguf_file=gguf_file)
     gen = make_generator(model, tok, generation, model_path=model_path, seed=s["seed"], progress=True)
     texts = prompts(tok) if callable(prompts) else prompts
     with torch.inference_mode():
         out = gen.generate(texts, SamplingParams(s["samples_per_prompt"], s["temperature"], 1.0, s["max_new_tokens"]))
-    return out.texts
+    return list(out.texts), [bool(t) for t in out.truncated.tolist()]
+
+
+def drop_truncated(why: list[str], truncated: list[bool]) -> list[str]:
+    """The filter's reasons with every truncated sample dropped as "truncated" (checked before anything
+    else: a cut-off sample may already hold a closed \\boxed{} answer and pass every other filter)."""
+    if len(why) != len(truncated):
+        raise ValueError(f"{len(why)} filter reasons for {len(truncated)} samples")
+    return ["truncated" if t else w for w, t in zip(why, truncated)]
