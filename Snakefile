@@ -16,6 +16,7 @@ configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/decontamination.smk"
 include: "workflow/rules/base.smk"
 include: "workflow/rules/zero.smk"
 include: "workflow/rules/cold_start.smk"
@@ -31,6 +32,7 @@ include: "workflow/rules/report.smk"
 localrules:
     all,
     tasks,
+    decontamination,
     r1_zero_report,
     benchmark_table,
     stage_curves,
@@ -42,3 +44,5 @@ rule all:
         rules.r1_zero_report.output,
         rules.benchmark_table.output,
         rules.stage_curves.output,
+        rules.decontamination.output.table_csv,
+        rules.decontamination.output.table_md,

@@ -13,6 +13,7 @@ from r1flow.evaluation.benchmarks import BenchmarkSpec
 from r1flow.evaluation.runner import run_benchmark
 from r1flow.generation import make_generator
 from r1flow.models import load_policy, load_tokenizer
+from r1flow.rewards.code import code_preflight
 
 log = logging.getLogger("scripts.evaluate")
 
@@ -39,6 +40,7 @@ def main():
     device = job_device(a.device)
     e = a.evaluation
     spec = BenchmarkSpec.from_config(a.benchmark, {**a.spec, **({"path": a.data} if a.data else {})})
+    code_preflight({spec.reward: 1.0}, a.rewards)  # before the model loads: a host that cannot run programs stops
     if (a.generation or {}).get("backend") == "vllm":  # vLLM loads the weights itself
         model, tok = None, load_tokenizer(a.model, gguf_file=a.gguf_file)
     else:

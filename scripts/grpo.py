@@ -11,6 +11,7 @@ from r1flow.data.artifacts import read_table, write_table
 from r1flow.data.cold_start import general_prompts
 from r1flow.data.schemas import GRPO_METRICS, PREFERENCES, TASKS
 from r1flow.models import load_policy
+from r1flow.rewards.code import code_preflight
 from r1flow.training.grpo import GRPOConfig, GRPOTrainer
 
 log = logging.getLogger("scripts.grpo")
@@ -46,11 +47,13 @@ def main():
     if ds.get("enabled") and ds.get("accelerator") == "cpu" and a.device == "auto":
         a.device = "cpu"  # DeepSpeed on the CPU (DS_ACCELERATOR=cpu, gloo) even on a host with a GPU
     device = job_device(a.device)
-    # reward models (section 2.3.4) score on the job's device too
-    rewards = {k: ({**v, "device": str(device)} if k in ("helpfulness", "harmlessness") and isinstance(v, dict) else v)
+    # reward models (section 2.3.4) score on the job's device and in its dtype (base_model.dtype) too
+    rewards = {k: ({**v, "device": str(device), "dtype": a.dtype}
+                   if k in ("helpfulness", "harmlessness") and isinstance(v, dict) else v)
                for k, v in a.rewards.items()}
 
     cfg = GRPOConfig.from_dict({**a.grpo, "template": a.template, "reward_options": rewards})
+    code_preflight(cfg.rewards, rewards)  # before any model loads: a host that cannot run programs stops here
     train, validation = read_table(a.train, TASKS), read_table(a.validation, TASKS)
     if a.general and a.general_prompts:
         train = pd.concat([train.assign(kind="reasoning"), general_prompts(read_table(a.general, PREFERENCES),

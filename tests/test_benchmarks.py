@@ -4,6 +4,7 @@ grader's agreement with MATH-500's own reference solutions."""
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from r1flow import rewards as R
@@ -92,11 +93,60 @@ def test_choice_accuracy(completion, score):
     assert R.get("choice_accuracy")([completion], ["B"])[0].score == score
 
 
-def test_livecodebench_keeps_stdin_tests_only():
+def test_livecodebench_stdin_gold():
+    """A stdin problem's gold keeps the old form (functional problems: tests/test_livecodebench.py)."""
     df = load_benchmark(spec("lcb", "livecodebench", HERE / "data" / "lcb_mini.jsonl", answer_type="code",
                              template="code"))
     gold = json.loads(df["answer"].iloc[0])
     assert gold == {"language": "python", "tests": [{"input": "3\n", "output": "9\n"}, {"input": "12\n", "output": "144\n"}]}
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_math500_file_without_answer_names_it(tmp_path):
+    p = _jsonl(tmp_path / "math_other.jsonl", [{"problem": "1+1?", "solution": "\\boxed{2}", "unique_id": "a"}])
+    with pytest.raises(ValueError, match=r"benchmark 'm': record 0 of '.*math_other\.jsonl' lacks \['answer'\]"):
+        load_benchmark(spec("m", "math500", p))
+
+
+GPQA_CSV_COLUMNS = ["Pre-Revision Question", "Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
+                    "Incorrect Answer 3", "Explanation", "Record ID", "Subdomain", "High-level domain"]
+
+
+def test_gpqa_published_csv_read_back(tmp_path):
+    """gpqa_diamond.csv's columns (and more it does not read); cells stay text: "7" is not 7.0, "NA" not NaN."""
+    rows = [json.loads(line) for line in (HERE / "data" / "gpqa_mini.jsonl").read_text().splitlines() if line.strip()]
+    for r in rows:
+        r.update({"Pre-Revision Question": r["Question"], "Explanation": "NA", "Subdomain": "Physics",
+                  "High-level domain": "Physics"})
+    p = tmp_path / "gpqa_diamond.csv"
+    pd.DataFrame(rows, columns=GPQA_CSV_COLUMNS).to_csv(p, index=False)
+    from_csv = load_benchmark(spec("gpqa", "gpqa_diamond", p, answer_type="multiple_choice"))
+    from_jsonl = load_benchmark(spec("gpqa", "gpqa_diamond", HERE / "data" / "gpqa_mini.jsonl",
+                                     answer_type="multiple_choice"))
+    assert from_csv.equals(from_jsonl)  # the same shuffled choices, letters and ids
+    assert list(from_csv["problem_id"]) == [r["Record ID"] for r in rows]
+    for q, ans, r in zip(from_csv["question"], from_csv["answer"], rows):
+        choices = [x.split(") ", 1)[1] for x in q.splitlines() if x[:3] in ("A) ", "B) ", "C) ", "D) ")]
+        assert sorted(choices) == sorted(str(r[k]) for k in ("Correct Answer", "Incorrect Answer 1",
+                                                             "Incorrect Answer 2", "Incorrect Answer 3"))
+        assert choices["ABCD".index(ans)] == r["Correct Answer"]
+        assert "7.0" not in q
+
+
+def test_gpqa_file_without_a_distractor_names_it(tmp_path):
+    rows = [json.loads(line) for line in (HERE / "data" / "gpqa_mini.jsonl").read_text().splitlines() if line.strip()]
+    del rows[0]["Incorrect Answer 3"]
+    p = tmp_path / "gpqa.csv"
+    pd.DataFrame(rows[:1]).to_csv(p, index=False)
+    with pytest.raises(ValueError, match=r"record 0 of '.*gpqa\.csv' lacks \['Incorrect Answer 3'\]"):
+        load_benchmark(spec("gpqa", "gpqa_diamond", p, answer_type="multiple_choice"))
+    p = _jsonl(tmp_path / "gpqa.jsonl", rows)
+    with pytest.raises(ValueError, match=r"record 0 of '.*gpqa\.jsonl' lacks \['Incorrect Answer 3'\]"):
+        load_benchmark(spec("gpqa", "gpqa_diamond", p, answer_type="multiple_choice"))
 
 
 class _Tok:

@@ -26,7 +26,7 @@ MODEL_JOBS = {"r1_zero": GRPO, "reasoning_rl": GRPO, "r1": GRPO, "rl_only_studen
 EVALUATED = ("base", "r1_zero", "cold_start", "reasoning_rl", "r1_sft", "r1", "distill_student", "rl_only_student")
 MODEL_JOBS.update({f"evaluate_{m}_held_out": SAMPLES for m in EVALUATED})
 # Jobs that run no model: data, tables and plots.
-OTHER_JOBS = {"tasks", "preferences", "non_reasoning_data", "r1_zero_report", "benchmark_table", "stage_curves"}
+OTHER_JOBS = {"tasks", "decontamination", "preferences", "non_reasoning_data", "r1_zero_report", "benchmark_table", "stage_curves"}
 
 # "cuda:1" is planned here without a GPU: the device is resolved (and refused) in the job, not at planning
 SETTINGS = {"device": "cuda:1", "base_model": {"dtype": "bfloat16"},

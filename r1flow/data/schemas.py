@@ -199,5 +199,36 @@ RM_METRICS = DataFrameSchema(
     coerce=True,
 )
 
+# Overlap of the training prompts with the benchmarks (r1flow.data.decontamination): one row per (training
+# set, benchmark) pair; `example` is the first contaminated prompt, empty when there is none.
+DECONTAMINATION = DataFrameSchema(
+    {
+        "split": Column(str, Check.isin(["train", "validation"])),
+        "benchmark": Column(str),
+        "prompts": Column(int, Check.ge(0)),
+        "contaminated": Column(int, Check.ge(0)),
+        "share": Column(float, Check.in_range(0.0, 1.0)),
+        "example": Column(str, nullable=True),
+    },
+    name="decontamination",
+    unique=["split", "benchmark"],
+    coerce=True,
+)
+
+# Every contaminated (training prompt, benchmark): the first benchmark problem it overlaps and the words shared.
+DECONTAMINATION_MATCHES = DataFrameSchema(
+    {
+        "split": Column(str, Check.isin(["train", "validation"])),
+        "prompt_id": Column(str),
+        "benchmark": Column(str),
+        "problem_id": Column(str),
+        "match": Column(str, Check.str_length(min_value=1)),
+        "question": Column(str),
+    },
+    name="decontamination_matches",
+    unique=["split", "prompt_id", "benchmark"],
+    coerce=True,
+)
+
 SCHEMAS = {s.name: s for s in (TASKS, SAMPLES, EVAL_SUMMARY, GRPO_METRICS, PREFERENCES, RM_METRICS, SFT_DATA,
-                                SFT_METRICS)}
+                                SFT_METRICS, DECONTAMINATION, DECONTAMINATION_MATCHES)}

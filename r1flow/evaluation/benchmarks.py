@@ -2,15 +2,22 @@
 how an answer is graded, how many samples are drawn.
 
 Every loader returns the PROBLEMS table (benchmark, problem_id, question, answer, answer_type); a
-benchmark is read from a local jsonl/parquet file or, when online, a `datasets` hub id and split.
+benchmark is read from a local jsonl/parquet/csv file or, when online, a `datasets` hub id and split.
+Each loader reads one published record layout (its docstring names the dataset and the fields); a record
+without those fields stops the load with an error naming the file and the missing fields.
 Prompts are zero-shot: the paper found few-shot prompting degrades R1 (section 2.3.4 / 5).
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import pickle
 import random
+import zlib
 from dataclasses import dataclass, field
+from datetime import date, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -25,9 +32,11 @@ TEMPLATES = {
     "math": "{prompt}\nPlease reason step by step, and put your final answer within \\boxed{}.",
     "multiple_choice": "Answer the following multiple choice question. Think step by step, then give the letter "
                        "of the correct choice within \\boxed{}.\n\n{prompt}",
-    "code": "{prompt}\nWrite a complete Python program that reads from standard input and writes to standard "
-            "output. Reason step by step, then give the program in one ```python code block.",
+    # How the program takes its input belongs to the problem (stdin, or a LeetCode method), so the
+    # loader writes it into the question; a stdin problem renders as this template always has.
+    "code": "{prompt} Reason step by step, then give the program in one ```python code block.",
 }
+STDIN_INSTRUCTION = "Write a complete Python program that reads from standard input and writes to standard output."
 GRADERS = {"math": "accuracy", "multiple_choice": "choice_accuracy", "code": "code_accuracy"}
 
 
@@ -48,6 +57,8 @@ class BenchmarkSpec:
     max_new_tokens: int | None = None  # None: the evaluation section's
     limit: int | None = None  # the first `limit` problems only
     seed: int = 0  # shuffling of multiple-choice options
+    date_from: str | None = None  # livecodebench: first contest day kept, "YYYY-MM-DD", inclusive
+    date_to: str | None = None  # livecodebench: last contest day kept, inclusive
 
     @classmethod
     def from_config(cls, name: str, d: dict) -> BenchmarkSpec:
@@ -64,6 +75,26 @@ class BenchmarkSpec:
                              "problem are generated; raise n or lower k")
         if self.answer_type not in GRADERS:
             raise ValueError(f"benchmark '{self.name}': answer_type must be one of {sorted(GRADERS)}")
+        if (self.date_from or self.date_to) and self.loader != "livecodebench":
+            raise ValueError(f"benchmark '{self.name}': date_from/date_to select by contest_date, which only the "
+                             "livecodebench loader reads")
+        lo, hi = self.window
+        if lo and hi and lo > hi:
+            raise ValueError(f"benchmark '{self.name}': date_from {lo} is after date_to {hi}")
+
+    @property
+    def window(self) -> tuple[date | None, date | None]:
+        """The contest-date window as dates (None: open on that side)."""
+        def day(key):
+            v = getattr(self, key)
+            if v is None or isinstance(v, date):
+                return v.date() if isinstance(v, datetime) else v
+            try:
+                return datetime.strptime(str(v), "%Y-%m-%d").date()
+            except ValueError:
+                raise ValueError(f"benchmark '{self.name}': {key} must be a date 'YYYY-MM-DD', got {v!r}") from None
+
+        return day("date_from"), day("date_to")
 
     @property
     def reward(self) -> str:
@@ -79,6 +110,8 @@ def _read_rows(path: str, split: str | None) -> list[dict]:
     if p.exists():
         if p.suffix == ".parquet":
             return pd.read_parquet(p).to_dict("records")
+        if p.suffix == ".csv":  # GPQA is published as CSV; cells stay text ("7" is not 7.0, "NA" not NaN)
+            return pd.read_csv(p, dtype=str, keep_default_na=False).to_dict("records")
         with open(p) as f:
             return [json.loads(line) for line in f if line.strip()]
     if split is None:
@@ -86,6 +119,20 @@ def _read_rows(path: str, split: str | None) -> list[dict]:
     from datasets import load_dataset  # only when reading from the hub
 
     return list(load_dataset(path, split=split))
+
+
+def _records(spec: BenchmarkSpec, needs) -> list[dict]:
+    """The benchmark's records, each holding the fields `needs`: a file of another layout stops here with
+    the fields it lacks, not with a bare KeyError later or an empty table."""
+    rows = _read_rows(spec.path, spec.split)
+    if not rows:
+        raise ValueError(f"benchmark '{spec.name}': '{spec.path}' holds no records")
+    for i, r in enumerate(rows):
+        missing = [k for k in needs if k not in r]
+        if missing:
+            raise ValueError(f"benchmark '{spec.name}': record {i} of '{spec.path}' lacks {missing}: the "
+                             f"'{spec.loader}' loader reads a layout with {list(needs)}; the record has {sorted(r)}")
+    return rows
 
 
 def _table(spec: BenchmarkSpec, rows: list[dict], question, answer, pid) -> pd.DataFrame:
@@ -103,21 +150,26 @@ def _field(spec, key, default):
 
 def load_generic(spec: BenchmarkSpec) -> pd.DataFrame:
     q, a, i = _field(spec, "question", "problem"), _field(spec, "answer", "answer"), _field(spec, "id", None)
-    return _table(spec, _read_rows(spec.path, spec.split), lambda r: r[q], lambda r: r[a],
+    return _table(spec, _records(spec, [q, a] + ([i] if i else [])), lambda r: r[q], lambda r: r[a],
                   lambda r, n: r[i] if i else n)
 
 
 def load_math500(spec):
-    return _table(spec, _read_rows(spec.path, spec.split), lambda r: r["problem"], lambda r: r["answer"],
+    """MATH-500 as published (HuggingFaceH4/MATH-500, test.jsonl): problem, answer, unique_id (the id);
+    solution, subject and level are not read."""
+    return _table(spec, _records(spec, ["problem", "answer"]), lambda r: r["problem"], lambda r: r["answer"],
                   lambda r, n: r.get("unique_id", n))
 
 
-def load_aime(spec):  # AIME 2024 and AMC 2023 share the fields; AMC answers may be stored as floats
+def load_aime(spec):
+    """AIME 2024 and AMC 2023 as in Qwen2.5-Math's evaluation sets (QwenLM/Qwen2.5-Math,
+    evaluation/data/aime24/test.jsonl and amc23/test.jsonl): id, problem, answer, url, and the problem
+    again as question; aime24 adds solution. AIME answers are strings ("204"), AMC answers floats (27.0)."""
     def answer(r):
         a = r["answer"]
         return int(a) if isinstance(a, float) and a.is_integer() else a
 
-    return _table(spec, _read_rows(spec.path, spec.split), lambda r: r["problem"], answer,
+    return _table(spec, _records(spec, ["problem", "answer"]), lambda r: r["problem"], answer,
                   lambda r, n: r.get("id", n))
 
 
@@ -127,31 +179,38 @@ def gsm8k_answer(worked: str) -> str:
 
 
 def load_gsm8k(spec):
-    return _table(spec, _read_rows(spec.path, spec.split), lambda r: r["question"],
+    """GSM8K's test split (openai/gsm8k, config main): question, answer (the worked solution ending in
+    '#### N'); Qwen2.5-Math's copy (evaluation/data/gsm8k/test.jsonl) adds idx, the id when present."""
+    return _table(spec, _records(spec, ["question", "answer"]), lambda r: r["question"],
                   lambda r: gsm8k_answer(r["answer"]), lambda r, n: r.get("idx", n))
 
 
 def load_minerva(spec):
+    """Minerva's undergraduate STEM problems as in Qwen2.5-Math's evaluation/data/minerva_math/test.jsonl:
+    problem, solution (the answer is its last \\boxed{}), type, idx (the id)."""
     def answer(r):
         boxed = last_boxed(r["solution"])
         if boxed is None:
             raise ValueError(f"Minerva problem {r.get('idx')} has no \\boxed answer in its solution")
         return boxed
 
-    return _table(spec, _read_rows(spec.path, spec.split), lambda r: r["problem"], answer,
+    return _table(spec, _records(spec, ["problem", "solution"]), lambda r: r["problem"], answer,
                   lambda r, n: r.get("idx", n))
 
 
 LETTERS = "ABCD"
+GPQA_FIELDS = ["Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3"]
 
 
 def load_gpqa(spec):
-    """GPQA Diamond: the correct answer and three distractors, shuffled with a fixed seed per problem so
-    that the correct letter is not always the same and every run sees the same order."""
-    rows = _read_rows(spec.path, spec.split)
+    """GPQA Diamond as published (Idavidrein/gpqa, gpqa_diamond.csv, read as CSV, jsonl or parquet):
+    Question, Correct Answer, Incorrect Answer 1..3, Record ID (the id); the other columns are not read.
+    The correct answer and the three distractors are shuffled with a fixed seed per problem so that the
+    correct letter is not always the same and every run sees the same order."""
+    rows = _records(spec, GPQA_FIELDS)
     questions, answers = [], []
     for i, r in enumerate(rows):
-        choices = [r["Correct Answer"], r["Incorrect Answer 1"], r["Incorrect Answer 2"], r["Incorrect Answer 3"]]
+        choices = [r[k] for k in GPQA_FIELDS[1:]]
         order = list(range(4))
         random.Random(f"{spec.seed}-{i}").shuffle(order)
         body = "\n".join(f"{LETTERS[j]}) {str(choices[o]).strip()}" for j, o in enumerate(order))
@@ -161,18 +220,80 @@ def load_gpqa(spec):
                   lambda t, n: t[2].get("Record ID", n))
 
 
-def load_livecodebench(spec):
-    """LiveCodeBench code generation: stdin/stdout tests become the code grader's JSON gold."""
-    def tests(r):
-        cases = []
-        for key in ("public_test_cases", "private_test_cases"):
-            raw = r.get(key) or "[]"
-            items = json.loads(raw) if isinstance(raw, str) else raw
-            cases += [{"input": t["input"], "output": t["output"]} for t in items if t.get("testtype", "stdin") == "stdin"]
-        return json.dumps({"language": "python", "tests": cases})
+LCB_FIELDS = ["question_id", "question_content", "contest_date", "starter_code", "metadata",
+              "public_test_cases", "private_test_cases"]
 
-    return _table(spec, _read_rows(spec.path, spec.split), lambda r: r["question_content"], tests,
-                  lambda r, n: r.get("question_id", n))
+
+class _TextOnly(pickle.Unpickler):
+    """LiveCodeBench's private tests are a pickled str; refusing every class keeps a crafted benchmark
+    file from running code in the evaluation job."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"refusing {module}.{name}: expected a pickled string")
+
+
+def decode_lcb_tests(raw) -> list:
+    """A test-case field of LiveCodeBench: a JSON list, or (code_generation_lite's private tests) the same
+    JSON, pickled, zlib-compressed and base64-encoded. Base64 has no '[', so the first character tells."""
+    if isinstance(raw, list):
+        return raw
+    text = (raw or "").strip()
+    if not text:
+        return []
+    if not text.startswith("["):
+        text = _TextOnly(io.BytesIO(zlib.decompress(base64.b64decode(text.encode("utf-8"))))).load()
+    return json.loads(text)
+
+
+def load_livecodebench(spec):
+    """LiveCodeBench code generation as published (livecodebench/code_generation_lite, test.jsonl ..
+    test6.jsonl): question_id, question_content, contest_date (ISO, e.g. "2024-08-03T00:00:00"),
+    starter_code, metadata (JSON; "func_name" for LeetCode problems), public_test_cases (JSON) and
+    private_test_cases (JSON, or base64 of zlib of a pickled JSON string), each test {input, output,
+    testtype}. question_title, platform, contest_id and difficulty are not read.
+
+    Both kinds of test become the code grader's gold: stdin tests as {input, output}; functional tests
+    (testtype "functional": the input holds the arguments, one JSON value per line, the output the
+    returned value) with testtype kept and the method's name as "fn_name". A functional problem's
+    question carries the starter code, as LiveCodeBench's own prompt does; a stdin problem's says to read
+    standard input. date_from/date_to keep the problems whose contest day lies in the window (the paper
+    evaluates 2024-08-01 to 2025-01-31, section 3)."""
+    lo, hi = spec.window
+    problems = []
+    for r in _records(spec, LCB_FIELDS):
+        where = f"benchmark '{spec.name}': problem {r['question_id']} of '{spec.path}'"
+        try:
+            day = datetime.fromisoformat(str(r["contest_date"])).date()
+            tests = decode_lcb_tests(r["public_test_cases"]) + decode_lcb_tests(r["private_test_cases"])
+            meta = r["metadata"] or "{}"
+            meta = json.loads(meta) if isinstance(meta, str) else meta
+            if not isinstance(meta, dict):
+                raise TypeError(f"metadata is {type(meta).__name__}, not an object")
+        except (ValueError, TypeError, EOFError, zlib.error, pickle.UnpicklingError) as e:
+            raise ValueError(f"{where}: not LiveCodeBench's layout ({type(e).__name__}: {e})") from None
+        if (lo and day < lo) or (hi and day > hi):
+            continue
+        bad = [t for t in tests if not isinstance(t, dict) or {"input", "output", "testtype"} - set(t)
+               or t["testtype"] not in ("stdin", "functional")]
+        if bad:
+            raise ValueError(f"{where}: a test is not {{input, output, testtype: stdin|functional}}: {str(bad[0])[:200]}")
+        # stdin tests keep the gold's original form; functional ones say so and name the method
+        gold = {"language": "python", "tests": [{"input": t["input"], "output": t["output"]} if t["testtype"] == "stdin"
+                                                else {"input": t["input"], "output": t["output"], "testtype": "functional"}
+                                                for t in tests]}
+        question = f"{r['question_content']}\n{STDIN_INSTRUCTION}"
+        if any(t["testtype"] == "functional" for t in tests):
+            if not meta.get("func_name"):
+                raise ValueError(f"{where}: functional tests but no func_name in its metadata")
+            gold["fn_name"] = meta["func_name"]
+            question = (f"{r['question_content']}\n\nYou will use the following starter code to write the solution "
+                        f"to the problem.\n```python\n{r['starter_code']}\n```\nThe tests call the method "
+                        f"`{meta['func_name']}` of `Solution()` directly; nothing is read from standard input.")
+        problems.append((r["question_id"], question, json.dumps(gold)))
+    if not problems:
+        raise ValueError(f"benchmark '{spec.name}': no problem of '{spec.path}' has a contest date in the window "
+                         f"date_from={spec.date_from} .. date_to={spec.date_to}")
+    return _table(spec, problems, lambda p: p[1], lambda p: p[2], lambda p, n: p[0])
 
 
 def load_tasks(spec):

@@ -71,7 +71,7 @@ def main():
             _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount leaks out to the host
             _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV)  # only this namespace's processes
             _mount(work, "/tmp", None, MS_BIND)  # the program's /tmp is its own folder
-            for d in WORLD_WRITABLE:
+            for d in spec.get("tmpfs", WORLD_WRITABLE):  # sandbox.HIDDEN but /tmp
                 if os.path.isdir(d) and not os.path.islink(d):
                     _mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=700")
             work = "/tmp"

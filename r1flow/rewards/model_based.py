@@ -7,7 +7,8 @@ given the user's request: helpfulness reads only the final summary of a readable
 
 Options (from the config's `rewards` section): `path`, the reward model folder (required);
 `batch_size` (default 16); `max_length` (default: the model's position limit); `marker`, the readable
-pattern's marker; `device`, where the reward model runs (scripts/grpo.py sets the job's resolved device).
+pattern's marker; `device`, where the reward model runs, and `dtype`, what it is loaded in (scripts/grpo.py
+sets the job's resolved device and base_model.dtype).
 
 torch, transformers and pandas (r1flow.models.reward_model, r1flow.data.preferences) are imported on
 first use: the reward package is also imported by the verifier worker processes, which must start fast.
@@ -30,21 +31,22 @@ from r1flow.rewards import Reward, register
 
 
 @functools.lru_cache(maxsize=4)
-def _load(path: str, device: str = "cpu"):
+def _load(path: str, device: str = "cpu", dtype: str = "float32"):
     """The reward model of a folder, loaded once per process (a GRPO run scores thousands of batches)."""
     from r1flow.models.reward_model import load_reward_model
 
-    model, tok = load_reward_model(path, device=device)
+    model, tok = load_reward_model(path, dtype=dtype, device=device)
     model.eval()
     return model, tok
 
 
-def load_cached(path: str | os.PathLike, device: str = "cpu"):
-    return _load(os.path.abspath(os.fspath(path)), str(device))
+def load_cached(path: str | os.PathLike, device: str = "cpu", dtype: str = "float32"):
+    return _load(os.path.abspath(os.fspath(path)), str(device), str(dtype))
 
 
 def _score(aspect: str, completions, golds, prompts=None, path: str | None = None, batch_size: int = 16,
-           max_length: int | None = None, marker: str = READABLE_MARKER, device: str = "cpu") -> list[Reward]:
+           max_length: int | None = None, marker: str = READABLE_MARKER, device: str = "cpu",
+           dtype: str = "float32") -> list[Reward]:
     import torch
 
     from r1flow.data.preferences import prompt_text
@@ -55,7 +57,7 @@ def _score(aspect: str, completions, golds, prompts=None, path: str | None = Non
     if prompts is None or len(prompts) != len(completions):
         raise ValueError(f"reward '{aspect}' needs one prompt per completion, got "
                          f"{None if prompts is None else len(prompts)} for {len(completions)}")
-    model, tok = load_cached(path, device)
+    model, tok = load_cached(path, device, dtype)
     texts = [render_for_rm(prompt_text(p), rm_response(c, aspect, marker), tok) for p, c in zip(prompts, completions)]
     with torch.no_grad():
         scores = score_texts(model, tok, texts, batch_size, max_length).tolist()

@@ -5,8 +5,8 @@ Each run gets its own temporary folder, namespaces (no network, private /tmp and
 whose init takes every leftover process down with it), its own uid when we are root, CPU-time, memory,
 output-size, process and open-file limits, a scrubbed environment, and a wall-clock limit enforced
 here. See _sandbox_launch.py for the steps. Where namespaces cannot be created (not root and no
-unprivileged user namespaces) runs are refused unless `allow_unisolated` is set; the README says what
-is then left unprotected.
+unprivileged user namespaces) a job that scores code stops at its preflight (`sandbox_preflight`) unless
+rewards.code_accuracy.allow_unisolated is set; the error says what is then left unprotected.
 """
 
 from __future__ import annotations
@@ -54,14 +54,31 @@ def _reachable_by_others(path: str) -> bool:
     return all(os.stat(d).st_mode & 0o001 for d in p.parents)
 
 
+# Folders the launcher mounts over inside the namespace (the program's own folder on /tmp, small tmpfs
+# on the others): nothing of the host under them is visible to the program, an interpreter included.
+HIDDEN = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock", "/dev/mqueue")
+
+
+def _hidden(path: str) -> bool:
+    real = os.path.realpath(path)
+    return any(real == d or real.startswith(d + "/") for d in HIDDEN)
+
+
 def sandbox_python() -> str:
-    """An interpreter the sandbox uid may run: ours if others can reach it, else the system's."""
-    if os.geteuid() != 0:
-        return sys.executable
-    for cand in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
-        if _reachable_by_others(cand):
-            return os.path.realpath(cand)
-    raise RuntimeError("no Python interpreter that the sandbox user can execute; install /usr/bin/python3")
+    """An interpreter the program can be started with inside the sandbox: the real path (a venv's python
+    is a link) of ours, else of the base interpreter, else the system's; never one under a folder the
+    sandbox hides (a virtualenv in a job's node-local /tmp), and as root one the slot's uid may execute.
+    Programs run with `python -I` and the standard library only, so any of these runs them alike."""
+    root = os.geteuid() == 0
+    for cand in (sys.executable, getattr(sys, "_base_executable", None), "/usr/bin/python3", "/usr/local/bin/python3"):
+        if not cand or not os.path.exists(cand) or _hidden(cand):
+            continue
+        if root and not _reachable_by_others(cand):
+            continue
+        return os.path.realpath(cand)
+    raise RuntimeError(f"no Python interpreter the sandbox can start: {sys.executable} lies under a folder the sandbox "
+                       f"hides ({', '.join(HIDDEN)}) or, as root, is not executable by other users; install "
+                       "/usr/bin/python3")
 
 
 # Python runs isolated: -I ignores PYTHON* variables and the user site folder.
@@ -138,7 +155,8 @@ def run_program(source: str, stdin: str = "", language: str = "python", limits: 
 
 
 def _launch(work, ctl, uid, argv, limits: Limits, isolate: bool, t0: float):
-    spec = {"workdir": work, "uid": uid, "argv": argv, "limits": asdict(limits), "isolate": isolate}
+    spec = {"workdir": work, "uid": uid, "argv": argv, "limits": asdict(limits), "isolate": isolate,
+            "tmpfs": [d for d in HIDDEN if d != "/tmp"]}
     # stdout and stderr are files: RLIMIT_FSIZE caps them, so printing gigabytes stops at
     # max_output_bytes instead of filling a pipe or our memory.
     with open(Path(ctl, "stdin"), "rb") as fin, open(Path(ctl, "stdout"), "wb") as fout, \
@@ -198,3 +216,57 @@ def namespaces_available() -> bool:
     """Whether this machine lets us isolate a program (root, or unprivileged user namespaces)."""
     r = run_program("print('ok')", limits=Limits(wall_s=10))
     return r.status == "ok" and r.stdout.strip() == "ok"
+
+
+class SandboxUnavailable(RuntimeError):
+    """This host cannot run the code reward's programs isolated (section 2.2.2's compiler feedback)."""
+
+
+# A program that tries what the sandbox must stop: reach a port on this host, see the host's processes.
+_HOSTILE = """import os, socket
+try:
+    socket.create_connection(("127.0.0.1", {port}), timeout=1)
+    print("escaped: reached a port on the host")
+except OSError:
+    pass
+pids = [p for p in os.listdir("/proc") if p.isdigit()]
+if len(pids) > 4:
+    print(f"escaped: sees {{len(pids)}} processes")
+print("contained")
+"""
+
+
+def sandbox_preflight(limits: Limits = Limits(), allow_unisolated: bool = False) -> str:
+    """Run a correct and a hostile program before a job that scores code, and stop it with an error
+    naming the setting when this host cannot run them isolated: otherwise every sample would score 0
+    (a sandbox_error) and the run would look like a model that cannot code. Returns "isolated", or
+    "unisolated" when isolation is impossible and rewards.code_accuracy.allow_unisolated is set."""
+    import socket
+
+    limits = Limits(min(limits.wall_s, 10.0), limits.cpu_s, max(limits.memory_mb, 128), limits.max_output_bytes,
+                    limits.max_processes)
+    good = run_program("print(6 * 7)", limits=limits)
+    if good.status == "ok" and good.stdout.strip() == "42":
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        try:
+            bad = run_program(_HOSTILE.format(port=srv.getsockname()[1]), limits=limits)
+        finally:
+            srv.close()
+        if bad.status != "ok" or bad.stdout.strip().splitlines()[-1:] != ["contained"] or "escaped" in bad.stdout:
+            raise SandboxUnavailable(f"the code reward's sandbox did not contain a hostile program on this host "
+                                     f"({bad.status}: {(bad.stdout + bad.stderr).strip()[:300]}); no program is run")
+        return "isolated"
+    why = (good.stderr.strip() or good.stdout.strip() or good.status)[:300]
+    if allow_unisolated:
+        plain = run_program("print(6 * 7)", limits=limits, isolate=False)
+        if plain.status == "ok" and plain.stdout.strip() == "42":
+            return "unisolated"
+        why += f"; unisolated too: {(plain.stderr.strip() or plain.status)[:200]}"
+    raise SandboxUnavailable(
+        f"config key 'rewards.code_accuracy': this host cannot run the model's programs isolated ({why}). The "
+        "sandbox needs root or unprivileged user namespaces (sysctl user.max_user_namespaces > 0, and "
+        "kernel.unprivileged_userns_clone = 1 where that exists). To run them without isolation set "
+        "rewards.code_accuracy.allow_unisolated: true: a program then shares this job's network, processes and "
+        "files (only the resource limits and its own working folder remain).")

@@ -17,6 +17,15 @@ DeepSpeed is imported only when used; settings come from the config's `training.
 zero_stage (0, 1 or 2; 3 is refused, see DeepSpeedSettings.from_dict), offload_optimizer (optimiser
 states in CPU memory), bf16. On CPU it runs with
 DS_ACCELERATOR=cpu and the gloo backend, launched by torchrun.
+
+Low-precision weights (base_model.dtype bfloat16 or float16). At the learning rates of real runs (3e-6)
+most AdamW updates are below half a bfloat16 unit of the weight they update, so an optimiser stepping
+on bf16 weights leaves them where they are. Every trainer therefore steps on float32 master weights:
+without DeepSpeed, `master_parameters` gives the optimiser float32 copies, LocalEngine accumulates each
+micro-batch's gradient into them in float32, clips and steps there and copies the result back into the
+model (`MasterWeights`, what DeepSpeed's bf16 optimiser does); with DeepSpeed, its bf16 mode keeps the
+master weights and `deepspeed_config` has ZeRO accumulate gradients in float32, and low-precision
+weights without it are refused. With float32 weights none of this runs.
 """
 
 from __future__ import annotations
@@ -58,6 +67,10 @@ class DeepSpeedSettings:
             raise ValueError(f"zero_stage must be 0, 1 or 2, got {s.zero_stage}")
         if s.accelerator not in ("auto", "cpu", "cuda"):
             raise ValueError(f"accelerator must be auto, cpu or cuda, got {s.accelerator!r}")
+        if s.enabled and s.bf16 and s.zero_stage == 0:
+            # without ZeRO, DeepSpeed's bf16 mode accumulates gradients in bf16 and refuses fp32 accumulation
+            # (DeepSpeed 0.19.8, engine._do_optimizer_sanity_check: "unsupported mix"); stage 1 costs the same
+            raise ValueError("bf16 with zero_stage 0 would accumulate gradients in bfloat16; use zero_stage 1 or 2")
         return s
 
 
@@ -75,6 +88,9 @@ def deepspeed_config(s: DeepSpeedSettings, max_grad_norm: float) -> dict:
         "gradient_clipping": max_grad_norm,
         "zero_optimization": zero,
         "bf16": {"enabled": s.bf16},
+        # DeepSpeed's bf16 mode keeps fp32 master weights and optimiser state, but under ZeRO it accumulates
+        # the micro-batches' gradients in the model's dtype unless told otherwise
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if s.bf16 else {}),
         # the trainers' own torch.optim.AdamW, so that one process and ZeRO run the same update rule
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
@@ -83,25 +99,100 @@ def deepspeed_config(s: DeepSpeedSettings, max_grad_norm: float) -> dict:
     }
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+class MasterWeights:
+    """float32 master copies of a low-precision model's parameters, which the optimiser steps on.
+
+    A separate copy rather than float32 parameters under autocast: the model keeps running, saving and
+    syncing (to vLLM) in its configured dtype, and no trainer's forward changes; only the update does,
+    as in DeepSpeed's bf16 mode. It costs the bf16 weights' 2 bytes per parameter on top of float32 ones."""
+
+    def __init__(self, model):
+        self.params = list(model.parameters())
+        self.master = [p.detach().to(torch.float32, copy=True) for p in self.params]
+
+    @torch.no_grad()
+    def accumulate(self) -> None:
+        """Fold the gradients of the last backward into the master ones, in float32."""
+        for p, m in zip(self.params, self.master):
+            if p.grad is not None:
+                m.grad = p.grad.float() if m.grad is None else m.grad.add_(p.grad)
+                p.grad = None
+
+    @torch.no_grad()
+    def to_model(self) -> None:
+        for p, m in zip(self.params, self.master):
+            p.copy_(m)
+
+    @torch.no_grad()
+    def from_model(self) -> None:
+        """Re-read the master copies from the model (after weights were loaded into it)."""
+        for p, m in zip(self.params, self.master):
+            m.copy_(p)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def state_dict(self) -> list[torch.Tensor]:
+        return [m.detach().clone() for m in self.master]
+
+    @torch.no_grad()
+    def load_state_dict(self, tensors: list[torch.Tensor]) -> None:
+        for m, t in zip(self.master, tensors, strict=True):
+            m.copy_(t)
+
+
+def master_parameters(model, deepspeed: DeepSpeedSettings | dict | None = None):
+    """(what the trainer's optimiser steps on, MasterWeights or None), for every trainer.
+
+    float32 weights, or DeepSpeed (whose bf16 mode keeps its own master weights): the model's own
+    parameters, as before. bf16 / fp16 weights in one process: float32 master copies; pass them to
+    make_engine(..., master=) so that LocalEngine steps on them and copies them back."""
+    ds = deepspeed if isinstance(deepspeed, DeepSpeedSettings) else DeepSpeedSettings.from_dict(deepspeed)
+    if ds.enabled or not any(p.dtype in LOW_PRECISION for p in model.parameters()):
+        return model.parameters(), None
+    master = MasterWeights(model)
+    return master.master, master
+
+
+def check_deepspeed_dtype(model, settings: DeepSpeedSettings) -> None:
+    """Refuse low-precision weights that DeepSpeed would update in place (its bf16 mode is off)."""
+    low = sorted({str(p.dtype) for p in model.parameters() if p.dtype in LOW_PRECISION})
+    if low and not settings.bf16:
+        raise ValueError(f"the model's weights are {', '.join(low)} but training.deepspeed.bf16 is false: DeepSpeed "
+                         "would update them without float32 master weights; set bf16: true or load in float32")
+
+
 class LocalEngine:
-    """One process: plain autograd and torch.optim."""
+    """One process: plain autograd and torch.optim (on float32 master weights for a bf16 / fp16 model)."""
 
     rank, world_size, loss_scale = 0, 1, 1.0
     shards_state = False  # the optimiser state is the caller's torch optimiser's state_dict
 
-    def __init__(self, model, optimizer, max_grad_norm: float):
+    def __init__(self, model, optimizer, max_grad_norm: float, master: MasterWeights | None = None):
         self.model, self.optimizer, self.max_grad_norm = model, optimizer, max_grad_norm
+        self.master = master
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
+        if self.master is not None:  # each micro-batch's gradient summed in float32
+            self.master.accumulate()
 
     def step(self) -> None:
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        params = self.model.parameters() if self.master is None else self.master.master
+        torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.master is not None:
+            self.master.to_model()
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+        if self.master is not None:
+            self.master.zero_grad()
 
     def barrier(self) -> None:
         pass
@@ -126,8 +217,10 @@ class DeepSpeedEngine:
     """ZeRO through deepspeed.initialize; the model and optimiser are the caller's."""
 
     shards_state = True  # each rank holds part of the optimiser state: save() / load() on every rank
+    master = None  # DeepSpeed's bf16 mode keeps the float32 master weights (in its checkpoint)
 
     def __init__(self, model, optimizer, max_grad_norm: float, settings: DeepSpeedSettings):
+        check_deepspeed_dtype(model, settings)
         import deepspeed
 
         self.rank, self.world_size = init_distributed()
@@ -177,11 +270,16 @@ class DeepSpeedEngine:
         self.engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
 
 
-def make_engine(model, optimizer, max_grad_norm: float, settings: DeepSpeedSettings | dict | None = None):
+def make_engine(model, optimizer, max_grad_norm: float, settings: DeepSpeedSettings | dict | None = None,
+                master: MasterWeights | None = None):
+    """`optimizer` over `master_parameters(model, settings)`'s parameters, `master` its MasterWeights."""
     settings = settings if isinstance(settings, DeepSpeedSettings) else DeepSpeedSettings.from_dict(settings)
     if settings.enabled:
         return DeepSpeedEngine(model, optimizer, max_grad_norm, settings)
-    return LocalEngine(model, optimizer, max_grad_norm)
+    if master is None and any(p.dtype in LOW_PRECISION for p in model.parameters()):
+        raise ValueError("an optimiser over bf16 / fp16 weights would leave most of them unchanged: build it over "
+                         "master_parameters(model) and pass its MasterWeights")
+    return LocalEngine(model, optimizer, max_grad_norm, master)
 
 
 def shard(n: int, rank: int, world_size: int, unit: int = 1) -> slice:

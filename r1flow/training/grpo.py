@@ -50,7 +50,7 @@ from r1flow.models import load_weights, model_device, save_policy
 from r1flow.models.chunked import set_activation_checkpointing
 from r1flow.models.logprobs import completion_logprobs
 from r1flow.rewards.grading import sample_and_grade, summarize
-from r1flow.training.engine import DeepSpeedSettings, make_engine, shard
+from r1flow.training.engine import DeepSpeedSettings, make_engine, master_parameters, shard
 from r1flow.training.grpo_loss import (Normalizer, group_advantages, groups_with_signal, grpo_loss, loss_mask,
                                        truncated_importance_weights)
 
@@ -184,13 +184,14 @@ class GRPOTrainer:
             if model_device(ref_model) != self.device:
                 raise ValueError(f"the reference model is on {model_device(ref_model)}, the policy on {self.device}")
         torch.manual_seed(cfg.seed)
-        self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                     betas=(0.9, 0.99))
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
         # ZeRO-3 is refused by DeepSpeedSettings (and GRPO's sampling and r1flow.models.fast_llama would
         # also need to gather the partitioned weights)
         ds = DeepSpeedSettings.from_dict(deepspeed)
-        self.engine = make_engine(model, self.opt, cfg.max_grad_norm, ds)
+        # float32 master weights for a bf16 / fp16 policy in one process (r1flow.training.engine)
+        params, master = master_parameters(model, ds)
+        self.opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
+        self.engine = make_engine(model, self.opt, cfg.max_grad_norm, ds, master=master)
         self.rank, self.world_size = self.engine.rank, self.engine.world_size
         check_run(cfg, deepspeed, generation, self.world_size)
         # which policy training started from: a checkpoint made from another starting model (an upstream
@@ -413,7 +414,24 @@ class GRPOTrainer:
                 continue
             s = np.array([v for v in score_list(name) if v is not None])
             row[f"reward/{name}_mean"], row[f"reward/{name}_std"] = float(s.mean()), float(s.std())
+        if "code_accuracy" in per:  # only stages that score code get the column
+            row["sandbox_errors"] = self._count_sandbox_errors(per["code_accuracy"])
         return row
+
+    def _count_sandbox_errors(self, rewards: list) -> float:
+        """Samples whose program the sandbox could not start, over every rank: scored 0, but a failure of
+        the host, not the policy. Logged with the sandbox's message; a step where every code sample failed
+        so stops the run (it would otherwise train on nothing but zeros)."""
+        errors = [r.reason for r in rewards if r is not None and r.reason.startswith("sandbox_error")]
+        scored = sum(r is not None for r in rewards)
+        n_err, n_scored = self.engine.all_sum([float(len(errors)), float(scored)])
+        if n_err:
+            log.warning(f"step {self.step_no}: {n_err:.0f} of {n_scored:.0f} code samples hit a sandbox error, "
+                        f"scored 0 ({errors[0] if errors else 'on another rank'})")
+        if n_scored and n_err == n_scored:
+            raise RuntimeError(f"step {self.step_no}: the sandbox could not run any of the {n_scored:.0f} programs "
+                               f"({errors[0] if errors else 'see the other ranks'}); check rewards.code_accuracy")
+        return n_err
 
     def _mixed_precision(self, on: bool = True):
         """torch.autocast in the configured dtype (GRPOConfig.mixed_precision), or nothing."""
@@ -479,6 +497,9 @@ class GRPOTrainer:
         if self.is_main:
             save_policy(self.model, self.tok, tmp / "model")
             opt = {} if distributed else {"optimizer": self.opt.state_dict()}
+            master = getattr(self.engine, "master", None)
+            if master is not None:  # the float32 weights the bf16 model is rounded from
+                opt["master_weights"] = master.state_dict()
             torch.save({**opt, "scheduler": self.sched.state_dict(),
                         "generator": self.generator.state_dict(), "torch_rng": torch.get_rng_state(),
                         "python_rng": random.getstate()}, tmp / "trainer.pt")
@@ -534,6 +555,11 @@ class GRPOTrainer:
             self.engine.load(ck / "engine")
         else:
             self.opt.load_state_dict(tr["optimizer"])
+        master = getattr(self.engine, "master", None)
+        if master is not None and "master_weights" in tr:
+            master.load_state_dict(tr["master_weights"])
+        elif master is not None:  # a checkpoint without them: start from the loaded model's weights
+            master.from_model()
         self.sched.load_state_dict(tr["scheduler"])
         self.generator.load_state_dict(tr["generator"])
         torch.set_rng_state(tr["torch_rng"])

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from r1flow.data.preferences import ASPECTS, prompt_text, response_text
 from r1flow.models import save_policy
 from r1flow.models.reward_model import load_reward_model, max_length_of, render_for_rm, rm_response, score_texts
+from r1flow.training.engine import make_engine, master_parameters
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +102,16 @@ def train_reward_model(base_path: str | os.PathLike, pairs_df: pd.DataFrame, asp
     # tokens per text as scored (truncated to max_length), for the throughput in the log
     n_tok = [min(len(ids), max_length) for ids in tok(chosen + rejected, add_special_tokens=False)["input_ids"]]
 
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    # float32 master weights for a bf16 / fp16 model, stepped by the engine (r1flow.training.engine)
+    params, master = master_parameters(model)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
     def factor(s: int) -> float:
         warm = min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0
         return warm * 0.5 * (1 + math.cos(math.pi * s / max(1, steps)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    engine = make_engine(model, opt, max_grad_norm, master=master)
     g = torch.Generator().manual_seed(seed)
     rows, t0, tokens = [], time.time(), 0
     model.train()
@@ -118,11 +122,10 @@ def train_reward_model(base_path: str | os.PathLike, pairs_df: pd.DataFrame, asp
         r = score_texts(model, tok, texts, batch_size=len(texts), max_length=max_length, grad=True)
         r_c, r_r = r[: len(idx)], r[len(idx):]
         loss = bradley_terry_loss(r_c, r_r)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        engine.zero_grad()
+        engine.backward(loss)
         lr_now = sched.get_last_lr()[0]
-        opt.step()
+        engine.step()  # clip the gradient norm, update
         sched.step()
         rows.append({"step": step, "loss": loss.item(), "accuracy": pairwise_accuracy(r_c.detach(), r_r.detach()),
                      "learning_rate": lr_now})

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from r1flow.models import model_device
-from r1flow.training.engine import make_engine
+from r1flow.training.engine import make_engine, master_parameters
 
 from r1flow.models.chunked import linear_logprobs, output_layer, set_activation_checkpointing
 
@@ -161,7 +161,9 @@ def train_sft(model, tokenizer, prompts: list[str], completions: list[str], *, e
         raise ValueError("no SFT examples")
     if gradient_checkpointing:
         set_activation_checkpointing(model, True)
-    opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
+    # float32 master weights for a bf16 / fp16 model (r1flow.training.engine); the model's own otherwise
+    params, master = master_parameters(model, deepspeed)
+    opt = torch.optim.AdamW(params, lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
     steps_per_epoch = math.ceil(len(prompts) / batch_size)
     total = epochs * steps_per_epoch
 
@@ -170,7 +172,7 @@ def train_sft(model, tokenizer, prompts: list[str], completions: list[str], *, e
         return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    engine = make_engine(model, opt, max_grad_norm, deepspeed)
+    engine = make_engine(model, opt, max_grad_norm, deepspeed, master=master)
     device = model_device(model)  # batches are made where the model is (the config's `device`)
     rng = random.Random(seed)
     rows, step, tokens, t0 = [], 0, 0, time.perf_counter()

@@ -12,7 +12,7 @@ from r1flow import rewards as R
 from r1flow.data.cold_start import judge_prompt, parse_judgement, summary_of
 from r1flow.data.formats import READABLE_MARKER
 from r1flow.generation import SamplingParams, make_generator
-from r1flow.models import load_policy
+from r1flow.models import load_policy, load_tokenizer
 from r1flow.rewards.math_answer import extract_answer
 
 
@@ -56,7 +56,10 @@ def sample_completions(model_path: str, prompts, s: dict, generation: dict | Non
     `prompts` is a list of texts, or a function of the model's tokenizer (for chat templates).
     A truncated sample must never become SFT data: SFT appends an end of sequence to every target, so a
     cut-off chain of thought would teach the model to stop mid-thought (see `drop_truncated`)."""
-    model, tok = load_policy(model_path, dtype, device, gguf_file=gguf_file)
+    if (generation or {}).get("backend") == "vllm":  # vLLM loads the weights itself: no HF copy beside it
+        model, tok = None, load_tokenizer(model_path, gguf_file=gguf_file)
+    else:
+        model, tok = load_policy(model_path, dtype, device, gguf_file=gguf_file)
     gen = make_generator(model, tok, generation, model_path=model_path, seed=s["seed"], progress=True)
     texts = prompts(tok) if callable(prompts) else prompts
     with torch.inference_mode():

@@ -7,7 +7,7 @@ rule cold_start_data:
     input:
         base=model_input("base"),
         r1_zero=rules.r1_zero.output.model,
-        train=rules.tasks.output.train,
+        train=train_prompts(),
     output:
         data=res("data", "sft", "cold_start.parquet"),
         provenance=provenance("cold_start_data"),

@@ -335,3 +335,32 @@ def benchmark_data_arg(wildcards):
 def named_paths(paths):
     """{name: path} as `name=path ...`, how stage_curves.py takes its curves."""
     return " ".join(f"{k}={v}" for k, v in paths.items())
+
+
+# -- decontamination (data.decontamination) ------------------------------------------------------------
+def benchmark_files():
+    """{benchmark: its data file} of every benchmark read from a file: the held-out test split of the
+    `tasks` rule or a local file (benchmark_data); a hub benchmark has none and is read by the job. Called
+    when the decontamination rule is defined, after the tasks rule."""
+    from types import SimpleNamespace
+
+    files = {name: benchmark_data(SimpleNamespace(benchmark=name)) for name in BENCHMARKS}
+    return {name: str(path) for name, path in files.items() if path}
+
+
+def decontamination_drops():
+    return config["data"]["decontamination"]["drop"]
+
+
+def train_prompts():
+    """The train split the RL and sampling stages read: the tasks rule's, or, with data.decontamination.drop,
+    the decontamination rule's copy without the prompts that overlap a benchmark. Called at rule definition
+    time, by rules included after data.smk and decontamination.smk. Not used by base_model and student_base
+    (base.smk, distill.smk), which read the validation and test splits only to hold them out of the
+    pretraining corpus, nor by evaluate (eval.smk), which reads the benchmarks themselves."""
+    return rules.decontamination.output.train if decontamination_drops() else rules.tasks.output.train
+
+
+def validation_prompts():
+    """The validation split, as train_prompts."""
+    return rules.decontamination.output.validation if decontamination_drops() else rules.tasks.output.validation

@@ -1,6 +1,7 @@
 # Prompts with verifiable answers: synthetic tasks from a seed (embedded default) or real prompt files.
 
 
+# (data.decontamination is the decontamination rule's: changing it does not rebuild the tasks)
 rule tasks:
     output:
         train=res("data", "tasks", "train.parquet"),
@@ -8,7 +9,7 @@ rule tasks:
         test=res("data", "tasks", "test.parquet"),
         provenance=provenance("tasks"),
     params:
-        **job("make_tasks.py", {"data": config["data"]},
+        **job("make_tasks.py", {"data": {k: v for k, v in config["data"].items() if k != "decontamination"}},
                     "--train {output.train} --validation {output.validation} --test {output.test}"),
     log:
         res("logs", "tasks.log"),

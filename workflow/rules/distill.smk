@@ -5,6 +5,8 @@
 rule student_base:
     """A small dense student (section 2.4); "tiny" builds one like the embedded base, smaller."""
     input:
+        # the tasks rule's own splits, as base_model's: held out of the pretraining corpus, not trained on
+        # (data.decontamination.drop does not apply to them)
         validation=rules.tasks.output.validation,
         test=rules.tasks.output.test,
         allowed=tiny_student_allowed,
@@ -65,8 +67,8 @@ rule rl_only:
     """Section 4.1: the same student trained by R1-Zero-style RL alone."""
     input:
         model=student_input,
-        train=rules.tasks.output.train,
-        validation=rules.tasks.output.validation,
+        train=train_prompts(),
+        validation=validation_prompts(),
     output:
         model=directory(res("models", "rl_only_{student}")),
         metrics=res("rl_only", "{student}_metrics.csv"),

@@ -5,8 +5,8 @@
 rule reasoning_rl:
     input:
         model=rules.cold_start_sft.output.model,
-        train=rules.tasks.output.train,
-        validation=rules.tasks.output.validation,
+        train=train_prompts(),
+        validation=validation_prompts(),
     output:
         model=directory(res("models", "reasoning_rl")),
         metrics=res("reasoning_rl", "metrics.csv"),

@@ -5,7 +5,7 @@
 rule rejection_sampling:
     input:
         model=rules.reasoning_rl.output.model,
-        train=rules.tasks.output.train,
+        train=train_prompts(),
     output:
         data=res("data", "sft", "reasoning.parquet"),
         provenance=provenance("rejection_sampling"),

@@ -34,8 +34,8 @@ rule r1:
     """RL for all scenarios (section 2.3.4); its output is this run's DeepSeek-R1."""
     input:
         model=rules.final_sft.output.model,
-        train=rules.tasks.output.train,
-        validation=rules.tasks.output.validation,
+        train=train_prompts(),
+        validation=validation_prompts(),
         pairs=rules.preferences.output.pairs,
         reward_models=reward_model_inputs,
     output:

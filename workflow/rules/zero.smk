@@ -6,8 +6,8 @@
 rule r1_zero:
     input:
         base=model_input("base"),
-        train=rules.tasks.output.train,
-        validation=rules.tasks.output.validation,
+        train=train_prompts(),
+        validation=validation_prompts(),
     output:
         model=directory(res("models", "r1_zero")),
         metrics=res("r1_zero", "metrics.csv"),
