@@ -82,7 +82,7 @@ def test_every_job_leaves_a_provenance_record(smoke_run):
     jobs = ("tasks", "base_model", "r1_zero", "r1_zero_report", "benchmark_table", "preferences", "non_reasoning_data",
             "cold_start_data", "cold_start_sft", "reasoning_rl", "rejection_sampling", "final_sft",
             "reward_model_helpfulness", "reward_model_harmlessness", "r1", "student_base_student", "distill_student",
-            "rl_only_student", "stage_curves", *(f"evaluate_{m}_held_out" for m in MODELS))
+            "rl_only_student", "stage_curves", "decontamination", *(f"evaluate_{m}_held_out" for m in MODELS))
     rec = {j: json.loads((prov / f"{j}.json").read_text()) for j in jobs}
     assert sorted(p.name for p in prov.iterdir()) == sorted(f"{j}.json" for j in jobs)
     # the records chain: what a job read is what the job before it wrote

@@ -272,7 +272,7 @@ def test_trainer_takes_colocated_vllm_on_several_ranks(tiny_policy, tmp_path, mo
         rank, world_size, loss_scale = 1, 2, 2.0
 
         def __init__(self):
-            pass
+            self.master = None  # float32 weights: no separate master copy (r1flow.training.engine)
 
         def all_sum(self, values):
             return [2 * v for v in values]

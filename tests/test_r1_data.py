@@ -153,13 +153,17 @@ def _tasks(tmp_path):
 
 
 def test_no_truncated_sample_reaches_rejection_sampling_data(tmp_path, monkeypatch):
+    import importlib
     import json
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "scripts"))
 
     answers = {"7+5": "12", "2*3": "6"}
     gen = _TruncatingGenerator(lambda p: C.readable("x", next(v for k, v in answers.items() if k in p)))
     settings = {"prompts": 2, "samples_per_prompt": 4, "target_size": 100, "max_new_tokens": 8, "temperature": 1.0,
                 "seed": 0, "drop_repeats": False, "max_paragraph_chars": 2000, "judge": {"type": "rule"}}
-    monkeypatch.setattr("r1flow.data.prompts.chat_prompt", lambda tok, q: q)
+    monkeypatch.setattr(importlib.import_module("rejection_sampling"), "chat_prompt", lambda tok, q: q)
     _run_script("rejection_sampling", ["--model", "m", "--train", str(_tasks(tmp_path)), "--settings",
                                        json.dumps(settings), "--out", str(tmp_path / "rs.parquet")], monkeypatch, gen)
     rows = read_table(tmp_path / "rs.parquet", SFT_DATA)
