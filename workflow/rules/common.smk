@@ -66,22 +66,6 @@ def launcher():
     return f"{env}{PYTHON} -m torch.distributed.run --standalone --nproc_per_node {ds['nproc_per_node']}"
 
 
-# Each rule's conda env (its `conda:` line), by what the rule runs: "train" (data, pretraining, SFT, reward
-# models), "grpo", "generate" (sampling without training) or "eval" (tables, plots).
-_CONDA_ENVS = {"vllm": {"grpo": "train-vllm", "generate": "generate-vllm"},
-               "transformers": {"grpo": "train", "generate": "generate"}}
-
-
-def conda_env(kind):
-    """The env file of a kind of rule. Only generation.backend chooses: vLLM needs its own torch pin, so
-    under vllm GRPO gets train-vllm.yaml (vLLM and DeepSpeed on that torch) and sampling generate-vllm.yaml;
-    training.deepspeed does not, as train.yaml carries DeepSpeed too (train.post-deploy.sh)."""
-    name = _CONDA_ENVS[config["generation"]["backend"]].get(kind, kind)
-    if name not in ("train", "generate", "eval", "train-vllm", "generate-vllm"):
-        raise ValueError(f"conda_env: unknown kind {kind!r}")
-    return f"../../envs/{name}.yaml"  # relative to workflow/rules/, where every rule file is
-
-
 def model_settings(uses):
     """What a stage that runs a model is given, in this one place so that no stage drops one: every such
     stage runs on the config's `device` (resolved in the job: r1flow.models.resolve_device); every
