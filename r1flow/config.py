@@ -77,6 +77,79 @@ def validate_config(config: dict, schema_path: str | Path) -> dict:
     return config
 
 
+# -- per-stage settings (`stages.<rule>`) ----------------------------------------------------------------
+# Each stage that samples or trains takes the top-level `generation` and `training.deepspeed` and overrides
+# what its own `stages.<rule>` section sets: a colocated GRPO engine (a third of a GPU, asleep while its
+# rank trains) and an evaluation engine (a whole GPU) differ in every real run, and a second --configfile
+# merges into the one tree, so a global setting made for one would reach the other.
+GRPO_STAGES = ("r1_zero", "reasoning_rl", "r1", "rl_only")
+SAMPLING_STAGES = ("cold_start_data", "rejection_sampling", "evaluate")
+SFT_STAGES = ("cold_start_sft", "final_sft", "distill", "reward_model")
+STAGE_KEYS = {"generation": ("generation",), "deepspeed": ("training", "deepspeed")}
+
+
+def merged(base: dict, override: dict) -> dict:
+    """A copy of `base` with `override` merged in key by key (nested dicts merged, anything else replaced),
+    as Snakemake merges --configfile files."""
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        out[k] = merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def _subschema(schema: dict, path: tuple[str, ...]) -> dict:
+    for key in path:
+        schema = schema["properties"][key]
+    return schema
+
+
+def stage_settings(config: dict, stage: str, schema_path: str | Path) -> dict:
+    """{"generation": ..., "deepspeed": ...} of one stage: the top-level sections with `stages.<stage>`'s
+    overrides merged in, validated (and defaulted) as the top-level sections are; a violation names the
+    stage's key, e.g. `config key 'stages.evaluate.generation.vllm.gpu_memory_utilization'`."""
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    own = (config.get("stages") or {}).get(stage) or {}
+    out = {}
+    for key, path in STAGE_KEYS.items():
+        default = config
+        for part in path:
+            default = default[part]
+        value = merged(default, own.get(key) or {})
+        errors = sorted(_Validator(_subschema(schema, path)).iter_errors(value), key=lambda e: list(e.absolute_path))
+        if errors:
+            lines = [_describe(e).replace("config key '", f"config key 'stages.{stage}.{key}.", 1) for e in errors[:5]]
+            raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines))
+        out[key] = value
+    return out
+
+
+def gpus_per_node(resources: dict) -> int:
+    """GPUs a job's resources ask for on each node: `gpu` (sbatch --gpus, per job, spread over `nodes`) or
+    a `gres` of gpu[:type]:N (sbatch --gres, per node); 0 when neither asks for one."""
+    nodes = int(resources.get("nodes") or 1)
+    if resources.get("gpu"):
+        return int(resources["gpu"]) // nodes
+    parts = str(resources.get("gres") or "").split(":")
+    if parts[0] == "gpu":
+        return int(parts[-1]) if len(parts) > 1 and parts[-1].isdigit() else 1
+    return 0
+
+
+def check_placement(stage: str, resources: dict, ranks: int, device: str, all_resources: dict) -> None:
+    """On a config that places jobs on GPUs (`all_resources`, the config's `resources`, asks for a GPU for
+    some rule), a job that runs a model on CUDA (`device`) must ask for at least as many GPUs per node as
+    it starts ranks (torchrun's nproc_per_node, or vLLM's tensor_parallel_size); otherwise it would queue
+    for a node without them and fail there hours later, or start 8 ranks on a CPU node. A config that asks
+    for no GPU anywhere runs where Snakemake runs (a GPU workstation, `--cores`): nothing to check."""
+    if not device.startswith("cuda") or not any(gpus_per_node(r) for r in all_resources.values()):
+        return
+    have = gpus_per_node(resources)
+    if have < ranks:
+        raise ConfigError(f"config key 'resources.{stage}': the job runs a model on {device} with {ranks} rank(s) "
+                          f"per node but asks for {have} GPU(s) per node; set resources.{stage}.gpu (or gres: "
+                          f"\"gpu:{ranks}\") to at least {ranks}")
+
+
 # -- model sources: checked before any job starts (the workflow's onstart) ----------------------------
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")

@@ -185,9 +185,13 @@ class Generator:
 # names checked in its source: vllm.LLM(enable_prefix_caching, enable_sleep_mode, logprobs_mode,
 # distributed_executor_backend="external_launcher"), LLM.generate with token-id prompts and one
 # SamplingParams per prompt, SamplingParams(seed, logprobs=0), CompletionOutput.logprobs,
-# LLM.reset_prefix_cache, LLM.sleep(level) / LLM.wake_up(tags), LLM.collective_rpc) but never run here (no
-# GPU, vLLM not installed). tests/test_generation_backends.py checks our side against a stand-in module;
-# the test against real vLLM skips without vLLM and a GPU.
+# LLM.reset_prefix_cache, LLM.sleep(level) / LLM.wake_up(tags), LLM.collective_rpc(method name) with
+# LLM(worker_extension_cls)) but never run here (no GPU, vLLM not installed). The sleep / wake / weight-sync
+# sequence follows vLLM's source as stored in this project's search index (vllm/entrypoints/llm.py,
+# v1/worker/worker_base.py and examples/offline_inference/rlhf_utils.py of its main branch; the 0.33.0 tag
+# itself could not be told apart there) and TRL's colocated GRPO (trl/trainer/grpo_trainer.py).
+# tests/test_generation_backends.py checks our side against a stand-in module; the test against real vLLM
+# skips without vLLM and a GPU.
 
 
 def completions_from_token_lists(prompt_tokens: list[list[int]], outputs: list[list[tuple]], tokenizer) -> Completions:
@@ -228,13 +232,20 @@ class VLLMGenerator:
     computed by the old weights, and every GRPO prompt shares a long template prefix (Table 1), which
     would otherwise be served from the stale cache.
 
-    Colocated mode (`colocate`): each training rank (torchrun / DeepSpeed) runs its own engine in its own
-    process, on the GPU of its LOCAL_RANK, taking `gpu_memory_utilization` of that GPU; under torchrun
-    with several ranks the engine uses vLLM's "external_launcher" executor, which reuses the ranks'
-    torch.distributed group (each rank then generates on its own: vLLM's "external DP"). `sleep_mode`
-    (vLLM's enable_sleep_mode): `sleep()` frees the engine's GPU memory while the trainer trains (level 1:
-    weights to CPU, KV cache dropped; level 2: both dropped, since `sync_weights` reloads them anyway),
-    and `sync_weights` / `generate` wake it.
+    Colocated mode (`colocate`): each training rank (torchrun / DeepSpeed, or one plain process) runs its
+    own engine in its own process, on the GPU of its LOCAL_RANK, taking `gpu_memory_utilization` of that
+    GPU, through vLLM's "external_launcher" executor, which reuses the ranks' torch.distributed group (each
+    rank then generates on its own: vLLM's "external DP") and keeps the engine's worker in this process, so
+    the weight sync hands it the policy's tensors by reference, not through a socket or a file.
+    `sleep_mode` (vLLM's enable_sleep_mode): `sleep()` frees the engine's GPU memory while the trainer
+    trains (level 1: weights copied to CPU, KV cache dropped; level 2: both dropped, for a caller that
+    reloads the weights after every sleep, as GRPO does), and `sync_weights` / `generate` wake it.
+
+    Weight sync: through vLLM's public `LLM.collective_rpc` with a method NAME, which vLLM runs on each of
+    its workers; the method comes from `VLLMWorkerExtension`, which vLLM mixes into its worker class
+    (`LLM(worker_extension_cls=...)`, vLLM's documented way to update weights for RLHF: see its
+    examples/offline_inference/rlhf_utils.py). No private engine attribute is touched and no Python
+    function is serialised (vLLM refuses to unless VLLM_ALLOW_INSECURE_SERIALIZATION is set).
 
     Sampler log-probs: `SamplingParams(logprobs=True)` requests vLLM's log-prob of each sampled token
     (vLLM `logprobs=0`), taken after temperature and top-p (`logprobs_mode="processed_logprobs"`), i.e. of
@@ -244,28 +255,32 @@ class VLLMGenerator:
     def __init__(self, model_path: str, tokenizer, seed: int = 0, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.9, max_model_len: int | None = None, dtype: str = "auto",
                  enforce_eager: bool = False, enable_prefix_caching: bool = True, colocate: bool = False,
-                 sleep_mode: bool = False, sleep_level: int = 1):
+                 sleep_mode: bool = False, sleep_level: int | None = None):
         import vllm  # imported here: vLLM is optional and needs a GPU
 
-        if sleep_level not in (1, 2):
-            raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level}")
+        if sleep_level not in (None, 1, 2):
+            raise ValueError(f"sleep_level must be 1, 2 or null, got {sleep_level}")
         self.vllm = vllm
         self.tokenizer = tokenizer
         self.seed = seed
         self.calls = 0
         self.colocate, self.sleep_mode, self.sleep_level = colocate, sleep_mode, sleep_level
-        self.asleep = False
+        self.asleep = 0  # the level the engine sleeps at; 0: awake
         kw = dict(model=model_path, tokenizer=model_path, tensor_parallel_size=tensor_parallel_size,
                   gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, dtype=dtype,
                   seed=seed, enforce_eager=enforce_eager, enable_prefix_caching=enable_prefix_caching,
-                  logprobs_mode="processed_logprobs")
+                  logprobs_mode="processed_logprobs", worker_extension_cls=WORKER_EXTENSION)
         if sleep_mode:
             kw["enable_sleep_mode"] = True
-        if colocate and launched_ranks() > 1:
+        # colocated: the engine's worker runs in this process (the external launcher; vLLM then turns off
+        # its V1 multiprocessing), on one rank as on many, as TRL's colocate mode runs it
+        self.in_process = colocate
+        if colocate:
             if tensor_parallel_size != 1:
                 raise ValueError("colocated vLLM runs one engine per training rank: tensor_parallel_size must be 1")
-            # one engine per torchrun rank, on cuda:LOCAL_RANK, in this process (vLLM then turns off its
-            # V1 multiprocessing); it joins the process group DeepSpeed initialised
+            # one engine per rank, on cuda:LOCAL_RANK; it joins the process group DeepSpeed initialised,
+            # or (one plain process) makes a group of one from the variables torchrun would have set
+            _set_launcher_env()
             kw["distributed_executor_backend"] = "external_launcher"
         self.llm = vllm.LLM(**kw)
 
@@ -276,16 +291,26 @@ class VLLMGenerator:
         self.calls = state["calls"]
 
     # -- GPU memory while training (sleep mode) ---------------------------------------------------------
-    def sleep(self) -> None:
-        """Free the engine's GPU memory for training (sleep mode only; otherwise nothing)."""
+    def sleep(self, weights_reloaded: bool = False) -> None:
+        """Free the engine's GPU memory for training (sleep mode only; otherwise nothing). The level is
+        `sleep_level`, or when that is unset: 2 if the caller reloads the weights (`sync_weights`) before
+        the next generation (`weights_reloaded`, GRPO), else 1. vLLM's LLM.sleep docstring: level 1 backs
+        the weights up in CPU memory, "good for ... running the same model again"; level 2 discards them,
+        "good for ... updating the model": copying weights to the host and back that the sync then
+        overwrites would only cost time and host memory."""
         if self.sleep_mode and not self.asleep:
-            self.llm.sleep(level=self.sleep_level)
-            self.asleep = True
+            level = self.sleep_level or (2 if weights_reloaded else 1)
+            self.llm.sleep(level=level)
+            self.asleep = level
 
     def wake(self) -> None:
+        if self.asleep == 2:
+            # level 2 discarded the weights: waking them without loading new ones samples from garbage
+            raise RuntimeError("the vLLM engine slept at level 2 (weights discarded): sync_weights must wake it")
         if self.asleep:
+            _empty_cuda_cache()
             self.llm.wake_up()
-            self.asleep = False
+            self.asleep = 0
 
     def generate(self, prompts: list[str], params: SamplingParams, seeds: list[int] | None = None) -> Completions:
         if seeds is not None and len(seeds) != len(prompts):
@@ -335,32 +360,89 @@ class VLLMGenerator:
     def sync_weights(self, model) -> None:
         """Load the training model's current weights into the vLLM engine's model, then drop the prefix
         cache (keys and values of the old weights). Wakes a sleeping engine: weights first, loaded, then
-        its KV cache, so the two are never both resident beside the training state."""
+        its KV cache, so the two are never both resident beside the training state (vLLM's order after a
+        level-2 sleep, vllm-project/vllm#29341: wake_up(["weights"]), load, wake_up(["kv_cache"]))."""
         if self.asleep:
+            _empty_cuda_cache()
             self.llm.wake_up(tags=["weights"])
-        weights = [(name, p.detach()) for name, p in model.state_dict().items()]
-        engine = self.llm.llm_engine
-        executor = getattr(engine, "model_executor", None)
-        worker = getattr(executor, "driver_worker", None)
-        if worker is not None:  # engine with an in-process driver worker (colocated, or no multiprocessing)
-            worker.model_runner.model.load_weights(weights)
-        else:  # run the load on each worker
-            self.llm.collective_rpc(_load_weights_on_worker, args=(weights,))
+        state = model.state_dict()
+        if self.in_process:
+            # the worker is in this process: collective_rpc calls its method directly, and the tensors
+            # (the policy's own, on its GPU) are passed by reference
+            self.llm.collective_rpc(LOAD_WEIGHTS, args=([(n, p.detach()) for n, p in state.items()],))
+        else:
+            # workers in other processes: collective_rpc carries control messages (its docstring: "only
+            # pass control messages, and set up data-plane communication to pass data"); the weights go
+            # through a safetensors file that each worker reads (copies: a file holds no shared tensors)
+            import os
+            import tempfile
+
+            from safetensors.torch import save_file
+
+            with tempfile.TemporaryDirectory(prefix="r1flow-vllm-weights-") as tmp:
+                path = os.path.join(tmp, "model.safetensors")
+                save_file({n: p.detach().to("cpu", copy=True).contiguous() for n, p in state.items()}, path)
+                self.llm.collective_rpc(LOAD_WEIGHTS_FILE, args=(path,))
         if self.asleep:
+            _empty_cuda_cache()
             self.llm.wake_up(tags=["kv_cache"])
-            self.asleep = False
+            self.asleep = 0
         self.llm.reset_prefix_cache()
 
 
-def _load_weights_on_worker(worker, weights):
-    worker.model_runner.model.load_weights(weights)
+class VLLMWorkerExtension:
+    """Methods vLLM mixes into each of its workers (LLM(worker_extension_cls=WORKER_EXTENSION), by qualified
+    name), for LLM.collective_rpc to call by name: vLLM's documented route for RLHF weight updates
+    (examples/offline_inference/rlhf_utils.py, whose ColocateWorkerExtension loads and then runs
+    process_weights_after_loading). Names are prefixed: vLLM refuses an extension attribute that its
+    worker class already has (v1/worker/worker_base.py)."""
+
+    def r1flow_load_weights(self, weights) -> None:
+        """(name, tensor) pairs in the transformers model's names; vLLM's load_weights maps them onto its
+        own (fused q/k/v, gate/up) layers, on this worker's share under tensor parallelism."""
+        from vllm.model_executor.model_loader.utils import process_weights_after_loading
+
+        model = self.model_runner.model
+        model.load_weights(weights=weights)
+        # what a layer derives from its weights after a load (vLLM's rlhf example runs it after each update)
+        process_weights_after_loading(model, self.model_config, self.device)
+
+    def r1flow_load_weights_file(self, path: str) -> None:
+        from safetensors.torch import load_file
+
+        self.r1flow_load_weights(list(load_file(path).items()))
 
 
-def launched_ranks() -> int:
-    """Processes in this job (torchrun's WORLD_SIZE; 1 outside torchrun)."""
+WORKER_EXTENSION = f"{__name__}.{VLLMWorkerExtension.__qualname__}"
+# the extension's methods, as collective_rpc names them (kept off the class: vLLM mixes all its attributes in)
+LOAD_WEIGHTS, LOAD_WEIGHTS_FILE = "r1flow_load_weights", "r1flow_load_weights_file"
+
+
+def _empty_cuda_cache() -> None:
+    """Hand PyTorch's cached free GPU blocks back before vLLM wakes: vLLM's sleep-mode allocator (CuMem)
+    maps its memory outside PyTorch's cache, so memory the trainer freed but PyTorch still caches is not
+    free for it. TRL calls torch.cuda.empty_cache() before each wake_up for this reason. A no-op while CUDA
+    is not initialised."""
+    torch.cuda.empty_cache()
+
+
+def _set_launcher_env() -> None:
+    """The variables torchrun sets, for vLLM's external launcher in a process torchrun did not start (one
+    rank): rank 0 of 1 on the current GPU (the policy's, which r1flow.models.resolve_device made current), a
+    rendezvous on this host. Under torchrun they are there and left as they are. TRL's colocate mode sets
+    the same before creating its engine."""
     import os
+    import socket
 
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    if "WORLD_SIZE" in os.environ:
+        return
+    gpu = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    os.environ.update(RANK="0", LOCAL_RANK=str(gpu), WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:  # a free port, so that concurrent one-rank jobs on a node do not collide
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
 
 
 BACKENDS = ("transformers", "vllm")

@@ -3,6 +3,7 @@
 import argparse
 import logging
 
+import torch
 from _common import add_device, job_device, json_arg, setup
 
 from r1flow.data.artifacts import read_table, write_table
@@ -25,13 +26,21 @@ def main():
                          '"max_grad_norm", "max_length"}')
     ap.add_argument("--dtype", default="float32", help="the dtype the base model is loaded in")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--deepspeed", type=json_arg, default=None,
+                    help="the config's training.deepspeed section (run under torchrun when enabled)")
     add_device(ap)
     a = ap.parse_args()
     setup(a.threads)
-    device = job_device(a.device)
+    ds = a.deepspeed or {}
+    if ds.get("enabled") and ds.get("accelerator") == "cpu" and a.device == "auto":
+        a.device = "cpu"  # DeepSpeed on the CPU (DS_ACCELERATOR=cpu, gloo) even on a host with a GPU
+    device = job_device(a.device)  # cuda:LOCAL_RANK under torchrun on GPUs
     pairs = read_table(a.pairs, PREFERENCES)
+    # the model folder is written by rank 0 only under DeepSpeed (train_reward_model)
     _, _, metrics = train_reward_model(a.base, pairs, a.aspect, a.out, dtype=a.dtype, device=device,
-                                          gguf_file=a.gguf_file, **a.settings)
+                                       gguf_file=a.gguf_file, deepspeed=a.deepspeed, **a.settings)
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
+        return  # with DeepSpeed, rank 0 writes the outputs (every rank holds the same weights and rows)
     write_table(metrics, a.metrics, RM_METRICS)
     tail = metrics.tail(10)
     log.info(f"{a.aspect} reward model: {len(metrics)} steps, last-10-step loss {tail['loss'].mean():.3f}, "

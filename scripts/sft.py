@@ -6,6 +6,7 @@ import argparse
 import logging
 
 import pandas as pd
+import torch
 from _common import add_device, job_device, json_arg, setup
 
 from r1flow.data.artifacts import read_table, write_table
@@ -29,10 +30,15 @@ def main():
     ap.add_argument("--metrics", required=True)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--deepspeed", type=json_arg, default=None,
+                    help="the config's training.deepspeed section (run under torchrun when enabled)")
     add_device(ap)
     a = ap.parse_args()
     setup(a.threads)
-    device = job_device(a.device)
+    ds = a.deepspeed or {}
+    if ds.get("enabled") and ds.get("accelerator") == "cpu" and a.device == "auto":
+        a.device = "cpu"  # DeepSpeed on the CPU (DS_ACCELERATOR=cpu, gloo) even on a host with a GPU
+    device = job_device(a.device)  # cuda:LOCAL_RANK under torchrun on GPUs
     s = a.settings
     data = pd.concat([read_table(p, SFT_DATA) for p in a.data], ignore_index=True)
     model, tok = load_policy(a.model, a.dtype, device, gguf_file=a.gguf_file)
@@ -44,7 +50,9 @@ def main():
     rows = train_sft(model, tok, prompts, completions, epochs=s["epochs"], learning_rate=s["learning_rate"],
                      batch_size=s["batch_size"], micro_batch_size=s["micro_batch_size"], max_length=s["max_length"],
                      warmup_steps=s["warmup_steps"], seed=s["seed"],
-                     gradient_checkpointing=s.get("gradient_checkpointing", False))
+                     gradient_checkpointing=s.get("gradient_checkpointing", False), deepspeed=a.deepspeed)
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
+        return  # with DeepSpeed, rank 0 writes the outputs (every rank holds the same weights and rows)
     save_policy(model, tok, a.out)
     write_table(pd.DataFrame(rows), a.metrics, SFT_METRICS)
     log.info(f"{a.stage}: {len(data)} examples x {s['epochs']} epochs, {len(rows)} updates, "

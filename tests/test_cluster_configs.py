@@ -16,10 +16,13 @@ SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
 
 
 def merged(*names):
+    """The config as Snakemake builds it: the embedded default with each --configfile merged in turn, key
+    by key at every depth (snakemake.utils.update_config), then validated."""
+    from snakemake.utils import update_config
+
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     for name in names:
-        for key, value in yaml.safe_load((CLUSTER / name).read_text()).items():
-            cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+        update_config(cfg, yaml.safe_load((CLUSTER / name).read_text()))
     return validate_config(cfg, SCHEMA)
 
 
@@ -89,6 +92,199 @@ def test_cluster_job_settings_that_the_code_refuses_fail(tmp_path):
     from helpers.job_settings import planned_jobs, refusals
 
     variant = tmp_path / "variant.yaml"
-    variant.write_text(yaml.safe_dump({"generation": {"vllm": {"colocate": False}}}))
+    variant.write_text(yaml.safe_dump({"stages": {"r1_zero": {"generation": {"vllm": {"colocate": False}}}}}))
     refused = refusals(planned_jobs(tmp_path, CLUSTER / "r1_zero_qwen2.5.yaml", variant))
     assert "needs generation.vllm.colocate" in refused.get("r1_zero", ""), refused
+
+
+# -- the README's cluster command: every job's own settings, GPUs and scale (issue 24) ---------------------
+def readme_cluster_command():
+    """The config files of the README's cluster command, as the README writes it."""
+    line = next(s for s in (ROOT / "README.md").read_text().splitlines()
+                if s.startswith("snakemake --profile profiles/slurm --configfile"))
+    words = line.split()
+    return [ROOT / w for w in words[words.index("--configfile") + 1:]]
+
+
+GRPO_STAGES = ("r1_zero", "reasoning_rl", "r1", "rl_only")
+SAMPLING_STAGES = ("cold_start_data", "rejection_sampling", "evaluate")
+SFT_STAGES = ("cold_start_sft", "final_sft", "distill", "reward_model")
+
+
+def stage_of(job):
+    """The rule a planned job belongs to (jobs of evaluate and reward_model carry wildcards in their names)."""
+    for rule in GRPO_STAGES + SAMPLING_STAGES + SFT_STAGES:
+        if job == rule or (rule in WILDCARD_RULES and job.startswith(rule + "_")):
+            return rule
+    return None
+
+
+WILDCARD_RULES = ("evaluate", "reward_model", "distill", "rl_only")  # evaluate_{model}_{benchmark}, ...
+
+
+@pytest.fixture(scope="module")
+def readme_plan(tmp_path_factory):
+    """(jobs' command words, jobs' resources) of the README's exact cluster command, through the profile."""
+    from helpers.job_settings import planned_job_resources, planned_jobs
+
+    files = readme_cluster_command()
+    assert [f.name for f in files] == ["r1_zero_qwen2.5.yaml", "evaluation.yaml"]
+    profile = ("--profile", str(ROOT / "profiles" / "slurm"))
+    wd = tmp_path_factory.mktemp("readme_plan")
+    return planned_jobs(wd, *files, extra=profile), planned_job_resources(wd, *files, extra=profile)
+
+
+def test_readme_command_gives_each_stage_its_own_generation_settings(readme_plan):
+    """evaluation.yaml's whole-GPU vLLM engine (0.9 of the GPU) reaches the evaluation jobs only; every GRPO
+    stage keeps its colocated engine (0.35, asleep while training) and the sampling stages a whole GPU,
+    not colocated: each job's effective --generation, as its script parses it."""
+    from helpers.job_settings import job_namespace
+
+    jobs, _ = readme_plan
+    seen = set()
+    for job, words in jobs.items():
+        rule = stage_of(job)
+        if rule is None or rule in SFT_STAGES:
+            continue
+        _, a, _ = job_namespace(words)
+        v = a.generation["vllm"]
+        assert a.generation["backend"] == "vllm", job
+        got = (v["colocate"], v["sleep_mode"], v["gpu_memory_utilization"], v["max_model_len"])
+        if rule in GRPO_STAGES:
+            assert got == (True, True, 0.35, 33792), job
+            assert v["sleep_level"] == 2
+        else:
+            assert got == (False, False, 0.9, 33792), job
+        seen.add(rule)
+    assert seen == set(GRPO_STAGES + SAMPLING_STAGES)
+
+
+def test_a_global_generation_setting_in_a_later_file_does_not_reach_a_stage_that_sets_its_own(tmp_path):
+    """The leak of issue 24: a second config file that sets the top-level generation (as evaluation.yaml
+    once did) changes the stages that inherit it, never one whose own section sets the key."""
+    from helpers.job_settings import job_namespace, planned_jobs
+
+    late = tmp_path / "late.yaml"
+    late.write_text(yaml.safe_dump({"generation": {"vllm": {"gpu_memory_utilization": 0.95}}}))
+    jobs = planned_jobs(tmp_path, CLUSTER / "r1_zero_qwen2.5.yaml", CLUSTER / "evaluation.yaml", late)
+    util = {}
+    for j, w in jobs.items():
+        if stage_of(j) in GRPO_STAGES + SAMPLING_STAGES:
+            util.setdefault(stage_of(j), set()).add(job_namespace(w)[1].generation["vllm"]["gpu_memory_utilization"])
+    assert {s: util[s] for s in GRPO_STAGES} == {s: {0.35} for s in GRPO_STAGES}
+    assert util["evaluate"] == {0.9}  # stages.evaluate sets it
+    assert util["cold_start_data"] == util["rejection_sampling"] == {0.95}  # they inherit the top level
+
+
+@pytest.mark.parametrize("files", [("r1_zero_qwen2.5.yaml",), ("r1_zero_qwen2.5.yaml", "evaluation.yaml")])
+def test_every_job_that_runs_a_model_asks_for_the_gpus_its_launcher_uses(tmp_path, files):
+    """Under each cluster config every planned job that runs a model (its command has --device) asks for
+    GPUs, at least as many per node as it starts ranks; a stage added later without resources fails here
+    (and, under device: cuda, when the workflow plans it: see the next test)."""
+    from helpers.job_settings import job_namespace, planned_job_resources, planned_jobs
+
+    from r1flow.config import gpus_per_node
+
+    profile = ("--profile", str(ROOT / "profiles" / "slurm"))
+    jobs = planned_jobs(tmp_path, *[CLUSTER / f for f in files], extra=profile)
+    resources = planned_job_resources(tmp_path, *[CLUSTER / f for f in files], extra=profile)
+    model_jobs = [j for j, w in jobs.items() if "--device" in w]
+    assert {stage_of(j) for j in model_jobs} == set(GRPO_STAGES + SAMPLING_STAGES + SFT_STAGES)
+    for job in model_jobs:
+        words = jobs[job]
+        script, a, ranks = job_namespace(words)
+        assert a.device == "cuda", job
+        tp = a.generation["vllm"]["tensor_parallel_size"] if getattr(a, "generation", None) else 1
+        gpus = gpus_per_node(resources[job])
+        assert gpus >= max(ranks, tp) >= 1, (job, resources[job])
+        if stage_of(job) in GRPO_STAGES:
+            assert ranks == 8 and gpus == 8, job
+
+
+def test_every_stage_runs_at_the_papers_lengths(readme_plan):
+    """The stages after R1-Zero are not left at the tiny defaults: every GRPO stage samples 32,768 tokens
+    with G = 16 and 32 questions a step, every sampling stage 32,768 new tokens, every SFT stage trains on
+    the full length."""
+    from helpers.job_settings import job_namespace
+
+    jobs, _ = readme_plan
+    for job, words in jobs.items():
+        rule = stage_of(job)
+        if rule is None:
+            continue
+        _, a, _ = job_namespace(words)
+        if rule in GRPO_STAGES:
+            g = a.grpo
+            assert (g["max_completion_length"], g["num_generations"], g["prompts_per_step"]) == (32768, 16, 32), job
+            assert (g["learning_rate"], g["beta"]) == (3e-6, 0.001), job
+        elif rule in ("cold_start_data", "rejection_sampling"):
+            assert a.settings["max_new_tokens"] == 32768, job
+        elif rule == "evaluate":
+            assert a.evaluation["max_new_tokens"] == 32768, job
+        elif rule != "reward_model":
+            assert a.settings["max_length"] >= 32768 and a.settings["epochs"] == 2, job
+
+
+def test_a_stage_without_enough_gpus_stops_the_plan_naming_the_setting(tmp_path):
+    variant = tmp_path / "variant.yaml"
+    variant.write_text(yaml.safe_dump({"resources": {"reasoning_rl": {"gres": "gpu:2"}}}))
+    p = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
+                        "-n", "--configfile", str(CLUSTER / "r1_zero_qwen2.5.yaml"), str(variant)],
+                       capture_output=True, text=True, timeout=300)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert "config key 'resources.reasoning_rl'" in out and "8 rank(s) per node but asks for 2 GPU(s)" in out, out[-2000:]
+    assert not (tmp_path / "results").exists()
+
+
+def test_an_env_without_the_backends_package_stops_the_plan(tmp_path):
+    """A copy of the workflow whose vLLM env lost its vllm pin: planning under the vllm backend fails,
+    naming generation.backend and the env file, before any job."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for part in ("Snakefile", "workflow", "envs", "scripts", "r1flow", "config"):
+        src = ROOT / part
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / part)
+    env = repo / "envs" / "generate-vllm.yaml"
+    env.write_text("\n".join(s for s in env.read_text().splitlines() if "vllm==" not in s) + "\n")
+    p = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "--directory",
+                        str(tmp_path / "wd"), "-n", "--configfile", str(CLUSTER / "r1_zero_qwen2.5.yaml")],
+                       capture_output=True, text=True, timeout=300)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert "config key 'generation.backend'" in out and "generate-vllm.yaml installs no vllm" in out, out[-2000:]
+
+
+def test_the_profile_keeps_going_and_retries():
+    profile = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
+    assert profile["keep-going"] is True
+    assert profile["retries"] >= 1
+
+
+def plan_variant(tmp_path, settings):
+    variant = tmp_path / "variant.yaml"
+    variant.write_text(yaml.safe_dump(settings))
+    p = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
+                        "-n", "--configfile", str(CLUSTER / "r1_zero_qwen2.5.yaml"), str(variant)],
+                       capture_output=True, text=True, timeout=300)
+    return p.returncode, p.stdout + p.stderr
+
+
+def test_a_job_that_would_run_out_of_gpu_memory_stops_the_plan(tmp_path):
+    """Issue 24's example: 16 outputs per micro-batch at 32,768 tokens on a 7B model need about 105 GB for
+    the checkpointed layer inputs alone; the memory plan refuses it before any job, naming the key and the
+    largest value that fits (the shipped config, at 1, passes: every other test here plans it)."""
+    rc, out = plan_variant(tmp_path, {"r1_zero": {"grpo": {"micro_batch_size": 16}}})
+    assert rc != 0
+    assert "r1_zero: planned peak" in out and "GiB GPU" in out, out[-2000:]
+    assert "lower config key 'r1_zero.grpo.micro_batch_size' (largest that fits: 2)" in out, out[-2000:]
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_colocated_engine_that_never_sleeps_is_refused_naming_the_stage_key(tmp_path):
+    rc, out = plan_variant(tmp_path, {"stages": {"r1_zero": {"generation": {"vllm": {"sleep_mode": False}}}}})
+    assert rc != 0
+    assert "config key 'stages.r1_zero.generation.vllm.gpu_memory_utilization'" in out, out[-2000:]
+    assert "stages.r1_zero.generation.vllm.sleep_mode: true" in out

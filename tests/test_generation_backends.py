@@ -93,13 +93,12 @@ def test_vllm_glue_against_a_stand_in_engine(tiny_policy, monkeypatch):
 
     model, tok = load_policy(str(tiny_policy[0]))
     calls = {}
+    record = _stand_in_worker_api(monkeypatch, lambda e: calls.setdefault(e[0], []).append(e))
 
-    class LLM:
+    class LLM(_StandInEngine):
         def __init__(self, **kw):
             calls["init"] = kw
-            self.loaded = None
-            runner = NS(model=NS(load_weights=lambda w: calls.__setitem__("loaded", list(w))))
-            self.llm_engine = NS(model_executor=NS(driver_worker=NS(model_runner=runner)))
+            self.start_worker(kw, record)
 
         def generate(self, requests, sp, use_tqdm=True):
             calls.setdefault("generate", []).append((requests, sp))
@@ -129,8 +128,71 @@ def test_vllm_glue_against_a_stand_in_engine(tiny_policy, monkeypatch):
     gen.generate(["x"], SamplingParams(n=1))
     assert calls["generate"][1][1]["seed"] != sp["seed"]  # a fresh seed per call
     gen.sync_weights(model)
-    assert [n for n, _ in calls["loaded"]] == list(model.state_dict())
+    # not colocated (the workers are other processes): collective_rpc carries the file's path, not tensors
+    assert [e[1] for e in calls["collective_rpc"]] == ["r1flow_load_weights_file"]
+    (_, names, weights), = calls["load_weights"]
+    assert sorted(names) == sorted(model.state_dict())  # a safetensors file keeps its names sorted
+    assert all(torch.equal(w, model.state_dict()[n]) for n, w in weights)  # the values, through the file
+    assert len(calls["process_weights_after_loading"]) == 1
     assert calls["reset"] == 1  # the prefix cache is dropped with the old weights
+
+
+class _StandInEngine:
+    """What vLLM's LLM offers for weight updates, for the stand-in modules: `collective_rpc(name, args=...)`
+    runs the named method on a worker into which the class named by LLM(worker_extension_cls=...) is mixed,
+    as vLLM's WorkerWrapperBase does (v1/worker/worker_base.py); a callable is refused (vLLM does not
+    serialise functions by default). vLLM's private engine internals raise: the code under test may use the
+    public API only."""
+
+    def start_worker(self, kw, record):
+        import importlib
+        from types import SimpleNamespace as NS
+
+        module, name = kw["worker_extension_cls"].rsplit(".", 1)
+        extension = getattr(importlib.import_module(module), name)
+
+        class Model:
+            def load_weights(self, weights):
+                weights = list(weights)
+                record(("load_weights", [n for n, _ in weights], weights))
+
+        class Worker(extension):
+            def __init__(self):
+                self.model_runner, self.model_config, self.device = NS(model=Model()), "model-config", "cuda:0"
+
+        self._worker, self._record = Worker(), record
+
+    @property
+    def llm_engine(self):
+        raise AssertionError("vLLM's private engine internals were touched (LLM.llm_engine)")
+
+    def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        if not isinstance(method, str):
+            raise TypeError("vLLM does not serialise a function unless VLLM_ALLOW_INSECURE_SERIALIZATION=1")
+        self._record(("collective_rpc", method))
+        return [getattr(self._worker, method)(*args, **(kwargs or {}))]
+
+
+LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _stand_in_worker_api(monkeypatch, record):
+    """vLLM's process_weights_after_loading (vllm.model_executor.model_loader.utils) and
+    torch.cuda.empty_cache, recording their calls; the launcher's environment variables unset, and put
+    back as they were after the test (the colocated engine sets them in a process torchrun did not start)."""
+    import sys
+    import types
+
+    names = ("vllm.model_executor", "vllm.model_executor.model_loader", "vllm.model_executor.model_loader.utils")
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    sys.modules[names[-1]].process_weights_after_loading = (
+        lambda model, model_config, device: record(("process_weights_after_loading", model_config, device)))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: record(("empty_cache",)))
+    for var in LAUNCHER_ENV:
+        monkeypatch.setenv(var, "unset")  # recorded, so that the teardown restores the variable's absence too
+        monkeypatch.delenv(var)
+    return record
 
 
 # -- a stand-in vllm module that records what the code asks of it --------------------------------------
@@ -142,11 +204,12 @@ def _stand_in_vllm(monkeypatch, tok, events, logprob_of=None):
     import types
     from types import SimpleNamespace as NS
 
-    class LLM:
+    record = _stand_in_worker_api(monkeypatch, events.append)
+
+    class LLM(_StandInEngine):
         def __init__(self, **kw):
             events.append(("init", kw))
-            runner = NS(model=NS(load_weights=lambda w: events.append(("load_weights", [n for n, _ in w]))))
-            self.llm_engine = NS(model_executor=NS(driver_worker=NS(model_runner=runner)))
+            self.start_worker(kw, record)
 
         def generate(self, requests, sp, use_tqdm=True):
             events.append(("generate", requests, sp))
@@ -231,8 +294,13 @@ def _vllm_trainer(tiny_policy, tmp_path, vllm_settings, cfg_extra=None, engine=N
 
 
 def test_colocated_vllm_sleeps_while_training_and_resets_its_prefix_cache(tiny_policy, tmp_path, monkeypatch):
-    """Each step: generate (awake), sleep through the update, then wake the weights, load the new ones,
-    wake the KV cache and drop the prefix cache; the next step samples from the synced engine."""
+    """Each step: generate (awake), sleep through the update at level 2 (the sync reloads every weight),
+    then empty PyTorch's cache and wake the weights, load the new ones by collective_rpc on the worker
+    extension, empty the cache and wake the KV cache, and drop the prefix cache; the next step samples
+    from the synced engine. One plain process runs the engine in-process too (vLLM's external launcher,
+    with torchrun's variables set for a group of one), and the worker gets the policy's own tensors."""
+    import os
+
     from r1flow.models import load_policy
 
     _, tok = load_policy(str(tiny_policy[0]))
@@ -241,19 +309,67 @@ def test_colocated_vllm_sleeps_while_training_and_resets_its_prefix_cache(tiny_p
     tr = _vllm_trainer(tiny_policy, tmp_path, {"colocate": True, "sleep_mode": True, "gpu_memory_utilization": 0.3})
     init = events[0][1]
     assert init["enable_sleep_mode"] is True and init["gpu_memory_utilization"] == 0.3
-    assert "distributed_executor_backend" not in init  # one process: no torchrun ranks to join
+    assert init["distributed_executor_backend"] == "external_launcher"
+    assert init["worker_extension_cls"] == "r1flow.generation.VLLMWorkerExtension"
+    assert (os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["WORLD_SIZE"]) == ("0", "0", "1")
+    assert os.environ["MASTER_ADDR"] == "127.0.0.1" and int(os.environ["MASTER_PORT"]) > 0
     tr.step()
     tr.step()
-    per_step = ["generate", "sleep", "wake_up", "load_weights", "wake_up", "reset_prefix_cache"]
+    per_step = ["generate", "sleep", "empty_cache", "wake_up", "collective_rpc", "load_weights",
+                "process_weights_after_loading", "empty_cache", "wake_up", "reset_prefix_cache"]
     assert _names(events[1:]) == per_step * 2
-    assert [e[1] for e in events[1:] if e[0] in ("sleep", "wake_up")] == [1, ["weights"], ["kv_cache"]] * 2
-    assert events[4][1] == list(tr.model.state_dict())
+    assert [e[1] for e in events[1:] if e[0] in ("sleep", "wake_up")] == [2, ["weights"], ["kv_cache"]] * 2
+    rpc, (_, names, weights) = events[5], events[6]
+    assert rpc == ("collective_rpc", "r1flow_load_weights") and names == list(tr.model.state_dict())
+    state = tr.model.state_dict()
+    assert all(w.data_ptr() == state[n].data_ptr() for n, w in weights)  # by reference, no copy
+    assert events[7] == ("process_weights_after_loading", "model-config", "cuda:0")
 
-    # without sleep mode: no sleep / wake, but still a prefix-cache reset after every sync
+    # without sleep mode: no sleep / wake (and no cache emptying), but still a prefix-cache reset after every sync
     events.clear()
     tr = _vllm_trainer(tiny_policy, tmp_path / "b", {"colocate": True})
     tr.step()
-    assert _names(events[1:]) == ["generate", "load_weights", "reset_prefix_cache"]
+    assert _names(events[1:]) == ["generate", "collective_rpc", "load_weights", "process_weights_after_loading",
+                                  "reset_prefix_cache"]
+
+
+def test_vllm_sleep_levels_and_the_cache_emptied_before_every_wake(tiny_policy, monkeypatch):
+    """Level 1 unless the caller reloads the weights before the next generation (then 2); a configured
+    sleep_level wins. torch.cuda.empty_cache() comes right before every wake_up. An engine that slept at
+    level 2 (weights discarded) refuses to generate before a weight sync."""
+    from r1flow.generation import VLLMGenerator
+    from r1flow.models import load_policy
+
+    model, tok = load_policy(str(tiny_policy[0]))
+    events = []
+    _stand_in_vllm(monkeypatch, tok, events)
+    params = SamplingParams(n=1, max_new_tokens=3)
+
+    gen = VLLMGenerator("m", tok, sleep_mode=True)
+    gen.sleep()  # nothing reloads the weights: level 1 keeps them
+    gen.generate(["a"], params)
+    gen.sleep(weights_reloaded=True)
+    with pytest.raises(RuntimeError, match="level 2"):
+        gen.generate(["a"], params)
+    gen.sync_weights(model)
+    gen.generate(["a"], params)
+    got = [e[:2] for e in events[1:] if e[0] in ("sleep", "wake_up", "empty_cache", "generate")]
+    assert [(e[0], e[1] if e[0] in ("sleep", "wake_up") else None) for e in got] == [
+        ("sleep", 1), ("empty_cache", None), ("wake_up", None), ("generate", None),
+        ("sleep", 2), ("empty_cache", None), ("wake_up", ["weights"]), ("empty_cache", None),
+        ("wake_up", ["kv_cache"]), ("generate", None)]
+
+    events.clear()
+    gen = VLLMGenerator("m", tok, sleep_mode=True, sleep_level=1)
+    gen.sleep(weights_reloaded=True)  # the configured level, whatever the caller
+    assert events[-1] == ("sleep", 1)
+    gen = VLLMGenerator("m", tok, sleep_mode=False)
+    gen.sleep(weights_reloaded=True)  # no sleep mode: nothing
+    assert events[-1][0] == "init"
+    with pytest.raises(ValueError, match="sleep_level"):
+        VLLMGenerator("m", tok, sleep_level=3)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be 1"):
+        VLLMGenerator("m", tok, colocate=True, tensor_parallel_size=2)  # one rank too: one engine per rank
 
 
 def test_trainer_takes_colocated_vllm_on_several_ranks(tiny_policy, tmp_path, monkeypatch):
@@ -298,6 +414,40 @@ def test_trainer_takes_colocated_vllm_on_several_ranks(tiny_policy, tmp_path, mo
     want = [tok(tr._prompt(q), add_special_tokens=False)["input_ids"] for q in batch["question"].iloc[2:]]
     assert [r["prompt_token_ids"] for r in requests] == want  # rank 1 of 2: the last two of four groups
     assert [s["seed"] for s in sps] == [tr._group_seed(1, 2), tr._group_seed(1, 3)]
+
+
+def test_gpu_memory_per_phase_in_the_metrics(tiny_policy, tmp_path, monkeypatch):
+    """On CUDA each step logs the peak allocated and reserved GPU memory of sampling, training and the
+    update (the largest over the mu passes), from PyTorch's peak counters reset at each phase's end. Off
+    CUDA (the default pipeline) there are no such columns. CUDA's counters are stood in for here."""
+    from r1flow.models import load_policy
+    from r1flow.training.grpo import GPUPhasePeaks
+
+    _, tok = load_policy(str(tiny_policy[0]))
+    _stand_in_vllm(monkeypatch, tok, [])
+    tr = _vllm_trainer(tiny_policy, tmp_path, {"colocate": True, "sleep_mode": True}, cfg_extra={"num_iterations": 2})
+    assert not [k for k in tr.step() if "gpu" in k]  # the policy is on the CPU
+
+    mb = 2**20
+    reads, resets = iter([100, 300, 200, 250, 150]), []  # sampling, training, update, training, update
+    peak = {"allocated": 0}
+
+    def max_allocated(device):
+        assert device == torch.device("cuda", 0)
+        peak["allocated"] = next(reads) * mb
+        return peak["allocated"]
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", max_allocated)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: 2 * peak["allocated"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: resets.append(device))
+    tr.gpu_peaks = GPUPhasePeaks(torch.device("cuda", 0))
+    row = tr.step()
+    got = {k: v for k, v in row.items() if k.startswith("peak_gpu_")}
+    assert got == {"peak_gpu_allocated_sampling_mb": 100.0, "peak_gpu_reserved_sampling_mb": 200.0,
+                   "peak_gpu_allocated_training_mb": 300.0, "peak_gpu_reserved_training_mb": 600.0,
+                   "peak_gpu_allocated_update_mb": 200.0, "peak_gpu_reserved_update_mb": 400.0}
+    assert len(resets) == 6  # before the step, then after each of its five phases
+    assert tr.gpu_peaks.take() == {}  # each step starts afresh
 
 
 def test_truncated_importance_sampling_in_the_trainer(tiny_policy, tmp_path, monkeypatch):
@@ -353,9 +503,14 @@ def test_cluster_config_runs_colocated_vllm_on_its_8_ranks(tiny_policy, tmp_path
     from r1flow.training.engine import LocalEngine
     from r1flow.training.grpo import GRPOConfig
 
-    cfg = yaml.safe_load((Path(__file__).resolve().parent.parent / "config" / "cluster" / "r1_zero_qwen2.5.yaml").read_text())
-    assert cfg["training"]["deepspeed"]["nproc_per_node"] == 8 and cfg["training"]["deepspeed"]["zero_stage"] == 2
-    gen = cfg["generation"]
+    from r1flow.config import stage_settings, validate_config
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = yaml.safe_load((root / "config" / "cluster" / "r1_zero_qwen2.5.yaml").read_text())
+    schema = root / "workflow" / "schemas" / "config.schema.yaml"
+    own = stage_settings(validate_config(cfg, schema), "r1_zero", schema)  # the r1_zero job's own settings
+    assert own["deepspeed"]["nproc_per_node"] == 8 and own["deepspeed"]["zero_stage"] == 2
+    gen = own["generation"]
     assert gen["backend"] == "vllm" and gen["vllm"]["colocate"] is True
     grpo = GRPOConfig.from_dict(cfg["r1_zero"]["grpo"])
     assert grpo.prompts_per_step % 8 == 0 and grpo.vllm_importance_sampling_cap is not None
@@ -383,3 +538,27 @@ def test_cluster_config_runs_colocated_vllm_on_its_8_ranks(tiny_policy, tmp_path
     init = events[0][1]
     assert init["distributed_executor_backend"] == "external_launcher" and init["enable_sleep_mode"] is True
     assert init["gpu_memory_utilization"] == gen["vllm"]["gpu_memory_utilization"]
+
+
+def test_process_group_timeout_outlasts_a_long_vllm_generation(monkeypatch):
+    """training.deepspeed.timeout_minutes (default 30, not torch.distributed's 10-minute NCCL default, which a
+    rank still sampling a 32k-token generation would hit while the others wait in a collective) reaches the
+    process group DeepSpeed initialises; zero or less is refused."""
+    import datetime
+    import sys
+    import types
+
+    from r1flow.training.engine import DeepSpeedSettings, init_distributed
+
+    calls = []
+    fake = types.ModuleType("deepspeed")
+    fake.init_distributed = lambda **kw: calls.append(kw)
+    monkeypatch.setitem(sys.modules, "deepspeed", fake)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 8)
+    assert DeepSpeedSettings.from_dict({}).timeout_minutes == 30
+    assert init_distributed(DeepSpeedSettings.from_dict({"timeout_minutes": 90}).timeout_minutes) == (0, 8)
+    assert calls == [{"dist_backend": None, "timeout": datetime.timedelta(minutes=90)}]
+    with pytest.raises(ValueError, match="timeout_minutes must be positive"):
+        DeepSpeedSettings.from_dict({"timeout_minutes": 0})

@@ -13,15 +13,16 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 # What each job does with a model (the job's name is its provenance record's): dtype for every model it
-# loads, the generation backend where it samples, DeepSpeed (under torchrun) where GRPO trains it.
+# loads, the generation backend where it samples, DeepSpeed (under torchrun) where GRPO, SFT or
+# reward-model training trains it.
 GRPO = {"device", "dtype", "generation", "deepspeed"}
 SAMPLES = {"device", "dtype", "generation"}
-LOADS = {"device", "dtype"}
+TRAINS = {"device", "dtype", "deepspeed"}
 PRETRAINS = {"device"}  # the tiny base and tiny students, pretrained from scratch in float32
 MODEL_JOBS = {"r1_zero": GRPO, "reasoning_rl": GRPO, "r1": GRPO, "rl_only_student": GRPO,
               "cold_start_data": SAMPLES, "rejection_sampling": SAMPLES,
-              "cold_start_sft": LOADS, "final_sft": LOADS, "distill_student": LOADS,
-              "reward_model_helpfulness": LOADS, "reward_model_harmlessness": LOADS,
+              "cold_start_sft": TRAINS, "final_sft": TRAINS, "distill_student": TRAINS,
+              "reward_model_helpfulness": TRAINS, "reward_model_harmlessness": TRAINS,
               "base_model": PRETRAINS, "student_base_student": PRETRAINS}
 EVALUATED = ("base", "r1_zero", "cold_start", "reasoning_rl", "r1_sft", "r1", "distill_student", "rl_only_student")
 MODEL_JOBS.update({f"evaluate_{m}_held_out": SAMPLES for m in EVALUATED})
@@ -93,7 +94,7 @@ def test_model_settings_reach_the_script_and_its_record(commands, job):
         assert value is not None, (job, name)
         assert contains(json.loads(value), subset), (job, name, value)
         assert value in recorded, (job, name)
-    # GRPO under DeepSpeed starts one rank per device through torchrun; nothing else does
+    # a trainer under DeepSpeed starts one rank per device through torchrun; nothing else does
     under_torchrun = script[:5] == ["env", "DS_ACCELERATOR=cpu", sys.executable, "-m", "torch.distributed.run"]
     assert under_torchrun == ("deepspeed" in MODEL_JOBS[job]), job
 

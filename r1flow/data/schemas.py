@@ -109,6 +109,9 @@ GRPO_METRICS = DataFrameSchema(
         "peak_rss_sampling_mb": Column(float, Check.gt(0.0), nullable=True, required=False),
         "peak_rss_training_mb": Column(float, Check.gt(0.0), nullable=True, required=False),
         "peak_rss_update_mb": Column(float, Check.gt(0.0), nullable=True, required=False),
+        # with dynamic sampling (GRPO's dynamic_sampling): completions and batches of prompts drawn in the step
+        "samples_drawn": Column(float, Check.gt(0.0), required=False),
+        "prompt_batches_drawn": Column(float, Check.ge(1.0), required=False),
         "val_pass@1": Column(float, Check.in_range(0.0, 1.0), nullable=True),
         "val_format_rate": Column(float, Check.in_range(0.0, 1.0), nullable=True),
         "val_length": Column(float, Check.ge(0.0), nullable=True),

@@ -2,7 +2,9 @@
 
 Every reward is a batch function (completions, golds, **options) -> [Reward], registered by name.
 A reward that judges a completion against its request (the reward models of section 2.3.4) sets the
-attribute `needs_prompts = True` and also receives `prompts=`, one user request per completion.
+attribute `needs_prompts = True` and also receives `prompts=`, one user request per completion; one that
+judges its length in tokens (DAPO's overlong punishment) sets `needs_lengths = True` and receives
+`lengths=`, one token count per completion.
 A stage's config names the rewards it sums and their weights; the `rewards` config section holds each
 reward's options (time limits, workers, target language). Batch functions let a reward share one
 worker pool or sandbox pool across a whole GRPO step.
@@ -56,14 +58,20 @@ def needs_prompts(fn: RewardFn) -> bool:
     return bool(getattr(fn, "needs_prompts", False))
 
 
+def needs_lengths(fn: RewardFn) -> bool:
+    return bool(getattr(fn, "needs_lengths", False))
+
+
 def score_batch(completions: Iterable[str], answers: Iterable[str], weights: dict[str, float],
-                options: dict[str, dict] | None = None, prompts: Iterable | None = None):
+                options: dict[str, dict] | None = None, prompts: Iterable | None = None,
+                lengths: Iterable[int] | None = None):
     """Score each completion with every named reward.
 
     prompts: the user request of each completion (a string or a message list; the question itself, not
     the rendered template), aligned with `completions`. Only rewards with `needs_prompts` receive it, so
     rule-based rewards keep their (completions, golds, **options) signature; naming such a reward
-    without passing prompts is an error.
+    without passing prompts is an error. lengths: each completion's length in tokens, passed the same
+    way to rewards with `needs_lengths` only.
 
     Returns (total, per_reward) where total[i] = sum_name weight * score and per_reward[name] is the
     list of Reward objects, so metrics can report each function separately.
@@ -72,6 +80,9 @@ def score_batch(completions: Iterable[str], answers: Iterable[str], weights: dic
     prompts = None if prompts is None else list(prompts)
     if prompts is not None and len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
+    lengths = None if lengths is None else [int(n) for n in lengths]
+    if lengths is not None and len(lengths) != len(completions):
+        raise ValueError(f"{len(lengths)} lengths for {len(completions)} completions")
     options = options or {}
     per = {}
     for name in weights:
@@ -82,6 +93,11 @@ def score_batch(completions: Iterable[str], answers: Iterable[str], weights: dic
                 raise ValueError(f"reward '{name}' judges completions against their prompts: "
                                  "pass prompts= to score_batch")
             kw["prompts"] = prompts
+        if needs_lengths(fn):
+            if lengths is None:
+                raise ValueError(f"reward '{name}' judges completions by their length in tokens: "
+                                 "pass lengths= to score_batch")
+            kw["lengths"] = lengths
         per[name] = fn(completions, answers, **kw)
         if len(per[name]) != len(completions):
             raise RuntimeError(f"reward '{name}' returned {len(per[name])} scores for {len(completions)} completions")
@@ -89,4 +105,4 @@ def score_batch(completions: Iterable[str], answers: Iterable[str], weights: dic
     return total, per
 
 
-from r1flow.rewards import choice, code, formats, language, math_answer, model_based  # noqa: F401  (register)
+from r1flow.rewards import choice, code, formats, language, math_answer, model_based, overlong  # noqa: F401  (register)

@@ -46,6 +46,10 @@ class DeepSpeedSettings:
     bf16: bool = False
     nproc_per_node: int = 1  # torchrun ranks per node for the job (the rule's launcher)
     accelerator: str = "auto"  # "cpu" sets DS_ACCELERATOR=cpu for the job (DeepSpeed on CPU, gloo)
+    # how long a collective waits for the other ranks before the job fails (the process group's timeout):
+    # a rank still generating (a long vLLM sampling at 32k tokens) while the others wait in an all-gather
+    # would hit torch.distributed's 10-minute NCCL default and kill the job
+    timeout_minutes: float = 30.0
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "DeepSpeedSettings":
@@ -67,6 +71,8 @@ class DeepSpeedSettings:
             raise ValueError(f"zero_stage must be 0, 1 or 2, got {s.zero_stage}")
         if s.accelerator not in ("auto", "cpu", "cuda"):
             raise ValueError(f"accelerator must be auto, cpu or cuda, got {s.accelerator!r}")
+        if not s.timeout_minutes > 0:
+            raise ValueError(f"timeout_minutes must be positive, got {s.timeout_minutes}")
         if s.enabled and s.bf16 and s.zero_stage == 0:
             # without ZeRO, DeepSpeed's bf16 mode accumulates gradients in bf16 and refuses fp32 accumulation
             # (DeepSpeed 0.19.8, engine._do_optimizer_sanity_check: "unsupported mix"); stage 1 costs the same
@@ -204,12 +210,16 @@ class LocalEngine:
         return rows
 
 
-def init_distributed() -> tuple[int, int]:
-    """(rank, world size) from torchrun's environment, initialising DeepSpeed's process group once."""
+def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment, initialising DeepSpeed's process group once, with
+    `timeout_minutes` for its collectives (DeepSpeedSettings.timeout_minutes says why)."""
+    import datetime
+
     import deepspeed
 
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=None)  # the accelerator's backend: gloo on CPU
+        # the accelerator's backend: gloo on CPU
+        deepspeed.init_distributed(dist_backend=None, timeout=datetime.timedelta(minutes=timeout_minutes))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
@@ -223,7 +233,7 @@ class DeepSpeedEngine:
         check_deepspeed_dtype(model, settings)
         import deepspeed
 
-        self.rank, self.world_size = init_distributed()
+        self.rank, self.world_size = init_distributed(settings.timeout_minutes)
         self.loss_scale = float(self.world_size)
         self.settings = settings
         self.engine, self.optimizer, _, _ = deepspeed.initialize(

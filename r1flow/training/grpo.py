@@ -9,6 +9,11 @@
         every eval_every steps: pass@1 on held-out validation prompts (Figure 2); keep the best
         every save_every steps: checkpoint to the state folder, from which a killed run resumes
 
+Options off by default (GRPOConfig says where each comes from): offline pass-rate filtering of the prompts
+before training (pass_rate_band), DAPO's dynamic sampling (a step draws further batches of prompts until
+prompts_per_step groups have a reward spread), the reference model replaced by the
+policy every ref_model_sync_steps steps, and DAPO's soft overlong penalty (the `overlong` reward term).
+
 The state folder lies outside the rule's declared outputs: Snakemake deletes the outputs of a failed
 job, and the checkpoint must survive that for the rerun to resume from.
 
@@ -17,8 +22,10 @@ samples, scores and computes the loss and gradients on its own share of the step
 the gradients and optimiser states. Rewards are gathered (advantages need a group's rewards, "batch"
 scaling all of them), loss normalisers and metrics summed over the ranks. Each group is sampled with its
 own seed (from the run's seed, the step and its index in the batch), so a step on W ranks draws the same
-completions as in one process (tests/test_deepspeed.py). With the vLLM backend each rank then drives its
-own engine on its own GPU (generation.vllm.colocate), sleeping while the rank trains.
+completions as in one process (tests/test_deepspeed.py). Validation is sharded the same way: each rank
+samples its share of the prompts (each from its own seed) and the grades are gathered. With the vLLM
+backend each rank then drives its own engine on its own GPU (generation.vllm.colocate), sleeping while
+the rank trains.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from r1flow import rewards as R
 from r1flow.config import require_positive
 from r1flow.data.formats import reflections
 from r1flow.data.prompts import chat_prompt, render
-from r1flow.generation import SamplingParams, make_generator
+from r1flow.generation import Completions, SamplingParams, make_generator
 from r1flow.memory import PhasePeaks, rss_mb, trim_allocator
 from r1flow.models import load_weights, model_device, save_policy
 from r1flow.models.chunked import set_activation_checkpointing
@@ -111,6 +118,27 @@ class GRPOConfig:
     # steps in a row without any learning signal (every group of G outputs with one reward value, so
     # every advantage of eq. 3 is 0) after which training stops with an error; 0 = never
     stop_without_signal_after: int = 0
+    # DAPO's dynamic sampling (arXiv 2503.14476, section 3.2; verl's algorithm.filter_groups): a group
+    # whose G rewards are all equal has zero advantage and no gradient (eq. 3), so draw further batches of
+    # prompts_per_step prompts, drop such groups and keep the first prompts_per_step groups with a reward
+    # spread. At most dynamic_sampling_max_batches batches per step (verl's max_num_gen_batches); a step
+    # that cannot fill its batch within them stops with an error naming that setting
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_batches: int = 4
+    # open-r1's pass-rate filtering of the prompt set: before training, sample pass_rate_samples outputs
+    # of each (reasoning) prompt from the starting policy and keep the prompts whose share of correct
+    # ones lies in [low, high] (too easy or too hard prompts give groups without signal); None = off
+    pass_rate_band: list | None = None
+    pass_rate_samples: int = 8
+    # replace pi_ref (eq. 2) by the current policy every N steps (TRL's sync_ref_model /
+    # ref_model_sync_steps; R1-Zero's recipe in the R1 paper, section 2.2 / supplementary: every 400
+    # steps); 0 or None = never (the frozen base model throughout)
+    ref_model_sync_steps: int | None = 0
+    # DAPO's soft overlong punishment (arXiv 2503.14476, section 3.4, eq. 13), the reward term `overlong`
+    # of r1flow.rewards: 0 up to max_completion_length - overlong_buffer_length tokens, then linear down to
+    # -1 at max_completion_length, times overlong_penalty_factor; 0 = off
+    overlong_buffer_length: int = 0
+    overlong_penalty_factor: float = 1.0
 
     @classmethod
     def from_dict(cls, d: dict) -> "GRPOConfig":
@@ -127,6 +155,23 @@ class GRPOConfig:
             raise ValueError(f"mixed_precision must be null or bfloat16, got {self.mixed_precision!r}")
         if self.vllm_importance_sampling_cap is not None:
             require_positive("vllm_importance_sampling_cap", self.vllm_importance_sampling_cap)
+        if self.dynamic_sampling_max_batches < 1:
+            raise ValueError(f"dynamic_sampling_max_batches must be at least 1, got "
+                             f"{self.dynamic_sampling_max_batches}")
+        if self.pass_rate_band is not None:
+            band = list(self.pass_rate_band)
+            if len(band) != 2 or not 0 <= band[0] <= band[1] <= 1:
+                raise ValueError(f"pass_rate_band must be [low, high] with 0 <= low <= high <= 1, got {band}")
+        if self.pass_rate_samples < 1:
+            raise ValueError(f"pass_rate_samples must be at least 1, got {self.pass_rate_samples}")
+        if (self.ref_model_sync_steps or 0) < 0:
+            raise ValueError(f"ref_model_sync_steps must be 0 / null (never) or positive, got "
+                             f"{self.ref_model_sync_steps}")
+        if not 0 <= self.overlong_buffer_length <= self.max_completion_length:
+            raise ValueError(f"overlong_buffer_length must lie in [0, max_completion_length = "
+                             f"{self.max_completion_length}], got {self.overlong_buffer_length}")
+        if self.overlong_penalty_factor < 0:
+            raise ValueError(f"overlong_penalty_factor must be non-negative, got {self.overlong_penalty_factor}")
 
     # Settings that leave the training trajectory as it is: when and how validation runs (it draws from
     # its own random stream), when checkpoints are saved, which one is exported, and how many sequences
@@ -136,6 +181,11 @@ class GRPOConfig:
     NOT_TRAJECTORY = ("eval_every", "eval_prompts", "eval_k", "eval_temperature", "eval_top_p",
                       "select_checkpoint", "save_every", "generation_batch_size", "stop_without_signal_after",
                       "gradient_checkpointing")
+
+    # settings added after checkpoints were first written: a checkpoint that lacks them was made with their
+    # defaults (all off), so it resumes while they are still at those defaults
+    ADDED_SETTINGS = ("dynamic_sampling", "dynamic_sampling_max_batches", "pass_rate_band", "pass_rate_samples",
+                      "ref_model_sync_steps", "overlong_buffer_length", "overlong_penalty_factor")
 
     def trajectory(self) -> dict:
         """The settings a checkpoint must share with this run to be resumed."""
@@ -198,6 +248,7 @@ class GRPOTrainer:
         # stage was rerun) must not be resumed, even when the GRPO settings are the same
         self.start_fingerprint = weights_fingerprint(model)
         self.peaks = PhasePeaks(cfg.memory_by_phase)
+        self.gpu_peaks = GPUPhasePeaks(self.device)  # the same phases' peak CUDA memory (on a GPU only)
         self.generator = make_generator(model, tokenizer, generation, model_path=model_path,
                                         batch_size=cfg.generation_batch_size, seed=cfg.seed, fast=cfg.fast_path)
         # an engine of its own (vLLM) samples, with its own copy of the weights, synced after each update
@@ -220,6 +271,23 @@ class GRPOTrainer:
         for weights in self.weights_by_kind.values():
             for name in weights:
                 R.get(name)  # fail now, not after the first sampling, on an unknown reward
+        if any("overlong" in w for w in self.weights_by_kind.values()):
+            raise ValueError("the overlong reward is set by overlong_buffer_length and overlong_penalty_factor "
+                             "(its weight) in the GRPO section, not named in `rewards`")
+        self.reward_options = cfg.reward_options
+        if cfg.overlong_buffer_length:  # DAPO's soft overlong punishment, a reward term for every kind of prompt
+            self.weights_by_kind = {k: {**w, "overlong": float(cfg.overlong_penalty_factor)}
+                                    for k, w in self.weights_by_kind.items()}
+            self.reward_options = {**cfg.reward_options, "overlong": {
+                "max_length": cfg.max_completion_length, "buffer_length": cfg.overlong_buffer_length}}
+        # batches of prompts_per_step prompts drawn so far: the step number, unless dynamic sampling draws
+        # more than one batch in a step
+        self.batches_drawn = 0
+        self.ref_synced_at = 0  # the step whose policy the reference model is (0: the starting model)
+        if cfg.ref_model_sync_steps and ref_model is None:
+            log.info("ref_model_sync_steps has no effect: there is no reference model (beta = 0)")
+        if cfg.pass_rate_band is not None:
+            self.train_df = self._filter_by_pass_rate(self.train_df)
 
     # -- schedule and data -------------------------------------------------------------------------
     def _lr_factor(self, s: int) -> float:
@@ -267,6 +335,9 @@ class GRPOTrainer:
         """One GRPO step; its metrics row. `rss_mb` is the process's resident memory after the step, once
         the step's tensors are gone and the allocator's free memory is returned to the system."""
         row = self._step()
+        n = self.cfg.ref_model_sync_steps
+        if n and self.ref_model is not None and self.step_no % n == 0:
+            self._sync_reference()
         # every tensor of the step (completions, logits, graphs) was freed when _step returned
         trim_allocator()
         row["rss_mb"], row["peak_rss_mb"] = rss_mb(), self.peaks.run_peak
@@ -275,29 +346,34 @@ class GRPOTrainer:
     def _step(self) -> dict:
         c, G = self.cfg, self.cfg.num_generations
         self.step_no += 1
-        batch = self._batch(self.step_no)
+        # the step's batch of prompts and its groups' seeds, by batch number: the step number, unless
+        # dynamic sampling drew more than one batch in earlier steps (self.batches_drawn counts them)
+        first = self.batches_drawn + 1
+        batch = self._batch(first)
         # this rank's whole groups (all of them in one process): each rank samples, scores and trains on
         # its own share; rewards and metrics are gathered / summed over the ranks
         groups = shard(len(batch), self.rank, self.world_size)
         local = batch.iloc[groups]
         prompts = [self._prompt(q) for q in local["question"]]
-        seeds = [self._group_seed(self.step_no, g) for g in range(groups.start, groups.stop)]
+        seeds = [self._group_seed(first, g) for g in range(groups.start, groups.stop)]
         tis = c.vllm_importance_sampling_cap is not None and self.samples_externally
 
         self.peaks.end()  # what came before this step's sampling is not the step's
+        self.gpu_peaks.end(None)
         t0 = time.perf_counter()
-        # an external engine (vLLM) has its own dtype; the in-process sampler runs under mixed precision
-        with self._mixed_precision(not self.samples_externally):
-            out = self.generator.generate(
-                prompts, SamplingParams(G, c.temperature, c.top_p, c.max_completion_length, logprobs=tis), seeds=seeds)
-        if hasattr(self.generator, "sleep"):  # a colocated vLLM engine frees its GPU memory for training
-            self.generator.sleep()
-        out = out.to(self.device)  # a no-op for the transformers backend, which samples on the policy's device
+        out = self._generate(prompts, seeds, tis)
         t_gen = time.perf_counter() - t0
         # (end() also hands the sampler's freed caches back before training allocates gradients)
         peak = {"sampling": self.peaks.end(), "training": float("nan"), "update": float("nan")}
+        self.gpu_peaks.end("sampling")
 
-        total, per = self._score(local, out.texts, G)
+        total, per = self._score(local, out.texts, G, out.lengths.tolist())
+        self.batches_drawn = first
+        if c.dynamic_sampling:  # DAPO: refill the batch with groups that have a reward spread
+            local, out, total, per, drawn, t_more = self._fill_with_signal(first, local, out, total, per, tis)
+            t_gen += t_more
+            peak["sampling"] = _nanmax(peak["sampling"], self.peaks.end())
+            self.gpu_peaks.end("sampling")
         rewards_local = torch.tensor(total, dtype=torch.float32, device=self.device)
         # advantages per group (eq. 3) from the whole batch's rewards ("batch" scaling needs them all)
         rewards = self.engine.all_gather(rewards_local)
@@ -311,16 +387,23 @@ class GRPOTrainer:
         norm = Normalizer(max(1.0, rows), max(1.0, tokens), outputs, c.max_completion_length)
         mb = c.micro_batch_size or n_local
         chunks = [slice(i, min(i + mb, n_local)) for i in range(0, n_local, mb)]
+        # each micro-batch's completion columns up to its own longest completion (at least one), so that one
+        # long output does not pad every micro-batch to the batch's width; the columns cut are padding
+        # (mask 0), which adds nothing to the loss, its gradients or the metrics
+        width = out.completion_mask.sum(1)
+        cols = [slice(0, max(1, int(width[sl].max())) if out.completion_mask.shape[1] else 0) for sl in chunks]
 
-        def logps(model, sl, with_entropy=False):  # float32 log-probs; the backward runs outside autocast
+        def logps(model, j, with_entropy=False):  # float32 log-probs; the backward runs outside autocast
+            sl, cs = chunks[j], cols[j]
             with self._mixed_precision():
-                return completion_logprobs(model, out.prompt_ids[sl], out.prompt_mask[sl], out.completion_ids[sl],
-                                           out.completion_mask[sl], G, c.temperature, with_entropy, c.fast_path)
+                return completion_logprobs(model, out.prompt_ids[sl], out.prompt_mask[sl], out.completion_ids[sl, cs],
+                                           out.completion_mask[sl, cs], G, c.temperature, with_entropy, c.fast_path)
 
         with torch.no_grad():
-            ref = [logps(self.ref_model, sl)[0] for sl in chunks] if (c.beta and self.ref_model is not None) else None
+            ref = ([logps(self.ref_model, j)[0] for j in range(len(chunks))] if (c.beta and self.ref_model is not None)
+                   else None)
             # with mu = 1 the old policy is the current one: its log-probs are the detached current ones
-            old = [logps(self.model, sl)[0] for sl in chunks] if c.num_iterations > 1 else None
+            old = [logps(self.model, j)[0] for j in range(len(chunks))] if c.num_iterations > 1 else None
 
         self.model.train()
         stats = {"tokens": 0.0, "clipped_tokens": 0.0, "kl_sum": 0.0}
@@ -330,17 +413,17 @@ class GRPOTrainer:
         entropy_sum, loss_sum = 0.0, 0.0
         for it in range(c.num_iterations):
             self.engine.zero_grad()
-            for j, sl in enumerate(chunks):
-                lp, ent = logps(self.model, sl, with_entropy=it == 0)
+            for j, (sl, cs) in enumerate(zip(chunks, cols)):
+                lp, ent = logps(self.model, j, with_entropy=it == 0)
                 old_j = old[j] if old is not None else lp.detach()
                 if use_is and it == 0:
-                    is_w[j], st = truncated_importance_weights(old_j, out.sampler_logprobs[sl], mask[sl],
+                    is_w[j], st = truncated_importance_weights(old_j, out.sampler_logprobs[sl, cs], mask[sl, cs],
                                                                c.vllm_importance_sampling_cap)
                     for k in is_stats:
                         is_stats[k] += st[k]
                 loss, st = grpo_loss(
                     lp, old_j, ref[j] if ref is not None else None,
-                    advantages[sl], mask[sl], epsilon=c.epsilon, epsilon_high=c.epsilon_high, beta=c.beta,
+                    advantages[sl], mask[sl, cs], epsilon=c.epsilon, epsilon_high=c.epsilon_high, beta=c.beta,
                     loss_type=c.loss_type, importance_sampling_level=c.importance_sampling_level, normalizer=norm,
                     is_weights=is_w[j])
                 # the normalizer is batch-wide, so this is the chunk's part of the full-batch loss;
@@ -350,10 +433,12 @@ class GRPOTrainer:
                 for k in stats:
                     stats[k] += st[k]
                 if ent is not None:
-                    entropy_sum += (ent * out.completion_mask[sl]).sum().item()
+                    entropy_sum += (ent * out.completion_mask[sl, cs]).sum().item()
             peak["training"] = _nanmax(peak["training"], self.peaks.end())  # log-probs, loss, backward
+            self.gpu_peaks.end("training")
             self.engine.step()  # clip the global gradient norm, update
             peak["update"] = _nanmax(peak["update"], self.peaks.end())
+            self.gpu_peaks.end("update")
         if self.samples_externally:  # an external engine (vLLM) samples the next batch: new weights, no stale cache
             self.generator.sync_weights(self.model)
         lr = self.sched.get_last_lr()[0]
@@ -401,11 +486,15 @@ class GRPOTrainer:
             "time_training": t_train,
             # each phase's own peak resident memory (MB): where a step's memory goes
             **{f"peak_rss_{k}_mb": v for k, v in peak.items()},
+            # and of CUDA memory, allocated and reserved (peak_gpu_*_mb; no columns off CUDA)
+            **self.gpu_peaks.take(),
         }
         for fmt in ("format", "format_readable"):  # the first of the two that this step scored
             if fmt in names and present[names.index(fmt)]:
                 row["format_rate"] = _mean_of(score_list(fmt))
                 break
+        if c.dynamic_sampling:  # completions sampled to fill the batch (DAPO's cost of dynamic sampling)
+            row["samples_drawn"], row["prompt_batches_drawn"] = float(drawn[0]), float(drawn[1])
         if tis:  # truncated importance sampling: pi_theta_old / pi_sampler over the tokens, before the cap
             row["is_ratio_mean"] = stats["is_ratio_sum"] / max(1.0, stats["is_tokens"])
             row["is_capped_fraction"] = stats["is_capped_tokens"] / max(1.0, stats["is_tokens"])
@@ -417,6 +506,107 @@ class GRPOTrainer:
         if "code_accuracy" in per:  # only stages that score code get the column
             row["sandbox_errors"] = self._count_sandbox_errors(per["code_accuracy"])
         return row
+
+    @torch.no_grad()
+    def _sync_reference(self) -> None:
+        """pi_ref := the current policy (ref_model_sync_steps): R1-Zero's recipe replaces the reference
+        model by the latest policy every 400 steps (R1 paper, section 2.2 and its supplementary training
+        details); TRL's sync_ref_model with ref_model_mixup_alpha = 1. The KL term of eq. 2 then holds the
+        policy near where it was N steps ago rather than near the base model."""
+        self.ref_model.load_state_dict(self.model.state_dict())
+        self.ref_synced_at = self.step_no
+        if self.is_main:
+            log.info("step %d: reference model replaced by the current policy (ref_model_sync_steps = %d)",
+                     self.step_no, self.cfg.ref_model_sync_steps)
+
+    def _generate(self, prompts: list[str], seeds: list[int], tis: bool):
+        """G completions of each prompt, each group from its own seed, on the policy's device."""
+        c = self.cfg
+        if getattr(self.generator, "asleep", 0) == 2:
+            # a vLLM engine asleep at level 2 has no weights (dynamic sampling draws again after the first
+            # batch): load the policy's, which are those it sampled from, unchanged since
+            self.generator.sync_weights(self.model)
+        # an external engine (vLLM) has its own dtype; the in-process sampler runs under mixed precision
+        with self._mixed_precision(not self.samples_externally):
+            out = self.generator.generate(
+                prompts, SamplingParams(c.num_generations, c.temperature, c.top_p, c.max_completion_length,
+                                        logprobs=tis), seeds=seeds)
+        if hasattr(self.generator, "sleep"):  # a colocated vLLM engine frees its GPU memory for training
+            # the step ends with a weight sync, which reloads every weight: they need not survive the sleep
+            self.generator.sleep(weights_reloaded=True)
+        return out.to(self.device)  # a no-op for the transformers backend, which samples on the policy's device
+
+    def _fill_with_signal(self, first: int, local: pd.DataFrame, out, total: list, per: dict, tis: bool):
+        """DAPO's dynamic sampling (arXiv 2503.14476, section 3.2, eq. 11's constraint 0 < |correct| < G,
+        here: the G rewards are not all equal, which is exactly when eq. 3 gives a non-zero advantage).
+        Keeps the groups of batch `first` (already sampled and scored) that have a reward spread, then
+        samples and scores batches first+1, first+2, ... (their own prompts, each group from its own seed)
+        until prompts_per_step such groups are found; the step's batch is the first prompts_per_step of
+        them in the order drawn. Returns this rank's share of that batch (prompts, completions, totals,
+        per-reward scores), (completions, batches) drawn (whole batches, over all ranks) and the time spent
+        sampling after the first batch.
+
+        On W ranks each rank samples its share of every batch drawn, and the gathered rewards tell every
+        rank which groups are kept: the same groups as in one process. The kept groups are then split among
+        the ranks in order; a rank whose share holds groups another rank sampled samples them again from
+        their seeds (a group's completions do not depend on which rank samples it: _group_seed). That costs
+        up to (W - 1) / W of a batch of extra sampling per step, and no collective."""
+        c, G, B = self.cfg, self.cfg.num_generations, self.cfg.prompts_per_step
+        kept: list[tuple[int, int]] = []  # (batch number, group index in it) of the groups kept, in order
+        have: dict[tuple[int, int], tuple] = {}  # this rank's kept groups: (prompt row, completions, totals, per)
+        b, t_more, n_drawn = first, 0.0, 0
+
+        def store(b, local, out, total, per, groups):
+            for j, g in enumerate(groups):
+                if (b, g) in kept and (b, g) not in have:
+                    rows = list(range(j * G, (j + 1) * G))
+                    have[(b, g)] = (local.iloc[[j]], _select_rows(out, rows), [total[i] for i in rows],
+                                    {n: [v[i] for i in rows] for n, v in per.items()})
+
+        while True:
+            full = self._batch(b)  # its prompts: this rank's share of them are `local`
+            groups = range(*shard(len(full), self.rank, self.world_size).indices(len(full)))
+            n_drawn += len(full) * G
+            rewards = self.engine.all_gather(torch.tensor(total, dtype=torch.float32, device=self.device))
+            signal = groups_with_signal(rewards, G).tolist()
+            kept += [(b, g) for g, s in enumerate(signal) if s][: B - len(kept)]
+            store(b, local, out, total, per, groups)
+            if len(kept) >= B:
+                break
+            if b - first + 1 >= c.dynamic_sampling_max_batches:
+                raise NoLearningSignal(
+                    f"step {self.step_no}: dynamic sampling found {len(kept)} of prompts_per_step = {B} groups with "
+                    f"a reward spread in {b - first + 1} batches of {B} prompts (dynamic_sampling_max_batches = "
+                    f"{c.dynamic_sampling_max_batches}); raise dynamic_sampling_max_batches, filter the prompt set "
+                    "(pass_rate_band), or turn dynamic_sampling off")
+            b += 1
+            full = self._batch(b)
+            groups = range(*shard(len(full), self.rank, self.world_size).indices(len(full)))
+            local = full.iloc[list(groups)]
+            t0 = time.perf_counter()
+            out = self._generate([self._prompt(q) for q in local["question"]],
+                                 [self._group_seed(b, g) for g in groups], tis)
+            t_more += time.perf_counter() - t0
+            total, per = self._score(local, out.texts, G, out.lengths.tolist())
+        self.batches_drawn = b
+        share = [kept[g] for g in range(*shard(B, self.rank, self.world_size).indices(B))]
+        missing = [k for k in share if k not in have]
+        if missing:  # kept groups that another rank sampled: this rank samples them again
+            rows = pd.concat([self._batch(kb).iloc[[g]] for kb, g in missing])
+            t0 = time.perf_counter()
+            again = self._generate([self._prompt(q) for q in rows["question"]],
+                                   [self._group_seed(kb, g) for kb, g in missing], tis)
+            t_more += time.perf_counter() - t0
+            t, p = self._score(rows, again.texts, G, again.lengths.tolist())
+            for j, k in enumerate(missing):
+                ix = list(range(j * G, (j + 1) * G))
+                have[k] = (rows.iloc[[j]], _select_rows(again, ix), [t[i] for i in ix],
+                           {n: [v[i] for i in ix] for n, v in p.items()})
+        parts = [have[k] for k in share]
+        names = sorted({n for *_, p in parts for n in p})
+        per = {n: [v for _, o, _, p in parts for v in p.get(n, [None] * len(o.texts))] for n in names}
+        return (pd.concat([k[0] for k in parts]), _cat_completions([k[1] for k in parts], self.tok.pad_token_id),
+                [t for k in parts for t in k[2]], per, (n_drawn, b - first + 1), t_more)
 
     def _count_sandbox_errors(self, rewards: list) -> float:
         """Samples whose program the sandbox could not start, over every rank: scored 0, but a failure of
@@ -443,17 +633,21 @@ class GRPOTrainer:
         # "chat": the tokenizer's chat template (models after the cold start); else a named template
         return chat_prompt(self.tok, question) if self.cfg.template == "chat" else render(question, self.cfg.template)
 
-    def _score(self, batch: pd.DataFrame, texts: list[str], G: int):
+    def _score(self, batch: pd.DataFrame, texts: list[str], G: int, lengths: list[int] | None = None):
         """Weighted reward sums, each prompt with the rewards of its kind; per[name] has None where a
-        reward does not apply. Reward models also see the question (section 2.3.4)."""
+        reward does not apply. Reward models also see the question (section 2.3.4), length-based rewards
+        (overlong) each completion's length in tokens."""
         kinds = list(batch["kind"]) if "kind" in batch else ["reasoning"] * len(batch)
         total, per = [0.0] * len(texts), {}
         for kind, weights in self.weights_by_kind.items():
             idx = [i for i in range(len(texts)) if kinds[i // G] == kind]
             if not idx:
                 continue
+            # lengths in tokens only where a reward judges them (overlong_buffer_length)
+            kw = ({"lengths": [lengths[i] for i in idx]}
+                  if lengths is not None and any(R.needs_lengths(R.get(n)) for n in weights) else {})
             t, p = R.score_batch([texts[i] for i in idx], [str(batch["answer"].iloc[i // G]) for i in idx], weights,
-                                 self.cfg.reward_options, prompts=[batch["question"].iloc[i // G] for i in idx])
+                                 self.reward_options, prompts=[batch["question"].iloc[i // G] for i in idx], **kw)
             for j, i in enumerate(idx):
                 total[i] = t[j]
             for name, rs in p.items():
@@ -461,6 +655,62 @@ class GRPOTrainer:
                 for j, i in enumerate(idx):
                     col[i] = rs[j]
         return total, per
+
+    # -- offline pass-rate filtering ----------------------------------------------------------------
+    def _pass_rate_seed(self, prompt: int) -> int:
+        """The sampling seed of training prompt `prompt` in the pass-rate estimate (its own stream)."""
+        h = hashlib.sha256(f"grpo-pass-rate:{self.cfg.seed}:{prompt}".encode()).digest()
+        return int.from_bytes(h[:8], "little") % (2**31)
+
+    def pass_rates(self, train: pd.DataFrame) -> np.ndarray:
+        """Each reasoning prompt's pass rate under the current (starting) policy: the share of
+        pass_rate_samples outputs, sampled as training samples them (temperature, top-p, length), that the
+        accuracy reward grades correct (a truncated one is wrong, as in evaluation); NaN for prompts of
+        another kind (general prompts, scored by reward models, have no pass rate). Each prompt samples
+        from its own seed; on several ranks each samples its share and the rates are gathered."""
+        c = self.cfg
+        reasoning = (train["kind"] == "reasoning").to_numpy() if "kind" in train else np.ones(len(train), bool)
+        idx = np.flatnonzero(reasoning)
+        per = -(-len(idx) // self.world_size)
+        mine = idx[self.rank * per: (self.rank + 1) * per]
+        rates = torch.full((per,), float("nan"), dtype=torch.float64, device=self.device)
+        if len(mine):
+            problems = train.iloc[mine].assign(benchmark="train", problem_id=[str(i) for i in mine])
+            prompts = [self._prompt(q) for q in problems["question"]]
+            params = SamplingParams(c.pass_rate_samples, c.temperature, c.top_p, c.max_completion_length)
+            fmt = "format_readable" if c.template == "chat" else "format"
+            with self._mixed_precision(not self.samples_externally):
+                seeded = _SeededGenerator(self.generator, [self._pass_rate_seed(int(i)) for i in mine])
+                graded = sample_and_grade(seeded, problems, prompts, params, "accuracy", c.reward_options,
+                                          format_reward=fmt)
+            correct = graded["correct"].to_numpy(dtype=float).reshape(len(mine), c.pass_rate_samples)
+            rates[: len(mine)] = torch.tensor(correct.mean(1), dtype=torch.float64)
+        gathered = self.engine.all_gather(rates).cpu().numpy()[: len(idx)]
+        out = np.full(len(train), np.nan)
+        out[idx] = gathered
+        return out
+
+    def _filter_by_pass_rate(self, train: pd.DataFrame) -> pd.DataFrame:
+        """open-r1's offline filtering (its pass-rate filter script; also DAPO's motivation for dynamic
+        sampling): prompts the starting policy always or never solves give groups with a single reward, hence
+        no gradient (eq. 3). Keeps the reasoning prompts whose pass rate lies in pass_rate_band = [low, high]
+        (bounds included) and every prompt of another kind."""
+        c = self.cfg
+        low, high = c.pass_rate_band
+        t0 = time.perf_counter()
+        rates = self.pass_rates(train)
+        keep = np.isnan(rates) | ((rates >= low) & (rates <= high))
+        n_reasoning, kept = int((~np.isnan(rates)).sum()), int((~np.isnan(rates) & keep).sum())
+        if self.is_main:
+            log.info("pass-rate filter: %d of %d reasoning prompts have a pass rate in [%g, %g] over %d samples "
+                     "each (mean pass rate %.3f; %.0f s)", kept, n_reasoning, low, high, c.pass_rate_samples,
+                     float(np.nanmean(rates)) if n_reasoning else float("nan"), time.perf_counter() - t0)
+        if n_reasoning and not kept:
+            raise ValueError(f"pass_rate_band = [{low}, {high}] keeps none of the {n_reasoning} training prompts "
+                             f"(mean pass rate {float(np.nanmean(rates)):.3f} over pass_rate_samples = "
+                             f"{c.pass_rate_samples} samples each); widen the band")
+        self.prompt_pass_rates = rates
+        return train[keep].reset_index(drop=True)
 
     # -- validation --------------------------------------------------------------------------------
     def validate(self) -> dict:
@@ -474,11 +724,51 @@ class GRPOTrainer:
         # puts it back, so a step's validation samples are the same however often validation runs
         rng = self.generator.state_dict()
         try:
-            s = summarize(sample_and_grade(self.generator, problems, prompts, params, "accuracy", c.reward_options,
-                                           format_reward=fmt))
+            if self.world_size == 1:
+                samples = sample_and_grade(self.generator, problems, prompts, params, "accuracy", c.reward_options,
+                                           format_reward=fmt)
+            else:
+                samples = self._sharded_validation(problems, prompts, params, fmt)
         finally:
             self.generator.load_state_dict(rng)
+        s = summarize(samples)
         return {"val_pass@1": s["pass@1"], "val_format_rate": s["format_rate"], "val_length": s["mean_length"]}
+
+    # what the validation metrics are computed from, per sample (summarize's pass@1, format rate, mean length)
+    VAL_SAMPLE_COLUMNS = ("correct", "truncated", "format", "completion_tokens")
+
+    def _validation_seed(self, prompt: int) -> int:
+        """The sampling seed of validation prompt `prompt` on several ranks, from the run's seed and the
+        prompt's index only: its samples are the same whichever rank draws them, and at every validation
+        (as one process's stream, put back after each validation, is)."""
+        h = hashlib.sha256(f"grpo-validate:{self.cfg.seed}:{prompt}".encode()).digest()
+        return int.from_bytes(h[:8], "little") % (2**31)
+
+    def _sharded_validation(self, problems: pd.DataFrame, prompts: list[str], params: SamplingParams,
+                            fmt: str) -> pd.DataFrame:
+        """Validation on W ranks: each samples and grades its contiguous share of the prompts (1/W of the
+        work rather than all of it on every rank), each prompt from its own seed; the per-sample grades are
+        gathered in prompt order, so every rank computes the metrics of the whole set, those of one process
+        grading the same samples (tests/test_grpo_validation_shards.py)."""
+        n, k, W, cols = len(problems), params.n, self.world_size, list(self.VAL_SAMPLE_COLUMNS)
+        per = -(-n // W)  # prompts per rank; the last ranks' shares are shorter, or empty
+        counts = [max(0, min(n, (r + 1) * per) - r * per) for r in range(W)]
+        start = min(n, self.rank * per)
+        mine = slice(start, start + counts[self.rank])
+        # all_gather takes the same shape from every rank: short shares are padded with NaN rows
+        rows = torch.full((per * k, len(cols)), float("nan"), dtype=torch.float64, device=self.device)
+        if counts[self.rank]:
+            seeded = _SeededGenerator(self.generator, [self._validation_seed(i) for i in range(mine.start, mine.stop)])
+            local = sample_and_grade(seeded, problems.iloc[mine], prompts[mine], params, "accuracy",
+                                     self.cfg.reward_options, format_reward=fmt)
+            rows[: len(local)] = torch.tensor(local[cols].to_numpy(dtype=float), dtype=torch.float64)
+        gathered = self.engine.all_gather(rows).cpu()  # (W * per * k, columns), rank by rank
+        full = torch.cat([gathered[r * per * k: r * per * k + counts[r] * k] for r in range(W)]).numpy()
+        out = pd.DataFrame(full, columns=cols)
+        out["truncated"] = out["truncated"].astype(bool)
+        out["completion_tokens"] = out["completion_tokens"].astype(np.int64)
+        return out.assign(problem_id=[p for p in problems["problem_id"] for _ in range(k)],
+                          sample=[j for _ in range(n) for j in range(k)])
 
     # -- checkpoints -------------------------------------------------------------------------------
     @property
@@ -496,6 +786,10 @@ class GRPOTrainer:
             self.engine.barrier()
         if self.is_main:
             save_policy(self.model, self.tok, tmp / "model")
+            if self.ref_synced_at and self.ref_synced_at != self.step_no:
+                # a refreshed reference (ref_model_sync_steps) is an older policy: kept beside the model; one
+                # refreshed at this very step is the saved model itself
+                save_policy(self.ref_model, self.tok, tmp / "reference")
             opt = {} if distributed else {"optimizer": self.opt.state_dict()}
             master = getattr(self.engine, "master", None)
             if master is not None:  # the float32 weights the bf16 model is rounded from
@@ -506,7 +800,7 @@ class GRPOTrainer:
             (tmp / "state.json").write_text(json.dumps({"step": self.step_no, "best": self.best,
                                                         "history": self.history, "settings": asdict(self.cfg),
                                                         "start": self.start_fingerprint,
-                                                        "world_size": self.world_size}))
+                                                        "world_size": self.world_size, **self._added_state()}))
             old = self.state_dir / "checkpoint.old"
             if final.exists():
                 os.replace(final, old)
@@ -515,6 +809,15 @@ class GRPOTrainer:
                 shutil.rmtree(old)
             self._prune_best()  # the checkpoint now names the best; older best folders are not needed
         self.engine.barrier()
+
+    def _added_state(self) -> dict:
+        """What dynamic sampling and reference refresh add to a checkpoint's state.json (nothing when off)."""
+        extra = {}
+        if self.batches_drawn != self.step_no:
+            extra["batches_drawn"] = self.batches_drawn
+        if self.ref_synced_at:
+            extra["ref_synced_at"] = self.ref_synced_at
+        return extra
 
     def _best_dir(self, step: int) -> Path:
         # one folder per best step, so a checkpoint's best record always names weights that exist: a new
@@ -532,7 +835,8 @@ class GRPOTrainer:
         if not (ck / "state.json").exists():
             return False
         state = json.loads((ck / "state.json").read_text())
-        then, now = state.get("settings", {}), asdict(self.cfg)
+        then = {**{k: getattr(GRPOConfig, k) for k in GRPOConfig.ADDED_SETTINGS}, **state.get("settings", {})}
+        now = asdict(self.cfg)
         changed = sorted(k for k in set(then) | set(now) if then.get(k, "<unset>") != now.get(k, "<unset>"))
         differs = [k for k in changed if k not in GRPOConfig.NOT_TRAJECTORY]
         if differs:
@@ -565,6 +869,12 @@ class GRPOTrainer:
         torch.set_rng_state(tr["torch_rng"])
         random.setstate(tr["python_rng"])
         self.step_no, self.best, self.history = state["step"], state["best"], state["history"]
+        # batches of prompts drawn (dynamic sampling) and the step of the reference's last refresh
+        self.batches_drawn = state.get("batches_drawn", self.step_no)
+        self.ref_synced_at = state.get("ref_synced_at", 0)
+        if self.ref_synced_at and self.ref_model is not None:
+            ref = ck / "reference" if self.ref_synced_at != self.step_no else ck / "model"
+            load_weights(self.ref_model, ref)
         if self.is_main:  # bests found after this checkpoint are found again as the run repeats those steps
             self._prune_best()
         if self.samples_externally:
@@ -694,6 +1004,77 @@ def progress_line(rows: list[dict], steps: int, best: dict) -> str:
 
 def _nanmax(a: float, b: float) -> float:
     return b if math.isnan(a) else a if math.isnan(b) else max(a, b)
+
+
+class GPUPhasePeaks:
+    """The peak CUDA memory of each phase of a step (sampling, training, update), as PhasePeaks records
+    resident memory: PyTorch's peak counters read at the end of a phase, then reset. Two per phase, in MB:
+    allocated (live tensors) and reserved (held by PyTorch's caching allocator, which is what another
+    allocator on the GPU, vLLM's, cannot have). The reset touches nothing but these counters. Off CUDA there
+    is nothing to read, and no columns."""
+
+    def __init__(self, device: torch.device):
+        self.device = device if device.type == "cuda" else None
+        self.step: dict[str, float] = {}
+
+    def end(self, phase: str | None) -> None:
+        """Close `phase` (the largest peak over its repeats, e.g. mu training passes); None: what came before
+        the step, not recorded."""
+        if self.device is None:
+            return
+        if phase is not None:
+            for kind, read in (("allocated", torch.cuda.max_memory_allocated),
+                               ("reserved", torch.cuda.max_memory_reserved)):
+                key = f"peak_gpu_{kind}_{phase}_mb"
+                self.step[key] = max(self.step.get(key, 0.0), read(self.device) / 2**20)
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def take(self) -> dict[str, float]:
+        """This step's columns (none off CUDA), and a fresh start for the next step."""
+        out, self.step = self.step, {}
+        return out
+
+
+class _SeededGenerator:
+    """A generator whose `generate(prompts, params)` draws each prompt from its own seed (sample_and_grade
+    passes none)."""
+
+    def __init__(self, generator, seeds: list[int]):
+        self.generator, self.seeds = generator, seeds
+
+    def generate(self, prompts: list[str], params: SamplingParams):
+        return self.generator.generate(prompts, params, seeds=self.seeds)
+
+
+def _select_rows(out: Completions, rows: list[int]) -> Completions:
+    """The completions `rows` of `out`, without the padding columns no kept row uses."""
+    ix = torch.tensor(rows, dtype=torch.long, device=out.prompt_ids.device)
+    pm, cm = out.prompt_mask[ix], out.completion_mask[ix]
+    used_p = torch.nonzero(pm.sum(0) > 0).flatten()
+    p0 = int(used_p[0]) if len(used_p) else pm.shape[1]  # prompts are left-padded
+    used_c = torch.nonzero(cm.sum(0) > 0).flatten()
+    c1 = int(used_c[-1]) + 1 if len(used_c) else 0  # completions right-padded
+    lp = None if out.sampler_logprobs is None else out.sampler_logprobs[ix][:, :c1]
+    return Completions(out.prompt_ids[ix][:, p0:], pm[:, p0:], out.completion_ids[ix][:, :c1], cm[:, :c1],
+                       out.truncated[ix], [out.texts[i] for i in rows], sampler_logprobs=lp)
+
+
+def _cat_completions(parts: list[Completions], pad_id: int) -> Completions:
+    """Completions one after another: prompts left-padded, completions right-padded to the widest."""
+    if len(parts) == 1:
+        return parts[0]
+    P, C = max(p.prompt_ids.shape[1] for p in parts), max(p.completion_ids.shape[1] for p in parts)
+    pad = torch.nn.functional.pad
+
+    def cat(name, width, value, left):
+        return torch.cat([pad(getattr(p, name), (width - getattr(p, name).shape[1], 0) if left else
+                              (0, width - getattr(p, name).shape[1]), value=value) for p in parts])
+
+    lp = (cat("sampler_logprobs", C, 0.0, False) if all(p.sampler_logprobs is not None for p in parts) else None)
+    return Completions(cat("prompt_ids", P, pad_id, True), cat("prompt_mask", P, 0, True),
+                       cat("completion_ids", C, pad_id, False), cat("completion_mask", C, 0, False),
+                       torch.cat([p.truncated for p in parts]), [t for p in parts for t in p.texts],
+                       sampler_logprobs=lp)
 
 
 def _mean_of(values) -> float:

@@ -31,6 +31,7 @@ from r1flow.data.preferences import ASPECTS, prompt_text, response_text
 from r1flow.models import save_policy
 from r1flow.models.reward_model import load_reward_model, max_length_of, render_for_rm, rm_response, score_texts
 from r1flow.training.engine import make_engine, master_parameters
+from r1flow.training.sft import rank_rows
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +82,19 @@ def train_reward_model(base_path: str | os.PathLike, pairs_df: pd.DataFrame, asp
                        out_dir: str | os.PathLike | None, steps: int = 100, lr: float = 1e-3, batch_size: int = 16,
                        seed: int = 0, weight_decay: float = 0.0, warmup_steps: int = 0, max_grad_norm: float = 1.0,
                        max_length: int | None = None, dtype: str = "float32", device: str | torch.device = "cpu",
-                       log_every: int = 10, gguf_file: str | None = None):
+                       log_every: int = 10, gguf_file: str | None = None, deepspeed: dict | None = None):
     """Train the `aspect` reward model on the pairs of that aspect; save it to `out_dir` (if given).
 
     Each step draws `batch_size` pairs (a fixed stream from `seed`), scores chosen and rejected in one
     forward and minimises the Bradley-Terry loss (see `bradley_terry_loss`) with AdamW and a cosine
     schedule. Returns (model, tokenizer, metrics) with metrics one row per step (RM_METRICS schema):
     step, loss, accuracy (pairwise, on the step's batch), learning_rate.
+
+    `deepspeed`: the config's training.deepspeed section. When enabled (under torchrun, W ranks) every rank
+    draws the same batch and scores its contiguous share of the pairs (r1flow.training.sft.rank_rows; a
+    batch that W does not divide is split unevenly, a rank without pairs scores a filler pair with weight
+    0); each rank's loss is its pairs' sum over the whole batch's size, so the update and the metrics
+    (summed over ranks, the same on every rank) are those of one process. Rank 0 saves.
     """
     if aspect not in ASPECTS:
         raise ValueError(f"unknown reward model aspect {aspect!r}; expected one of {ASPECTS}")
@@ -103,7 +110,7 @@ def train_reward_model(base_path: str | os.PathLike, pairs_df: pd.DataFrame, asp
     n_tok = [min(len(ids), max_length) for ids in tok(chosen + rejected, add_special_tokens=False)["input_ids"]]
 
     # float32 master weights for a bf16 / fp16 model, stepped by the engine (r1flow.training.engine)
-    params, master = master_parameters(model)
+    params, master = master_parameters(model, deepspeed)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
     def factor(s: int) -> float:
@@ -111,31 +118,37 @@ def train_reward_model(base_path: str | os.PathLike, pairs_df: pd.DataFrame, asp
         return warm * 0.5 * (1 + math.cos(math.pi * s / max(1, steps)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    engine = make_engine(model, opt, max_grad_norm, master=master)
+    engine = make_engine(model, opt, max_grad_norm, deepspeed, master=master)
+    rank, world, main = engine.rank, engine.world_size, engine.rank == 0
     g = torch.Generator().manual_seed(seed)
     rows, t0, tokens = [], time.time(), 0
     model.train()
     for step in range(1, steps + 1):
         # indices drawn on the CPU (a fixed stream whatever the device); the batch is scored on the model's
         idx = torch.randint(len(pairs), (min(batch_size, len(pairs)),), generator=g, device="cpu").tolist()
-        texts = [chosen[i] for i in idx] + [rejected[i] for i in idx]
+        mine = idx[rank_rows(len(idx), rank, world)]  # this rank's pairs (all of them in one process)
+        scored = mine or idx[:1]  # a rank without pairs still runs the backward ZeRO reduces in: weight 0
+        texts = [chosen[i] for i in scored] + [rejected[i] for i in scored]
         r = score_texts(model, tok, texts, batch_size=len(texts), max_length=max_length, grad=True)
-        r_c, r_r = r[: len(idx)], r[len(idx):]
-        loss = bradley_terry_loss(r_c, r_r)
+        r_c, r_r = r[: len(scored)], r[len(scored):]
+        # this rank's part of the whole batch's mean loss (the whole of it in one process)
+        loss = bradley_terry_loss(r_c, r_r) * (len(mine) / len(idx))
         engine.zero_grad()
-        engine.backward(loss)
+        engine.backward(loss * engine.loss_scale)  # x W: DeepSpeed averages gradients over ranks
         lr_now = sched.get_last_lr()[0]
         engine.step()  # clip the gradient norm, update
         sched.step()
-        rows.append({"step": step, "loss": loss.item(), "accuracy": pairwise_accuracy(r_c.detach(), r_r.detach()),
-                     "learning_rate": lr_now})
+        wins = pairwise_accuracy(r_c.detach(), r_r.detach()) * len(mine)
+        loss_sum, wins_sum = engine.all_sum([loss.item(), wins])
+        rows.append({"step": step, "loss": loss_sum, "accuracy": wins_sum / len(idx), "learning_rate": lr_now})
         tokens += sum(n_tok[i] + n_tok[len(pairs) + i] for i in idx)
-        if step % log_every == 0 or step == steps:
+        if main and (step % log_every == 0 or step == steps):
             log.info("reward model '%s' step %d/%d: loss %.4f, batch accuracy %.3f, lr %.3g, %.0f tokens/s", aspect,
                      step, steps, rows[-1]["loss"], rows[-1]["accuracy"], lr_now, tokens / (time.time() - t0))
     model.eval()
-    log.info("reward model '%s': %d steps on %d pairs in %.1fs, final batch loss %.3f", aspect, steps, len(pairs),
-             time.time() - t0, rows[-1]["loss"])
-    if out_dir is not None:
+    if main:
+        log.info("reward model '%s': %d steps on %d pairs in %.1fs, final batch loss %.3f", aspect, steps,
+                 len(pairs), time.time() - t0, rows[-1]["loss"])
+    if out_dir is not None and main:  # with DeepSpeed, rank 0 writes the model (the weights are the same on all)
         save_policy(model, tok, out_dir)  # any transformers model: save_pretrained to a tmp folder, then rename
     return model, tok, pd.DataFrame(rows)

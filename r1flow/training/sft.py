@@ -11,6 +11,14 @@ prompt's tokens carry no loss.
 `sft_loss(..., num_tokens=T)` divides by a given count instead of the batch's own: with T the count of
 the whole step (all micro-batches, all ranks), the micro-batch losses add up to the full-batch mean, so
 micro-batching and data parallelism change nothing but the float summation order (tested).
+
+Data parallelism (DeepSpeed ZeRO, `train_sft(..., deepspeed=...)` under torchrun with W ranks): every rank
+draws the same shuffled order from the seed and collates the same batch; each trains on its contiguous
+share (`rank_rows`: ceil(n / W) rows per rank in rank order, the last ranks' shorter; engine.shard's shares
+when W divides n). A batch_size that W does not divide, and an epoch's short last batch, are split
+unevenly rather than refused: the loss is divided by the step's token count over all ranks, so uneven
+shares leave it exact. ZeRO-2 reduces gradients in every backward, so every rank runs as many micro-batches
+(`rank_micro_batches`); one with no rows of its own there runs a zero-weighted filler row.
 """
 
 from __future__ import annotations
@@ -49,6 +57,15 @@ class SFTBatch:
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    def trimmed(self) -> "SFTBatch":
+        """These rows up to their own longest sequence (a micro-batch sliced from a batch that `collate`
+        padded to the whole batch's longest). The columns cut are right padding: no real token attends to
+        them (causal) and they carry no loss, so loss and gradients are those of the untrimmed rows."""
+        width = max(1, int(self.attention_mask.sum(1).max())) if len(self) else 0
+        if width >= self.input_ids.shape[1]:
+            return self
+        return SFTBatch(self.input_ids[:, :width], self.attention_mask[:, :width], self.labels[:, :width])
 
 
 def collate(tokenizer, prompts: list[str], completions: list[str], max_length: int | None = None,
@@ -129,18 +146,45 @@ def sft_loss(model, batch: SFTBatch, num_tokens: int | float | None = None) -> t
     return nll / max(1, denom)
 
 
-def sft_step(engine, micro_batches: list[SFTBatch]) -> float:
+def rank_rows(n: int, rank: int, world_size: int) -> slice:
+    """This rank's contiguous share of n rows: ceil(n / W) per rank in rank order, the last ranks' shorter
+    or empty (the convention of GRPO's sharded validation; engine.shard's shares when W divides n)."""
+    per = -(-n // world_size)
+    return slice(min(n, rank * per), min(n, (rank + 1) * per))
+
+
+def rank_micro_batches(batch: SFTBatch, rank: int, world_size: int,
+                       micro_batch_size: int = 0) -> list[SFTBatch | None]:
+    """This rank's share of `batch` (`rank_rows`) in micro-batches of `micro_batch_size` rows (0: the
+    share in one). Every rank gets as many entries, ceil(ceil(n / W) / micro_batch_size), since ZeRO-2
+    reduces gradients in every backward; None where this rank has no rows left (sft_step's filler)."""
+    n = len(batch)
+    per = -(-n // world_size)
+    mine = rank_rows(n, rank, world_size)
+    mb = micro_batch_size or per
+    return [batch[mine.start + j : min(mine.stop, mine.start + j + mb)] if mine.start + j < mine.stop else None
+            for j in range(0, per, mb)]
+
+
+def sft_step(engine, micro_batches: list[SFTBatch | None], filler: SFTBatch | None = None) -> float:
     """One optimiser update over this rank's micro-batches; returns the full-batch mean loss (all ranks).
 
     `engine` is r1flow.training.engine.LocalEngine or DeepSpeedEngine: with W ranks each rank passes its
     own share of the batch; the token count is summed over ranks so every rank divides by the same total.
+    A None micro-batch (this rank has no rows there, others have: `rank_micro_batches`) runs `filler`, any
+    real row, with weight 0, so that every rank runs as many backwards over the same parameters.
     """
-    total = engine.all_sum([float(sum(mb.num_tokens for mb in micro_batches))])[0]
+    if filler is None and any(mb is None for mb in micro_batches):
+        raise ValueError("a None micro-batch needs a filler row")
+    total = engine.all_sum([float(sum(mb.num_tokens for mb in micro_batches if mb is not None))])[0]
     engine.model.train()
     engine.zero_grad()
     loss_sum = 0.0
     for mb in micro_batches:
-        loss = sft_loss(engine.model, mb, total)
+        if mb is None:  # a zero gradient, through the same graph as the other ranks' backwards
+            engine.backward(sft_loss(engine.model, filler, total) * 0.0)
+            continue
+        loss = sft_loss(engine.model, mb.trimmed(), total)  # at its own longest row, not the batch's
         engine.backward(loss * engine.loss_scale)  # x W: DeepSpeed averages gradients over ranks
         loss_sum += loss.item()
     engine.step()
@@ -156,6 +200,9 @@ def train_sft(model, tokenizer, prompts: list[str], completions: list[str], *, e
     Returns one metrics row per update (step, epoch, loss, learning_rate). Cosine decay after warm-up.
     `gradient_checkpointing` recomputes each decoder layer in the backward instead of keeping its
     activations (less memory, one more forward; the same loss and gradients).
+    `deepspeed`: the config's training.deepspeed section; when enabled (under torchrun) each rank trains on
+    its share of every batch (module docstring; `micro_batch_size` then counts a rank's rows) and returns
+    the same rows on every rank; the caller saves on rank 0.
     """
     if not prompts:
         raise ValueError("no SFT examples")
@@ -174,9 +221,11 @@ def train_sft(model, tokenizer, prompts: list[str], completions: list[str], *, e
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     engine = make_engine(model, opt, max_grad_norm, deepspeed, master=master)
     device = model_device(model)  # batches are made where the model is (the config's `device`)
-    rng = random.Random(seed)
+    rank, world, main = engine.rank, engine.world_size, engine.rank == 0
+    rng = random.Random(seed)  # the same order on every rank
     rows, step, tokens, t0 = [], 0, 0, time.perf_counter()
-    bar = tqdm(total=total, desc="SFT", unit="step", disable=None)  # no bar when stderr is not a terminal
+    # no bar when stderr is not a terminal, nor on ranks other than 0
+    bar = tqdm(total=total, desc="SFT", unit="step", disable=None if main else True)
     for epoch in range(epochs):
         order = list(range(len(prompts)))
         rng.shuffle(order)
@@ -184,15 +233,15 @@ def train_sft(model, tokenizer, prompts: list[str], completions: list[str], *, e
             idx = order[s : s + batch_size]
             batch = collate(tokenizer, [prompts[i] for i in idx], [completions[i] for i in idx], max_length,
                             device=device)
-            mb = micro_batch_size or len(idx)
             lr = sched.get_last_lr()[0]  # the rate this update uses; sched.step() below sets the next one's
-            loss = sft_step(engine, [batch[j : j + mb] for j in range(0, len(idx), mb)])
+            # this rank's share of the batch (all of it in one process), in micro-batches
+            loss = sft_step(engine, rank_micro_batches(batch, rank, world, micro_batch_size), filler=batch[:1])
             sched.step()
             step += 1
             rows.append({"step": step, "epoch": epoch + 1, "loss": loss, "learning_rate": lr})
             bar.update(1)
             tokens += int(batch.attention_mask.sum())
-            if step % log_every == 0 or step == total:
+            if main and (step % log_every == 0 or step == total):
                 bar.set_postfix(loss=f"{loss:.3f}")
                 log.info("SFT step %d/%d (epoch %d): loss %.4f, lr %.3g, %.0f tokens/s", step, total, epoch + 1,
                          loss, rows[-1]["learning_rate"], tokens / (time.perf_counter() - t0))

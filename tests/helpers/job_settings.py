@@ -37,6 +37,28 @@ def planned_jobs(workdir, *configfiles, extra=()) -> dict[str, list[str]]:
     return jobs
 
 
+def planned_job_resources(workdir, *configfiles, extra=()) -> dict[str, dict[str, str]]:
+    """{job name: {resource: value}} of every job `snakemake -n` plans, as its dry run prints them (the
+    resources Snakemake would hand the executor, the profile's defaults merged in)."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir), "-n",
+           "--configfile", *map(str, configfiles), *extra]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if p.returncode:
+        raise RuntimeError(f"snakemake -n failed:\n{p.stdout[-3000:]}{p.stderr[-3000:]}")
+    jobs, name, resources = {}, None, None
+    for line in (p.stdout + p.stderr).splitlines() + ["rule end:"]:
+        s = line.strip()
+        if s.startswith(("rule ", "localrule ")) and s.endswith(":"):
+            if name is not None:
+                jobs[name] = resources or {}
+            name, resources = None, None
+        elif s.startswith("output:") and "provenance/" in s:
+            name = s.split("provenance/")[1].split(".json")[0]
+        elif s.startswith("resources:"):
+            resources = dict(kv.split("=", 1) for kv in s[len("resources:"):].strip().split(", "))
+    return jobs
+
+
 class _Parsed(Exception):
     def __init__(self, namespace):
         self.namespace = namespace

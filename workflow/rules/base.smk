@@ -15,7 +15,7 @@ rule base_model:
                     {"tiny": config["base_model"]["tiny"], "families": config["data"]["synthetic"]["families"],
                      "template": config["template"]},
                     "--exclude {input.validation} {input.test} --out {output.model} --loss {output.loss}"
-                    " --threads {threads}", model=("pretrain",)),
+                    " --threads {threads}", model=("pretrain",), stage="base_model"),
     threads: job_threads("base_model")
     # everything waits for the base (the tiny student reads its tokenizer): start it before anything else
     priority: 10
@@ -26,6 +26,6 @@ rule base_model:
     resources:
         **job_resources("base_model", mem_mb=4000, runtime=30),
     conda:
-        "../../envs/train.yaml"
+        conda_env("train")
     shell:
         JOB

@@ -14,7 +14,7 @@ rule cold_start_data:
     params:
         **job("cold_start.py", {"settings": config["r1"]["cold_start"], **base_model_settings("base")},
                     "--r1-zero {input.r1_zero} --train {input.train} --out {output.data} --threads {threads}",
-                    model=("generate",)),
+                    model=("generate",), stage="cold_start_data"),
     threads: job_threads("cold_start_data")
     priority: 10  # the R1 chain, the critical path: before evaluations ready beside it
     log:
@@ -24,7 +24,7 @@ rule cold_start_data:
     resources:
         **job_resources("cold_start_data", mem_mb=4000, runtime=30),
     conda:
-        "../../envs/generate.yaml"
+        conda_env("generate", "cold_start_data")
     shell:
         JOB
 
@@ -39,7 +39,7 @@ rule cold_start_sft:
         provenance=provenance("cold_start_sft"),
     params:
         **job("sft.py", {"settings": config["r1"]["sft"], **base_model_settings()}, SFT_FILES,
-                    model=()),
+                    model=("train",), stage="cold_start_sft"),
     threads: job_threads("cold_start_sft")
     priority: 10  # the R1 chain, the critical path: before evaluations ready beside it
     log:
@@ -49,6 +49,6 @@ rule cold_start_sft:
     resources:
         **job_resources("cold_start_sft", mem_mb=4000, runtime=60),
     conda:
-        "../../envs/train.yaml"
+        conda_env("train")
     shell:
         JOB

@@ -2,15 +2,17 @@
 # command of every rule (job) and the settings it passes, resources, models and benchmarks.
 import json
 import os
+import re
 import shlex
 import sys
 
 sys.path.insert(0, str(Path(workflow.basedir)))  # the r1flow package, when not pip-installed
-from r1flow.config import ConfigError, check_model_sources, validate_config
+from r1flow.config import ConfigError, check_model_sources, check_placement, stage_settings, validate_config
 from r1flow.evaluation.benchmarks import BenchmarkSpec
 
 # Fails here, before any job runs, naming the key and what was expected.
-validate_config(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
+SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
+validate_config(config, SCHEMA)
 # --configfile merges over the embedded default; `name: null` is how a config drops an inherited benchmark
 config["evaluation"]["benchmarks"] = {k: v for k, v in config["evaluation"]["benchmarks"].items() if v is not None}
 if not config["evaluation"]["benchmarks"]:
@@ -56,32 +58,109 @@ def job_resources(rule_name, **defaults):
     return {**defaults, **own}
 
 
-def launcher():
-    """How a training script starts: the plain interpreter, or torchrun with one rank per device when
-    training.deepspeed is enabled (each rank then builds the DeepSpeed engine; see r1flow.training.engine)."""
-    ds = config["training"]["deepspeed"]
+_STAGES = {}
+
+
+def stage(name):
+    """A stage's own generation and deepspeed settings: the top-level sections with `stages.<name>`
+    merged over them (r1flow.config.stage_settings), computed and validated once per stage."""
+    if name not in _STAGES:
+        _STAGES[name] = stage_settings(config, name, SCHEMA)
+    return _STAGES[name]
+
+
+def launcher(name):
+    """How stage `name`'s training script starts: the plain interpreter, or torchrun with one rank per
+    device when its deepspeed settings are enabled (each rank then builds the DeepSpeed engine; see
+    r1flow.training.engine)."""
+    ds = stage(name)["deepspeed"]
     if not ds["enabled"]:
         return PYTHON
     env = "env DS_ACCELERATOR=cpu " if ds["accelerator"] == "cpu" else ""
     return f"{env}{PYTHON} -m torch.distributed.run --standalone --nproc_per_node {ds['nproc_per_node']}"
 
 
-def model_settings(uses):
-    """What a stage that runs a model is given, in this one place so that no stage drops one: every such
-    stage runs on the config's `device` (resolved in the job: r1flow.models.resolve_device); every
-    model it loads is in base_model.dtype, except the tiny base's pretraining from scratch ("pretrain",
-    float32); a stage that samples ("generate") gets the generation backend; one that trains through
-    r1flow.training.engine ("train") gets training.deepspeed. Only GRPO does so far: the SFT stages and
-    the reward models train in one process (train_sft does not shard batches by rank)."""
+# The conda env file of every job, by what it runs ("train": data, pretraining, SFT and reward models;
+# "grpo"; "generate": sampling without training; "eval": tables and plots) and, for "grpo" and "generate",
+# by its stage's generation backend.
+def conda_env(kind, name=None):
+    """The env file (relative to workflow/rules) of a kind of job. Only the stage's generation.backend
+    chooses, as vLLM pins its own torch; under vllm GRPO gets train-vllm.yaml (vLLM and DeepSpeed on that
+    torch) and sampling generate-vllm.yaml. deepspeed does not choose, as train.yaml carries DeepSpeed too
+    (train.post-deploy.sh)."""
+    vllm = kind in ("grpo", "generate") and stage(name)["generation"]["backend"] == "vllm"
+    env = {"train": "train", "eval": "eval", "grpo": "train-vllm" if vllm else "train",
+           "generate": "generate-vllm" if vllm else "generate"}[kind]
+    path = Path(workflow.basedir) / "envs" / f"{env}.yaml"
+    if vllm and "vllm==" not in path.read_text():
+        raise ConfigError(f"config key 'generation.backend' of stage {name}: vllm, but {path.name} installs no vllm")
+    return f"../../envs/{env}.yaml"
+
+
+def model_settings(uses, name):
+    """What stage `name`, which runs a model, is given, in this one place so that no stage drops one:
+    every such stage runs on the config's `device` (resolved in the job: r1flow.models.resolve_device);
+    every model it loads is in base_model.dtype, except the tiny base's pretraining from scratch
+    ("pretrain", float32); a stage that samples ("generate") gets its own generation settings; one that
+    trains through r1flow.training.engine ("train": GRPO, SFT, reward models) its own deepspeed settings
+    (stage()) and starts under launcher()."""
     out = {"device": config["device"]}
     if "pretrain" in uses:
         return out
     out["dtype"] = config["base_model"]["dtype"]
     if "generate" in uses:
-        out["generation"] = config["generation"]
+        out["generation"] = stage(name)["generation"]
     if "train" in uses:
-        out["deepspeed"] = config["training"]["deepspeed"]
+        out["deepspeed"] = stage(name)["deepspeed"]
     return out
+
+
+# -- the GPU memory plan (memory_plan; r1flow.training.memory_plan) -------------------------------------
+# What each stage is to the plan, and the config section its settings come from (named in a refusal).
+PLAN_KINDS = {"r1_zero": ("grpo", "r1_zero.grpo"), "reasoning_rl": ("grpo", "r1.reasoning_rl"),
+              "r1": ("grpo", "r1.rl_all.grpo"), "rl_only": ("grpo", "distillation.rl_only"),
+              "cold_start_sft": ("sft", "r1.sft"), "final_sft": ("sft", "r1.final_sft"),
+              "distill": ("sft", "distillation.sft"), "reward_model": ("reward_model", "r1.reward_models.train"),
+              "evaluate": ("evaluation", "evaluation"), "cold_start_data": ("sampling", "r1.cold_start"),
+              "rejection_sampling": ("sampling", "r1.rejection_sampling")}
+
+
+def memory_plan_applies():
+    enabled = config["memory_plan"]["enabled"]
+    return config["device"].startswith("cuda") if enabled is None else enabled
+
+
+def origin_model(path):
+    """The model outside the DAG (hub id or folder) whose shape a model of the DAG has: a student's
+    stages that of the student, every other stage that of the base model (fine-tuning keeps the shape)."""
+    models = res("models") + os.sep
+    if not str(path).startswith(models):
+        return str(path)
+    name = str(path)[len(models):]
+    for s, spec in config["distillation"]["students"].items():
+        if name in (f"student_{s}", f"distill_{s}", f"rl_only_{s}"):
+            return spec["path"]
+    return config["base_model"]["path"]
+
+
+def check_memory_plan(name, values):
+    """Refuse a job whose planned peak GPU memory exceeds its GPU (memory_plan.gpu_memory_gib), naming
+    the setting to change and the largest value that fits; a model of unknown shape is not planned."""
+    from r1flow.training.memory_plan import model_shape, require_fits
+
+    kind, prefix = PLAN_KINDS[name]
+    model = values.get("base") if name == "reward_model" else values.get("model")
+    reward_shapes = None
+    if name == "r1":  # the reward models score on every rank beside the policy (section 2.3.4)
+        rm = config["r1"]["reward_models"]
+        base = rm["base"]["path"] or config["base_model"]["path"]
+        reward_shapes = {a: model_shape(origin_model(rm[f"{a}_path"] or base)) for a in ("helpfulness", "harmlessness")}
+    try:
+        require_fits(name, kind, values, model_shape(origin_model(model)), config["memory_plan"]["gpu_memory_gib"],
+                     prefix, reward_shapes=reward_shapes)
+    except ConfigError as e:
+        # generation settings are the stage's own: name the key where this stage's override goes
+        raise ConfigError(re.sub(r"(?<![\w.])generation\.vllm\.", f"stages.{name}.generation.vllm.", str(e))) from None
 
 
 def _arg(value):
@@ -93,16 +172,36 @@ def _arg(value):
 JOB = "{params.command} 2>&1 | tee {log}"
 
 
-def job(script, settings=None, files="", model=None):
+def job(script, settings=None, files="", model=None, stage=None):
     """A rule's params (`command`, and `settings` to rerun the job when one changes), the one place that
     writes a job's command line: the provenance wrapper (its record named after output.provenance, with
     every setting), the launcher, scripts/<script>, each
     setting as --key VALUE, then `files`, a template of {input.x}, {output.x}, {wildcards.x}, {threads},
     {job} (the job's name) and {state} (its resumable state, outside the declared outputs).
     A setting may be a function of the wildcards; True is a bare flag, None leaves the option out.
-    `model`, for a script that runs a model, says how (model_settings); "train" starts it under launcher()."""
-    own = {**(settings or {}), **(model_settings(model) if model is not None else {})}
-    launch = launcher() if model and "train" in model else PYTHON
+    `model`, for a script that runs a model, says how (model_settings) and `stage` whose settings it takes
+    (the rule's name); "train" starts it under launcher(stage)."""
+    if model is not None and stage is None:
+        raise ValueError(f"job({script!r}): a job that runs a model names its stage (its rule)")
+    own = {**(settings or {}), **(model_settings(model, stage) if model is not None else {})}
+    launch = launcher(stage) if model and "train" in model else PYTHON
+
+    def placed():
+        """Checked when the job is planned (Snakemake evaluates params then, before submitting anything)."""
+        if model is None:
+            return
+        ranks = 1
+        if "train" in model and own["deepspeed"]["enabled"]:
+            ranks = own["deepspeed"]["nproc_per_node"]
+        if "generate" in model and own["generation"]["backend"] == "vllm":
+            ranks = max(ranks, own["generation"]["vllm"]["tensor_parallel_size"])
+        check_placement(stage, job_resources(stage), ranks, config["device"], config["resources"])
+
+    def planned(values):
+        """The job's GPU memory plan against its GPU, when it runs on CUDA (memory_plan)."""
+        if model is None or "pretrain" in model or not memory_plan_applies():
+            return
+        check_memory_plan(stage, values)
 
     def resolved(wildcards):
         values = {k: v(wildcards) if callable(v) else v for k, v in own.items()}
@@ -112,6 +211,8 @@ def job(script, settings=None, files="", model=None):
         return " ".join(_arg(v) for v in resolved(wildcards).values() if v is not True)
 
     def command(wildcards, input, output, threads):
+        placed()
+        planned(resolved(wildcards))
         args = " ".join(f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')} {_arg(v)}"
                         for k, v in resolved(wildcards).items())
         recorded = recorded_settings(wildcards)

@@ -18,6 +18,6 @@ rule tasks:
     resources:
         **job_resources("tasks", mem_mb=1000, runtime=10),
     conda:
-        "../../envs/train.yaml"
+        conda_env("train")
     shell:
         JOB

@@ -29,6 +29,6 @@ rule decontamination:
     resources:
         **job_resources("decontamination", mem_mb=1000, runtime=10),
     conda:
-        "../../envs/train.yaml"
+        conda_env("train")
     shell:
         JOB

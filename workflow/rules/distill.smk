@@ -22,7 +22,7 @@ rule student_base:
                     {"tiny": student_tiny, "families": config["data"]["synthetic"]["families"],
                      "template": config["template"], "tokenizer": tiny_student_tokenizer()},
                     "--exclude {input.validation} {input.test} --out {output.model} --loss {output.loss}"
-                    " --threads {threads}", model=("pretrain",)),
+                    " --threads {threads}", model=("pretrain",), stage="student_base"),
     threads: job_threads("student_base")
     log:
         res("logs", "student_base_{student}.log"),
@@ -31,7 +31,7 @@ rule student_base:
     resources:
         **job_resources("student_base", mem_mb=4000, runtime=30),
     conda:
-        "../../envs/train.yaml"
+        conda_env("train")
     shell:
         JOB
 
@@ -49,7 +49,7 @@ rule distill:
         student="|".join(STUDENTS) or "NONE",
     params:
         **job("sft.py", {"settings": config["distillation"]["sft"], "model": student_model, "gguf_file": student_gguf}, SFT_FILES,
-                    model=()),
+                    model=("train",), stage="distill"),
     threads: job_threads("distill")
     log:
         res("logs", "distill_{student}.log"),
@@ -58,7 +58,7 @@ rule distill:
     resources:
         **job_resources("distill", mem_mb=4000, runtime=60),
     conda:
-        "../../envs/train.yaml"
+        conda_env("train")
     shell:
         JOB
 
@@ -80,7 +80,7 @@ rule rl_only:
         **job("grpo.py",
                     {"grpo": config["distillation"]["rl_only"], "rewards": config["rewards"],
                      "template": config["template"], "model": student_model, "gguf_file": student_gguf},
-                    GRPO_FILES, model=("generate", "train")),
+                    GRPO_FILES, model=("generate", "train"), stage="rl_only"),
     threads: job_threads("rl_only")
     log:
         res("logs", "rl_only_{student}.log"),
@@ -89,6 +89,6 @@ rule rl_only:
     resources:
         **job_resources("rl_only", mem_mb=4000, runtime=60),
     conda:
-        "../../envs/train.yaml"
+        conda_env("grpo", "rl_only")
     shell:
         JOB

@@ -18,7 +18,7 @@ rule evaluate:
                     {"model": eval_model, "gguf_file": eval_gguf_file, "chat": eval_chat, "spec": benchmark_spec,
                      "data": benchmark_data_arg, "evaluation": sampling_settings(), "rewards": config["rewards"]},
                     "--name {wildcards.model} --benchmark {wildcards.benchmark} --samples {output.samples}"
-                    " --summary {output.summary} --threads {threads}", model=("generate",)),
+                    " --summary {output.summary} --threads {threads}", model=("generate",), stage="evaluate"),
     threads: job_threads("evaluate")
     log:
         res("logs", "evaluate_{model}_{benchmark}.log"),
@@ -27,7 +27,7 @@ rule evaluate:
     resources:
         **job_resources("evaluate", mem_mb=4000, runtime=30),
     conda:
-        "../../envs/generate-vllm.yaml" if config["generation"]["backend"] == "vllm" else "../../envs/generate.yaml"
+        conda_env("generate", "evaluate")
     shell:
         JOB
 
@@ -52,6 +52,6 @@ rule benchmark_table:
     resources:
         **job_resources("benchmark_table", mem_mb=1000, runtime=10),
     conda:
-        "../../envs/eval.yaml"
+        conda_env("eval")
     shell:
         JOB

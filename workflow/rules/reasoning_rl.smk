@@ -16,7 +16,7 @@ rule reasoning_rl:
         **job("grpo.py",
                     {"grpo": config["r1"]["reasoning_rl"], "rewards": config["rewards"], "template": "chat",
                      "model": res("models", "cold_start")},
-                    GRPO_FILES, model=("generate", "train")),
+                    GRPO_FILES, model=("generate", "train"), stage="reasoning_rl"),
     threads: job_threads("reasoning_rl")
     priority: 10  # the R1 chain, the critical path: before evaluations ready beside it
     log:
@@ -26,6 +26,6 @@ rule reasoning_rl:
     resources:
         **job_resources("reasoning_rl", mem_mb=4000, runtime=60),
     conda:
-        "../../envs/train.yaml"
+        conda_env("grpo", "reasoning_rl")
     shell:
         JOB

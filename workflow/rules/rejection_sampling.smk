@@ -12,7 +12,7 @@ rule rejection_sampling:
     params:
         **job("rejection_sampling.py", {"settings": config["r1"]["rejection_sampling"]},
                     "--model {input.model} --train {input.train} --out {output.data} --threads {threads}",
-                    model=("generate",)),
+                    model=("generate",), stage="rejection_sampling"),
     threads: job_threads("rejection_sampling")
     priority: 10  # the R1 chain, the critical path: before evaluations ready beside it
     log:
@@ -22,7 +22,7 @@ rule rejection_sampling:
     resources:
         **job_resources("rejection_sampling", mem_mb=4000, runtime=60),
     conda:
-        "../../envs/generate.yaml"
+        conda_env("generate", "rejection_sampling")
     shell:
         JOB
 
@@ -40,7 +40,7 @@ rule preferences:
     resources:
         **job_resources("preferences", mem_mb=1000, runtime=10),
     conda:
-        "../../envs/train.yaml"
+        conda_env("train")
     shell:
         JOB
 
@@ -61,7 +61,7 @@ rule non_reasoning_data:
     resources:
         **job_resources("non_reasoning_data", mem_mb=1000, runtime=10),
     conda:
-        "../../envs/train.yaml"
+        conda_env("train")
     shell:
         JOB
 
@@ -76,7 +76,7 @@ rule final_sft:
         provenance=provenance("final_sft"),
     params:
         **job("sft.py", {"settings": config["r1"]["final_sft"], **base_model_settings()}, SFT_FILES,
-                    model=()),
+                    model=("train",), stage="final_sft"),
     threads: job_threads("final_sft")
     priority: 10  # the R1 chain, the critical path: before evaluations ready beside it
     log:
@@ -86,6 +86,6 @@ rule final_sft:
     resources:
         **job_resources("final_sft", mem_mb=4000, runtime=60),
     conda:
-        "../../envs/train.yaml"
+        conda_env("train")
     shell:
         JOB

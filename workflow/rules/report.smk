@@ -31,7 +31,7 @@ rule r1_zero_report:
     resources:
         **job_resources("r1_zero_report", mem_mb=1000, runtime=10),
     conda:
-        "../../envs/eval.yaml"
+        conda_env("eval")
     shell:
         JOB
 
@@ -52,6 +52,6 @@ rule stage_curves:
     resources:
         **job_resources("stage_curves", mem_mb=1000, runtime=10),
     conda:
-        "../../envs/eval.yaml"
+        conda_env("eval")
     shell:
         JOB

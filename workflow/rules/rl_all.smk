@@ -16,7 +16,7 @@ rule reward_model:
     params:
         **job("reward_model.py", {"settings": config["r1"]["reward_models"]["train"], **reward_model_base_settings()},
                     "--pairs {input.pairs} --aspect {wildcards.aspect} --out {output.model}"
-                    " --metrics {output.metrics} --threads {threads}", model=()),
+                    " --metrics {output.metrics} --threads {threads}", model=("train",), stage="reward_model"),
     threads: job_threads("reward_model")
     log:
         res("logs", "reward_model_{aspect}.log"),
@@ -25,7 +25,7 @@ rule reward_model:
     resources:
         **job_resources("reward_model", mem_mb=4000, runtime=30),
     conda:
-        "../../envs/train.yaml"
+        conda_env("train")
     shell:
         JOB
 
@@ -48,7 +48,7 @@ rule r1:
                     {"grpo": config["r1"]["rl_all"]["grpo"], "rewards": rewards_with_models(), "template": "chat",
                      "model": res("models", "r1_sft"), "general": rules.preferences.output.pairs,
                      "general_prompts": config["r1"]["rl_all"]["general_prompts"]},
-                    GRPO_FILES, model=("generate", "train")),
+                    GRPO_FILES, model=("generate", "train"), stage="r1"),
     threads: job_threads("r1")
     priority: 10  # the R1 chain, the critical path: before evaluations ready beside it
     log:
@@ -58,6 +58,6 @@ rule r1:
     resources:
         **job_resources("r1", mem_mb=4000, runtime=60),
     conda:
-        "../../envs/train.yaml"
+        conda_env("grpo", "r1")
     shell:
         JOB

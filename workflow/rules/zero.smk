@@ -17,7 +17,7 @@ rule r1_zero:
         **job("grpo.py",
                     {"grpo": config["r1_zero"]["grpo"], "rewards": config["rewards"], "template": config["template"],
                      **base_model_settings()},
-                    GRPO_FILES, model=("generate", "train")),
+                    GRPO_FILES, model=("generate", "train"), stage="r1_zero"),
     threads: job_threads("r1_zero")
     # the R1 chain waits for it; the student and the reward models fill the other core meanwhile
     priority: 10
@@ -28,6 +28,6 @@ rule r1_zero:
     resources:
         **job_resources("r1_zero", mem_mb=4000, runtime=60),
     conda:
-        "../../envs/train.yaml"
+        conda_env("grpo", "r1_zero")
     shell:
         JOB
