@@ -12,6 +12,7 @@ so Snakemake deletes it with the other outputs of a failed job). The record hold
   in its environment (cpus per task, partition, GPUs / CUDA_VISIBLE_DEVICES) and as the controller
   reports them (`scontrol show job`: TRES with cpu, mem and gres/gpu, time limit);
 - start and end times (UTC) and the duration.
+- with experiment tracking on (config `tracking`), the job's run: its name, folder, backends and project.
 
 It is written atomically (a temporary file in the same folder, then a rename): a reader never sees half
 a record.
@@ -193,10 +194,10 @@ def write_json_atomic(obj, path: str | os.PathLike) -> None:
 
 def build_record(*, rule: str, command: list[str], settings: list, inputs: list[str], outputs: list[str],
                  start: str, end: str, duration_s: float, repo: str | os.PathLike,
-                 sample_above: int = DEFAULT_SAMPLE_ABOVE, env=None) -> dict:
+                 sample_above: int = DEFAULT_SAMPLE_ABOVE, env=None, tracking: dict | None = None) -> dict:
     slurm = slurm_environment(env)
     slurm["allocation"] = slurm_allocation(slurm["job_id"])
-    return {
+    record = {
         "schema": "r1flow.provenance/1",
         "rule": rule,
         "command": command,
@@ -212,11 +213,14 @@ def build_record(*, rule: str, command: list[str], settings: list, inputs: list[
         "end": end,
         "duration_s": round(duration_s, 3),
     }
+    if tracking:  # the experiment-tracking run of the job (r1flow.training.tracking)
+        record["tracking"] = {k: tracking.get(k) for k in ("run_name", "dir", "backends", "project")}
+    return record
 
 
 def run_and_record(command: list[str], record: str | os.PathLike, *, rule: str, settings: list,
                    inputs: list[str], outputs: list[str], repo: str | os.PathLike | None = None,
-                   sample_above: int = DEFAULT_SAMPLE_ABOVE) -> int:
+                   sample_above: int = DEFAULT_SAMPLE_ABOVE, tracking: dict | None = None) -> int:
     """Run `command`; on success write the provenance record (the record file itself is never hashed
     among the outputs). Returns the command's exit status; on failure no record is written."""
     repo = Path(__file__).resolve().parent.parent if repo is None else repo
@@ -229,7 +233,7 @@ def run_and_record(command: list[str], record: str | os.PathLike, *, rule: str, 
     outs = [o for o in outputs if Path(o).resolve() != record.resolve()]
     write_json_atomic(build_record(rule=rule, command=command, settings=settings, inputs=inputs, outputs=outs,
                                    start=start, end=end, duration_s=duration, repo=repo,
-                                   sample_above=sample_above), record)
+                                   sample_above=sample_above, tracking=tracking), record)
     return 0
 
 

@@ -24,6 +24,18 @@ def add_device(ap: argparse.ArgumentParser) -> None:
                          "GPU under torchrun) or cuda:N")
 
 
+def add_tracking(ap: argparse.ArgumentParser) -> None:
+    """--tracking: the job's tracking settings (r1flow.training.tracking; config `tracking`), absent by default."""
+    ap.add_argument("--tracking", type=json_arg, default=None,
+                    help='JSON {"backends": [tensorboard|wandb|trackio, ...], "run_name", "dir", "project"}: log '
+                         "every metrics row there (default: no tracking)")
+
+
+def job_settings(a: argparse.Namespace) -> dict:
+    """The settings a job received (its arguments, without --tracking), as its tracking run records them."""
+    return {k: v for k, v in vars(a).items() if k != "tracking"}
+
+
 def job_device(setting: str):
     """The resolved device, before any model loads: CUDA asked on a host without it stops here, naming the
     config key."""

@@ -5,7 +5,7 @@ import logging
 import shutil
 
 import pandas as pd
-from _common import add_device, job_device, json_arg, setup
+from _common import add_device, add_tracking, job_device, job_settings, json_arg, setup
 
 from r1flow.data.artifacts import read_table, write_table
 from r1flow.data.cold_start import general_prompts
@@ -41,6 +41,7 @@ def main():
     ap.add_argument("--deepspeed", type=json_arg, default=None,
                     help="the config's training.deepspeed section (run under torchrun when enabled)")
     add_device(ap)
+    add_tracking(ap)
     a = ap.parse_args()
     setup(a.threads)
     ds = a.deepspeed or {}
@@ -63,7 +64,7 @@ def main():
     ref = load_policy(a.model, a.dtype, device, gguf_file=a.gguf_file)[0] if cfg.beta > 0 else None
     trainer = GRPOTrainer(policy, ref, tok, cfg, train, validation, a.state, deepspeed=a.deepspeed,
                           generation=a.generation, model_path=a.model)
-    metrics = trainer.train()
+    metrics = trainer.train(tracking=a.tracking, run_config=job_settings(a))
     if not trainer.is_main:  # with DeepSpeed, rank 0 writes the outputs
         return
     write_table(metrics, a.metrics, GRPO_METRICS)

@@ -1,6 +1,7 @@
 """Runs a rule's command and, if it succeeds, writes the job's provenance record (r1flow.provenance).
 
-    provenance.py --record R --rule NAME [--settings JSON ...] [--inputs F ...] [--outputs F ...] -- CMD ...
+    provenance.py --record R --rule NAME [--settings JSON ...] [--inputs F ...] [--outputs F ...] [--tracking JSON]
+                  -- CMD ...
 
 Every rule's shell goes through this, so each job of the DAG leaves one record whatever runs it
 (local, SLURM, torchrun).
@@ -35,11 +36,14 @@ def main(argv=None):
     ap.add_argument("--settings", type=setting, nargs="*", default=[], help="resolved settings passed to the script")
     ap.add_argument("--inputs", nargs="*", default=[])
     ap.add_argument("--outputs", nargs="*", default=[])
+    ap.add_argument("--tracking", type=setting, default=None,
+                    help="the job's tracking settings (config `tracking`): its run, named in the record")
     a = ap.parse_args(argv[:cut])
     command = argv[cut + 1 :]
     if not command:
         sys.exit("provenance.py: no command after '--'")
     sys.exit(run_and_record(command, a.record, rule=a.rule, settings=a.settings, inputs=a.inputs, outputs=a.outputs,
+                            tracking=a.tracking,
                             repo=Path(__file__).resolve().parent.parent))  # the workflow's checkout
 
 

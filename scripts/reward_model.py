@@ -4,7 +4,7 @@ import argparse
 import logging
 
 import torch
-from _common import add_device, job_device, json_arg, setup
+from _common import add_device, add_tracking, job_device, job_settings, json_arg, setup
 
 from r1flow.data.artifacts import read_table, write_table
 from r1flow.data.schemas import PREFERENCES, RM_METRICS
@@ -29,6 +29,7 @@ def main():
     ap.add_argument("--deepspeed", type=json_arg, default=None,
                     help="the config's training.deepspeed section (run under torchrun when enabled)")
     add_device(ap)
+    add_tracking(ap)
     a = ap.parse_args()
     setup(a.threads)
     ds = a.deepspeed or {}
@@ -38,7 +39,8 @@ def main():
     pairs = read_table(a.pairs, PREFERENCES)
     # the model folder is written by rank 0 only under DeepSpeed (train_reward_model)
     _, _, metrics = train_reward_model(a.base, pairs, a.aspect, a.out, dtype=a.dtype, device=device,
-                                       gguf_file=a.gguf_file, deepspeed=a.deepspeed, **a.settings)
+                                       gguf_file=a.gguf_file, deepspeed=a.deepspeed, tracking=a.tracking,
+                                       run_config=job_settings(a), **a.settings)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
         return  # with DeepSpeed, rank 0 writes the outputs (every rank holds the same weights and rows)
     write_table(metrics, a.metrics, RM_METRICS)

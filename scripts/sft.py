@@ -7,7 +7,7 @@ import logging
 
 import pandas as pd
 import torch
-from _common import add_device, job_device, json_arg, setup
+from _common import add_device, add_tracking, job_device, job_settings, json_arg, setup
 
 from r1flow.data.artifacts import read_table, write_table
 from r1flow.data.formats import READABLE_MARKER
@@ -33,6 +33,7 @@ def main():
     ap.add_argument("--deepspeed", type=json_arg, default=None,
                     help="the config's training.deepspeed section (run under torchrun when enabled)")
     add_device(ap)
+    add_tracking(ap)
     a = ap.parse_args()
     setup(a.threads)
     ds = a.deepspeed or {}
@@ -50,7 +51,8 @@ def main():
     rows = train_sft(model, tok, prompts, completions, epochs=s["epochs"], learning_rate=s["learning_rate"],
                      batch_size=s["batch_size"], micro_batch_size=s["micro_batch_size"], max_length=s["max_length"],
                      warmup_steps=s["warmup_steps"], seed=s["seed"],
-                     gradient_checkpointing=s.get("gradient_checkpointing", False), deepspeed=a.deepspeed)
+                     gradient_checkpointing=s.get("gradient_checkpointing", False), deepspeed=a.deepspeed,
+                     tracking=a.tracking, run_config=job_settings(a))
     if torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
         return  # with DeepSpeed, rank 0 writes the outputs (every rank holds the same weights and rows)
     save_policy(model, tok, a.out)

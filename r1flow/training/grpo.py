@@ -60,6 +60,7 @@ from r1flow.rewards.grading import sample_and_grade, summarize
 from r1flow.training.engine import DeepSpeedSettings, make_engine, master_parameters, shard
 from r1flow.training.grpo_loss import (Normalizer, group_advantages, groups_with_signal, grpo_loss, loss_mask,
                                        truncated_importance_weights)
+from r1flow.training.tracking import open_run
 
 log = logging.getLogger(__name__)
 
@@ -882,16 +883,20 @@ class GRPOTrainer:
         return True
 
     # -- the loop ----------------------------------------------------------------------------------
-    def train(self, progress: bool = True, stop_after: int | None = None) -> pd.DataFrame:
+    def train(self, progress: bool = True, stop_after: int | None = None, tracking: dict | None = None,
+              run_config: dict | None = None) -> pd.DataFrame:
         """Run to `cfg.steps` (resuming if a checkpoint exists). `stop_after` ends early, for tests
-        of resumption."""
+        of resumption. `tracking`: the job's tracking settings (r1flow.training.tracking), which log every
+        metrics row (rank 0), with `run_config` recorded in the run."""
         c = self.cfg
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        tracker = open_run(tracking, run_config, main=self.is_main)
         resumed = self._try_resume()
         if resumed:
             log.info("resuming from step %d", self.step_no)
         elif self.val_df is not None and c.eval_every:
             self.history.append({"step": 0, **self.validate()})  # the base model's point on Figure 2
+            tracker.log(self.history[-1], 0)
         # disable=None: no bar when stderr is not a terminal (a SLURM log); the log lines below say it all
         bar = tqdm(total=c.steps, initial=self.step_no, desc="GRPO", mininterval=1.0,
                    disable=None if progress and self.is_main else True)
@@ -909,6 +914,7 @@ class GRPOTrainer:
                     if self.is_main:
                         save_policy(self.model, self.tok, self._best_dir(self.step_no))
             self.history.append(row)
+            tracker.log(row, self.step_no)
             if self.is_main:
                 pd.DataFrame(self.history).to_csv(live, index=False)  # for watching a run; not an artifact
             bar.update(1)
@@ -924,6 +930,7 @@ class GRPOTrainer:
             if stop_after is not None and done_now >= stop_after:
                 break
         bar.close()
+        tracker.close()
         return self.metrics()
 
     def _check_signal(self, row: dict) -> None:

@@ -32,6 +32,7 @@ from r1flow.models import save_policy
 from r1flow.models.reward_model import load_reward_model, max_length_of, render_for_rm, rm_response, score_texts
 from r1flow.training.engine import make_engine, master_parameters
 from r1flow.training.sft import rank_rows
+from r1flow.training.tracking import open_run
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,8 @@ def train_reward_model(base_path: str | os.PathLike, pairs_df: pd.DataFrame, asp
                        out_dir: str | os.PathLike | None, steps: int = 100, lr: float = 1e-3, batch_size: int = 16,
                        seed: int = 0, weight_decay: float = 0.0, warmup_steps: int = 0, max_grad_norm: float = 1.0,
                        max_length: int | None = None, dtype: str = "float32", device: str | torch.device = "cpu",
-                       log_every: int = 10, gguf_file: str | None = None, deepspeed: dict | None = None):
+                       log_every: int = 10, gguf_file: str | None = None, deepspeed: dict | None = None,
+                       tracking: dict | None = None, run_config: dict | None = None):
     """Train the `aspect` reward model on the pairs of that aspect; save it to `out_dir` (if given).
 
     Each step draws `batch_size` pairs (a fixed stream from `seed`), scores chosen and rejected in one
@@ -95,6 +97,9 @@ def train_reward_model(base_path: str | os.PathLike, pairs_df: pd.DataFrame, asp
     batch that W does not divide is split unevenly, a rank without pairs scores a filler pair with weight
     0); each rank's loss is its pairs' sum over the whole batch's size, so the update and the metrics
     (summed over ranks, the same on every rank) are those of one process. Rank 0 saves.
+
+    `tracking`: the job's tracking settings (r1flow.training.tracking): rank 0 logs every row, with
+    `run_config` recorded in the run.
     """
     if aspect not in ASPECTS:
         raise ValueError(f"unknown reward model aspect {aspect!r}; expected one of {ASPECTS}")
@@ -122,6 +127,7 @@ def train_reward_model(base_path: str | os.PathLike, pairs_df: pd.DataFrame, asp
     rank, world, main = engine.rank, engine.world_size, engine.rank == 0
     g = torch.Generator().manual_seed(seed)
     rows, t0, tokens = [], time.time(), 0
+    tracker = open_run(tracking, run_config, main=main)
     model.train()
     for step in range(1, steps + 1):
         # indices drawn on the CPU (a fixed stream whatever the device); the batch is scored on the model's
@@ -141,10 +147,12 @@ def train_reward_model(base_path: str | os.PathLike, pairs_df: pd.DataFrame, asp
         wins = pairwise_accuracy(r_c.detach(), r_r.detach()) * len(mine)
         loss_sum, wins_sum = engine.all_sum([loss.item(), wins])
         rows.append({"step": step, "loss": loss_sum, "accuracy": wins_sum / len(idx), "learning_rate": lr_now})
+        tracker.log(rows[-1], step)
         tokens += sum(n_tok[i] + n_tok[len(pairs) + i] for i in idx)
         if main and (step % log_every == 0 or step == steps):
             log.info("reward model '%s' step %d/%d: loss %.4f, batch accuracy %.3f, lr %.3g, %.0f tokens/s", aspect,
                      step, steps, rows[-1]["loss"], rows[-1]["accuracy"], lr_now, tokens / (time.time() - t0))
+    tracker.close()
     model.eval()
     if main:
         log.info("reward model '%s': %d steps on %d pairs in %.1fs, final batch loss %.3f", aspect, steps,

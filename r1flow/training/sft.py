@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from r1flow.models import model_device
 from r1flow.training.engine import make_engine, master_parameters
+from r1flow.training.tracking import open_run
 
 from r1flow.models.chunked import linear_logprobs, output_layer, set_activation_checkpointing
 
@@ -194,7 +195,8 @@ def sft_step(engine, micro_batches: list[SFTBatch | None], filler: SFTBatch | No
 def train_sft(model, tokenizer, prompts: list[str], completions: list[str], *, epochs: int = 2,
               learning_rate: float = 1e-3, batch_size: int = 32, micro_batch_size: int = 0, max_length: int = 256,
               warmup_steps: int = 10, max_grad_norm: float = 1.0, seed: int = 0, deepspeed=None,
-              log_every: int = 10, gradient_checkpointing: bool = False) -> list[dict]:
+              log_every: int = 10, gradient_checkpointing: bool = False, tracking: dict | None = None,
+              run_config: dict | None = None) -> list[dict]:
     """SFT for a number of epochs (two in section 2.3.3) over shuffled (prompt, completion) pairs.
 
     Returns one metrics row per update (step, epoch, loss, learning_rate). Cosine decay after warm-up.
@@ -203,6 +205,8 @@ def train_sft(model, tokenizer, prompts: list[str], completions: list[str], *, e
     `deepspeed`: the config's training.deepspeed section; when enabled (under torchrun) each rank trains on
     its share of every batch (module docstring; `micro_batch_size` then counts a rank's rows) and returns
     the same rows on every rank; the caller saves on rank 0.
+    `tracking`: the job's tracking settings (r1flow.training.tracking): rank 0 logs every row as it is
+    made, with `run_config` recorded in the run.
     """
     if not prompts:
         raise ValueError("no SFT examples")
@@ -226,6 +230,7 @@ def train_sft(model, tokenizer, prompts: list[str], completions: list[str], *, e
     rows, step, tokens, t0 = [], 0, 0, time.perf_counter()
     # no bar when stderr is not a terminal, nor on ranks other than 0
     bar = tqdm(total=total, desc="SFT", unit="step", disable=None if main else True)
+    tracker = open_run(tracking, run_config, main=main)
     for epoch in range(epochs):
         order = list(range(len(prompts)))
         rng.shuffle(order)
@@ -239,6 +244,7 @@ def train_sft(model, tokenizer, prompts: list[str], completions: list[str], *, e
             sched.step()
             step += 1
             rows.append({"step": step, "epoch": epoch + 1, "loss": loss, "learning_rate": lr})
+            tracker.log(rows[-1], step)
             bar.update(1)
             tokens += int(batch.attention_mask.sum())
             if main and (step % log_every == 0 or step == total):
@@ -246,6 +252,7 @@ def train_sft(model, tokenizer, prompts: list[str], completions: list[str], *, e
                 log.info("SFT step %d/%d (epoch %d): loss %.4f, lr %.3g, %.0f tokens/s", step, total, epoch + 1,
                          loss, rows[-1]["learning_rate"], tokens / (time.perf_counter() - t0))
     bar.close()
+    tracker.close()
     if gradient_checkpointing:
         set_activation_checkpointing(model, False)
     model.eval()

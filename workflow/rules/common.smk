@@ -103,7 +103,8 @@ def model_settings(uses, name):
     every model it loads is in base_model.dtype, except the tiny base's pretraining from scratch
     ("pretrain", float32); a stage that samples ("generate") gets its own generation settings; one that
     trains through r1flow.training.engine ("train": GRPO, SFT, reward models) its own deepspeed settings
-    (stage()) and starts under launcher()."""
+    (stage()) and starts under launcher(), and with config `tracking` on, its tracking run (job() puts the
+    job's name in)."""
     out = {"device": config["device"]}
     if "pretrain" in uses:
         return out
@@ -112,7 +113,26 @@ def model_settings(uses, name):
         out["generation"] = stage(name)["generation"]
     if "train" in uses:
         out["deepspeed"] = stage(name)["deepspeed"]
+        if config["tracking"]["backends"]:  # only then, so that the default's commands have no tracking
+            out["tracking"] = tracking_settings()
     return out
+
+
+# The job's name in its tracking settings, filled in by job() once the job (its wildcards) is known.
+JOB_NAME = "{job}"
+
+
+def tracking_settings():
+    """A training job's tracking settings (r1flow.training.tracking): the run <results folder name>/<job>
+    in results/tracking/<job>."""
+    t = config["tracking"]
+    return {"backends": t["backends"], "project": t["project"], "run_name": f"{Path(RESULTS).name}/{JOB_NAME}",
+            "dir": res("tracking", JOB_NAME)}
+
+
+def job_tracking(tracking, name):
+    """Tracking settings with job `name` in place of JOB_NAME."""
+    return {k: v.replace(JOB_NAME, name) if isinstance(v, str) else v for k, v in tracking.items()}
 
 
 # -- the GPU memory plan (memory_plan; r1flow.training.memory_plan) -------------------------------------
@@ -212,14 +232,18 @@ def job(script, settings=None, files="", model=None, stage=None):
 
     def command(wildcards, input, output, threads):
         placed()
-        planned(resolved(wildcards))
-        args = " ".join(f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')} {_arg(v)}"
-                        for k, v in resolved(wildcards).items())
+        values = resolved(wildcards)
+        planned(values)
         recorded = recorded_settings(wildcards)
         name = Path(output.provenance).stem
+        record = f"--record {output.provenance} --rule {name} --settings {recorded} --inputs {input} --outputs {output}"
+        if "tracking" in values:  # the job's run (config `tracking`), named in its provenance record too
+            values["tracking"] = job_tracking(values["tracking"], name)
+            record += f" --tracking {_arg(values['tracking'])}"
+        args = " ".join(f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')} {_arg(v)}"
+                        for k, v in values.items())
         paths = files.format(input=input, output=output, wildcards=wildcards, threads=threads, job=name,
                              state=res("state", name))
-        record = f"--record {output.provenance} --rule {name} --settings {recorded} --inputs {input} --outputs {output}"
         return " ".join(p for p in (PROVENANCE, record, "--", launch, str(Path(SCRIPTS, script)), args, paths) if p)
 
     # Snakemake's params rerun trigger skips params computed from input or output: `settings` carries them
