@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import FAMILIES
+from helpers.thread_ranks import ThreadRanks
 
 from r1flow import rewards as R
 from r1flow.config import ConfigError, validate_config
@@ -148,20 +149,6 @@ def test_dynamic_sampling_resumes_where_it_stopped(tiny_policy, tmp_path, marked
     pd.testing.assert_frame_equal(resumed[cols], full[cols])
 
 
-class ThreadRanks:
-    """The all_gather of W ranks that are threads of this process (as tests/test_grpo_validation_shards.py)."""
-
-    def __init__(self, world_size: int):
-        self.world_size, self.barrier, self.slots = world_size, threading.Barrier(world_size, timeout=120), {}
-
-    def all_gather(self, rank: int, rows: torch.Tensor) -> torch.Tensor:
-        self.slots[rank] = rows.clone()
-        self.barrier.wait()
-        out = torch.cat([self.slots[r] for r in range(self.world_size)])
-        self.barrier.wait()
-        return out
-
-
 class RankEngine(LocalEngine):
     """One thread rank: gathers across the threads; everything else (sums, the update) stays local, which
     is enough to compare what each rank samples and keeps in a step."""
@@ -204,22 +191,7 @@ def test_dynamic_sampling_on_two_ranks_keeps_the_groups_of_one_process(tiny_poli
         trainers.append(_trainer(path, tmp_path / f"r{r}", train, **kw))
         kept.append(_spy_fill(trainers[-1], monkeypatch))
         calls.append(_record_generate(trainers[-1], monkeypatch))
-    errors = []
-
-    def run(t):
-        try:
-            t.step()
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-            ranks.barrier.abort()
-
-    threads = [threading.Thread(target=run, args=(t,)) for t in trainers]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    if errors:
-        raise errors[0]
+    ranks.run(lambda r: trainers[r].step())
     (q1, x1, r1, d1), = want
     (q_a, x_a, r_a, d_a), = kept[0]
     (q_b, x_b, r_b, d_b), = kept[1]
@@ -287,25 +259,10 @@ def test_pass_rates_on_two_ranks_are_those_of_one_process(tiny_policy, tmp_path,
     ranks = ThreadRanks(2)
     monkeypatch.setattr(grpo_module, "make_engine", lambda model, opt, norm, ds, master=None: RankEngine(
         ranks, int(threading.current_thread().name), model, opt, norm, master))
-    trainers, errors = [None, None], []
     # loaded here, not in the threads: transformers' loading context (weights first made on the meta
     # device) is process-wide, so two threads loading at once can get each other's meta tensors
     policies = [load_policy(str(path)) for _ in range(2)]
-
-    def build(r):
-        try:
-            trainers[r] = _pass_rate_trainer(path, tmp_path / str(r), [0.25, 0.75], _policy=policies[r])
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-            ranks.barrier.abort()
-
-    threads = [threading.Thread(target=build, args=(r,), name=str(r)) for r in range(2)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    if errors:
-        raise errors[0]
+    trainers = ranks.run(lambda r: _pass_rate_trainer(path, tmp_path / str(r), [0.25, 0.75], _policy=policies[r]))
     for t, train in trainers:
         np.testing.assert_array_equal(t.prompt_pass_rates, [0.0, 0.25, 0.5, 0.75, 1.0])
         assert t.train_df["question"].tolist() == train["question"].iloc[1:4].tolist()

@@ -4,12 +4,12 @@ metrics of the whole set, exactly those of one process grading the same samples.
 each with its own trainer and a stand-in engine whose all_gather concatenates the ranks' rows in rank
 order (as DeepSpeedEngine.all_gather does)."""
 
-import threading
 
 import pandas as pd
 import pytest
 import torch
 from conftest import FAMILIES
+from helpers.thread_ranks import ThreadRanks
 
 from r1flow import rewards as R
 from r1flow.data.tasks import generate_tasks
@@ -20,20 +20,6 @@ from r1flow.training.engine import LocalEngine
 from r1flow.training.grpo import GRPOConfig, GRPOTrainer, _SeededGenerator
 
 N_PROMPTS, K = 5, 3  # 5 prompts: uneven shares on 2 ranks (3 + 2), an empty one on 4 (2 + 2 + 1 + 0)
-
-
-class ThreadRanks:
-    """The collectives of W ranks that are threads of this process."""
-
-    def __init__(self, world_size: int):
-        self.world_size, self.barrier, self.slots = world_size, threading.Barrier(world_size, timeout=120), {}
-
-    def all_gather(self, rank: int, rows: torch.Tensor) -> torch.Tensor:
-        self.slots[rank] = rows.clone()
-        self.barrier.wait()
-        out = torch.cat([self.slots[r] for r in range(self.world_size)])
-        self.barrier.wait()  # every rank has read the slots before any writes the next round
-        return out
 
 
 class RankEngine(LocalEngine):
@@ -99,22 +85,7 @@ def _run_ranks(path, tmp_path, monkeypatch, world_size: int):
             return _real(prompts, params, seeds=seeds)
 
         t.generator.generate = generate
-    results, errors = [None] * world_size, []
-
-    def run(r):
-        try:
-            results[r] = trainers[r].validate()
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-            ranks.barrier.abort()
-
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(world_size)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    if errors:
-        raise errors[0]
+    results = ranks.run(lambda r: trainers[r].validate())
     return results, sampled, trainers
 
 
@@ -145,18 +116,13 @@ def test_gathered_samples_are_the_one_process_samples_in_order(tiny_policy, tmp_
     trainers = [_trainer(path, tmp_path / f"r{r}", RankEngine(ranks, r), monkeypatch) for r in range(2)]
     c = trainers[0].cfg
     params = SamplingParams(c.eval_k, c.eval_temperature, c.eval_top_p, c.max_completion_length)
-    tables = [None, None]
 
     def run(r):
         t = trainers[r]
         problems = t.val_df.assign(benchmark="validation", problem_id=t.val_df["prompt_id"])
-        tables[r] = t._sharded_validation(problems, [t._prompt(q) for q in problems["question"]], params, "format")
+        return t._sharded_validation(problems, [t._prompt(q) for q in problems["question"]], params, "format")
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    tables = ranks.run(run)
     ref, _ = _one_process_reference(_trainer(path, tmp_path / "one"))
     cols = ["problem_id", "sample", "correct", "format", "completion_tokens", "truncated"]
     for r in range(2):
