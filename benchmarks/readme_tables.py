@@ -127,6 +127,34 @@ def findings(results: Path, benchmark: str = "held_out") -> list[str]:
     return out
 
 
+def finding_margins(results: Path, benchmark: str = "held_out") -> dict[str, dict]:
+    """Each finding of the README as a margin that is positive (or, for ">=", not negative) when it holds:
+    differences of held-out pass@1 in points, and for the trends the smallest rise from one quarter of
+    R1-Zero's training to the next."""
+    t = pd.read_csv(results / "tables" / "benchmarks.csv")
+    t = t[t["benchmark"] == benchmark].set_index("model")
+    p = {m: 100 * float(v) for m, v in t["pass@1"].items()}
+    out = {}
+
+    def add(name, margin, strict=True, unit="points"):
+        out[name] = {"margin": margin, "holds": bool(margin > 0 if strict else margin >= 0), "unit": unit}
+
+    add("RL learns (R1-Zero - base)", p["r1_zero"] - p["base"])
+    add("cons@8 > pass@1 (R1-Zero)", 100 * float(t.loc["r1_zero", "cons@k"]) - p["r1_zero"])
+    add("R1 >= R1-Zero", p["r1"] - p["r1_zero"], strict=False)
+    add("cold start >= base", p["cold_start"] - p["base"], strict=False)
+    add("reasoning RL > cold start", p["reasoning_rl"] - p["cold_start"])
+    add("final SFT >= its data's checkpoint", p["r1_sft"] - p["reasoning_rl"], strict=False)
+    for m in [m for m in p if m.startswith("distill_")]:
+        add("distilled >= RL-only + 10", p[m] - p["rl_only_" + m[len("distill_"):]] - 10, strict=False)
+    m = pd.read_csv(results / "r1_zero" / "metrics.csv")
+    q = m.groupby(pd.qcut(m["step"], 4, labels=False))
+    add("length rising each quarter", float(q["completion_length"].mean().diff().min()), unit="tokens")
+    if "reflections" in m:
+        add("re-checks rising each quarter", float(q["reflections"].mean().diff().min()), unit="re-checks")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", required=True, help="a run's results/ folder")

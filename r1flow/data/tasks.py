@@ -246,33 +246,71 @@ def family_weights(families: dict[str, dict]) -> tuple[list[str], list[float]]:
     return names, [families[n].get("weight", 1.0) for n in names]
 
 
-def generate_tasks(seed: int, families: dict[str, dict], sizes: dict[str, int]) -> dict[str, pd.DataFrame]:
-    """Draw disjoint splits of unique questions.
+def problem_key(task: str, question: str, answer: str) -> str:
+    """The arithmetic a question asks about: a guess task is a chain run backwards, so "Find x: (x+5)*2 = 18"
+    (x = 4) and "Compute (4+5)*2" are one problem, and splits and the pretraining corpus compare these keys,
+    not question texts (a held-out guess whose chain is pretrained on is not held out)."""
+    if task == "guess":
+        m = re.fullmatch(r"Find x: (.*) = (-?\d+)", question)
+        if m:
+            return "Compute " + m.group(1).replace("x", answer, 1)
+    return question
 
-    families: {name: {"weight": w, "difficulties": [d, ...]}}; sizes: {split: number of prompts}.
-    """
+
+def task_key(t: Task) -> str:
+    return problem_key(t.task, t.question, t.answer)
+
+
+def mix_quotas(families: dict[str, dict], n: int) -> dict[tuple[str, int], int]:
+    """How many of `n` prompts each (family, difficulty) cell gets: the family's share of the weights, split
+    evenly over its listed difficulties (a difficulty listed twice counts twice), rounded by largest
+    remainder so the counts sum to `n`. Drawing to quotas, not at random, keeps every split at the configured
+    mix however small it is."""
     names, weights = family_weights(families)
+    share: dict[tuple[str, int], float] = {}
+    for name, w in zip(names, weights):
+        diffs = families[name]["difficulties"]
+        for d in diffs:
+            share[(name, d)] = share.get((name, d), 0.0) + w / sum(weights) / len(diffs)
+    exact = {cell: s * n for cell, s in share.items()}
+    counts = {cell: int(x) for cell, x in exact.items()}
+    for cell in sorted(exact, key=lambda c: counts[c] - exact[c])[: n - sum(counts.values())]:
+        counts[cell] += 1
+    return counts
+
+
+def generate_tasks(seed: int, families: dict[str, dict], sizes: dict[str, int]) -> dict[str, pd.DataFrame]:
+    """Draw disjoint splits of distinct problems (`problem_key`), each at the configured mix (`mix_quotas`).
+
+    families: {name: {"weight": w, "difficulties": [d, ...]}}; sizes: {split: number of prompts}. The held-out
+    splits are drawn first and train last, so that train takes what is left rather than the held-out splits
+    taking what train left (small cells, such as one-operation problems, would otherwise run out there).
+    """
     rng = random.Random(seed)
     seen: set[str] = set()
     out = {}
-    for split, n in sizes.items():
+    for split in sorted(sizes, key=lambda s: s == "train"):
+        quotas = mix_quotas(families, sizes[split])
+        cells = [cell for cell, count in quotas.items() for _ in range(count)]
+        rng.shuffle(cells)
         rows = []
-        attempts = 0
-        while len(rows) < n:
-            attempts += 1
-            if attempts > 50 * n + 1000:
-                raise ValueError(f"cannot draw {n} unique '{split}' prompts from {families}; widen the difficulties")
-            name = rng.choices(names, weights)[0]
-            t = FAMILIES[name](rng, rng.choice(families[name]["difficulties"]))
-            if t.question in seen:
-                continue
-            seen.add(t.question)
+        for name, d in cells:
+            for _ in range(1000):
+                t = FAMILIES[name](rng, d)
+                if task_key(t) not in seen:
+                    break
+            else:
+                raise ValueError(
+                    f"cannot draw {quotas[(name, d)]} '{split}' problems of family {name!r} at difficulty {d} distinct "
+                    f"from the other splits' (data.synthetic.sizes {sizes}); lower the sizes or change "
+                    f"data.synthetic.families.{name}.difficulties")
+            seen.add(task_key(t))
             rows.append(
                 {"prompt_id": f"{split}-{len(rows):06d}", "task": t.task, "question": t.question,
                  "answer": t.answer, "difficulty": t.difficulty}
             )
-        out[split] = pd.DataFrame(rows)
-    return out
+        out[split] = pd.DataFrame(rows, columns=["prompt_id", "task", "question", "answer", "difficulty"])
+    return {split: out[split] for split in sizes}
 
 
 GSM8K_ANSWER = re.compile(r"^(?P<solution>.*)\n\s*####\s*(?P<answer>[^\n]+?)\s*$", re.DOTALL)

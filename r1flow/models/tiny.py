@@ -99,7 +99,7 @@ def build_corpus(seed: int, n: int, families: dict, mix: dict[str, float], templ
     while len(docs) < n:
         name = rng.choices(names, weights)[0]
         t = T.FAMILIES[name](rng, rng.choice(families[name]["difficulties"]))
-        if t.question in exclude:  # never pretrain on held-out questions
+        if T.task_key(t) in exclude:  # never pretrain on a held-out problem, in either direction (problem_key)
             continue
         if rng.random() < textbook_share:
             # general "textbook" knowledge: worked examples with no template, so the base knows how to
