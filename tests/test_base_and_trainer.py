@@ -170,6 +170,25 @@ def test_gradient_step_moves_towards_rewarded_output(tiny_policy, tmp_path, mixe
     assert all(v.dtype == torch.float32 for st in t.opt.state.values() for v in st.values() if v.dim())
 
 
+def test_bf16_on_a_cpu_without_it_warns_naming_the_setting(tiny_policy, tmp_path, monkeypatch, caplog):
+    import r1flow.models as M
+
+    xeon = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni\n"
+    sapphire = xeon.replace("avx512_vnni", "avx512_vnni avx512_bf16 amx_bf16 amx_tile")
+    graviton = "processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n"
+    assert not M.cpu_native_bf16(xeon) and M.cpu_native_bf16(sapphire) and M.cpu_native_bf16(graviton)
+    path, _ = tiny_policy
+    for native in (False, True):
+        monkeypatch.setattr(M, "cpu_native_bf16", lambda native=native: native)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            _trainer(path, tmp_path / f"w{native}", mixed_precision="bfloat16")
+            _trainer(path, tmp_path / f"f{native}")  # float32 never warns
+        warned = [r.getMessage() for r in caplog.records if "bfloat16" in r.getMessage()]
+        assert len(warned) == (0 if native else 1)
+        assert native or warned[0].startswith("grpo.mixed_precision: bfloat16 on a CPU without native")
+
+
 def test_bad_settings_fail_clearly(tiny_policy, tmp_path):
     path, _ = tiny_policy
     with pytest.raises(ValueError, match="unknown GRPO settings"):

@@ -1,5 +1,6 @@
-"""Every file or folder under benchmarks/ that the READMEs cite is in the repository: on disk and not
-ignored by git (an ignored one is never committed, so a checkout would lack it)."""
+"""Every file or folder under benchmarks/ that the READMEs (and the docs/ pages the README links to) cite
+is in the repository: on disk and not ignored by git (an ignored one is never committed, so a checkout
+would lack it)."""
 
 import re
 import shutil
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-READMES = ("README.md", "config/README.md")
+READMES = ("README.md", "config/README.md",
+           *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md")))
 # A repository path: benchmarks/... not inside a longer path (../shared/benchmarks/... is outside the repo,
 # ../benchmarks/... in a config example is relative to the user's working directory).
 CITED = re.compile(r"(?<![\w./-])benchmarks/[\w./-]*[\w/]")

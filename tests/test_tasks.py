@@ -238,3 +238,68 @@ def test_partial_guess_checks_the_first_guesses_then_answers():
         assert c.startswith(" <think> ") and c.endswith(" </think> <answer> 5 </answer>")
         seen.add(c.removeprefix(" <think> ").removesuffix(" </think> <answer> 5 </answer>"))
     assert seen == expected
+
+
+def test_a_guess_and_the_chain_it_runs_backwards_are_one_problem():
+    # hand-built twins: (4+5)*2 = 18 forwards, and x = 4 backwards
+    assert T.problem_key("chain", "Compute (4+5)*2", "18") == "Compute (4+5)*2"
+    assert T.problem_key("guess", "Find x: (x+5)*2 = 18", "4") == "Compute (4+5)*2"
+    assert T.problem_key("guess", "Find x: (x+5)*2 = 18", "5") != "Compute (4+5)*2"  # another x, another chain
+    assert T.problem_key("guess", "Find x: x*3-2 = 13", "5") == "Compute 5*3-2"
+    # only the first number is x: a chain that repeats its start value keeps the later ones
+    assert T.problem_key("guess", "Find x: (x+4)*2 = 16", "4") == "Compute (4+4)*2"
+    rng = random.Random(3)
+    for _ in range(200):
+        t = T.make_chain(rng, rng.randint(1, 4))
+        rng2 = random.Random(rng.random())
+        state = rng2.getstate()
+        c = T.make_chain(rng2, t.difficulty)
+        rng2.setstate(state)
+        g = T.make_guess(rng2, t.difficulty)  # the guess built from the very chain c
+        assert T.task_key(g) == T.task_key(c) == c.question
+
+
+def test_no_split_shares_a_problem_with_another_in_either_direction():
+    fam = {"chain": {"weight": 0.5, "difficulties": [1]}, "guess": {"weight": 0.5, "difficulties": [1]}}
+    # 129 one-operation problems in all: 120 prompts of both families leave no twin across the splits
+    s = T.generate_tasks(0, fam, {"train": 80, "validation": 20, "test": 20})
+    keys = {k: set(map(T.problem_key, d["task"], d["question"], d["answer"])) for k, d in s.items()}
+    assert all(len(keys[k]) == len(s[k]) for k in s)  # no twins inside a split either
+    assert not (keys["train"] & keys["test"]) and not (keys["train"] & keys["validation"])
+    assert not (keys["validation"] & keys["test"])
+    with pytest.raises(ValueError, match=r"data\.synthetic\.families\.(chain|guess)\.difficulties"):
+        T.generate_tasks(0, fam, {"train": 120, "validation": 20, "test": 20})  # 160 > 129
+
+
+def test_every_split_has_the_configured_mix():
+    import yaml
+
+    syn = yaml.safe_load(open("config/config.yaml"))["data"]["synthetic"]
+    for seed in (syn["seed"], syn["seed"] + 1):
+        splits = T.generate_tasks(seed, syn["families"], syn["sizes"])
+        assert {k: len(v) for k, v in splits.items()} == syn["sizes"]
+        total = sum(f["weight"] for f in syn["families"].values())
+        for name, d in splits.items():
+            for fam, f in syn["families"].items():
+                for diff in f["difficulties"]:
+                    want = f["weight"] / total / len(f["difficulties"])
+                    got = ((d["task"] == fam) & (d["difficulty"] == diff)).mean()
+                    assert abs(got - want) <= 0.02, (name, fam, diff, got, want)
+    # the quotas round by largest remainder and sum to n
+    q = T.mix_quotas({"chain": {"weight": 2, "difficulties": [2, 3, 3]}, "guess": {"weight": 1, "difficulties": [2]}}, 10)
+    assert q == {("chain", 2): 2, ("chain", 3): 5, ("guess", 2): 3}
+
+
+def test_the_corpus_never_holds_a_held_out_problem_in_either_direction():
+    from r1flow.models.tiny import build_corpus
+
+    fam = {"chain": {"weight": 0.5, "difficulties": [1]}, "guess": {"weight": 0.5, "difficulties": [1]}}
+    test = T.generate_tasks(4, fam, {"test": 40})["test"]
+    held_out = set(map(T.problem_key, test["task"], test["question"], test["answer"]))
+    docs = build_corpus(1, 600, fam, {"bare": 1.0}, "table1", exclude=held_out)
+    seen = set()
+    for p, c in docs:
+        q = p.split("User: ")[1].removesuffix(". Assistant:")
+        task = "guess" if q.startswith("Find x") else "chain"
+        seen.add(T.problem_key(task, q, c.strip()))
+    assert len(seen) > 60 and not (seen & held_out)

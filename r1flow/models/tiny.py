@@ -207,6 +207,8 @@ def build_base_model(cfg: dict, families: dict, template: str, out_dir, exclude:
     cfg: the `base_model.tiny` config section (sizes, corpus size and mix, steps, learning rate, seed).
     """
     torch.manual_seed(cfg["seed"])
+    # the corpus may cover more than the prompts do (one-operation problems, too few to draw splits from)
+    families = cfg.get("corpus_families") or families
     docs = build_corpus(cfg["seed"], cfg["corpus_size"], families, cfg["corpus_mix"], template, exclude,
                         cfg.get("shorthand_error_rate", 0.6), cfg.get("textbook_share", 0.0),
                         cfg.get("slip_rate", 0.0), cfg.get("recheck_share", 0.0))

@@ -53,7 +53,7 @@ from r1flow.data.formats import reflections
 from r1flow.data.prompts import chat_prompt, render
 from r1flow.generation import Completions, SamplingParams, make_generator
 from r1flow.memory import PhasePeaks, rss_mb, trim_allocator
-from r1flow.models import load_weights, model_device, save_policy
+from r1flow.models import load_weights, model_device, save_policy, warn_if_bf16_emulated
 from r1flow.models.chunked import set_activation_checkpointing
 from r1flow.models.logprobs import completion_logprobs
 from r1flow.rewards.grading import sample_and_grade, summarize
@@ -228,6 +228,8 @@ class GRPOTrainer:
         # every tensor of a step is made on the policy's device (the config's `device`; cuda:LOCAL_RANK
         # under DeepSpeed); the reference model must be there too
         self.device = model_device(model)
+        if cfg.mixed_precision == "bfloat16":
+            warn_if_bf16_emulated("grpo.mixed_precision", self.device, log)
         if cfg.gradient_checkpointing:  # transformers' flag, which the fast forward follows too
             set_activation_checkpointing(model, True)
         if ref_model is not None:
