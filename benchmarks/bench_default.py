@@ -25,6 +25,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # r1flow, when not pip-installed
 from r1flow.config import validate_config  # noqa: E402
+from r1flow.provenance import describe_machine  # noqa: E402
 
 
 def shift_seeds(node, offset: int):
@@ -80,6 +81,7 @@ def main():
         raise SystemExit(f"snakemake failed with {p.returncode}")
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"workdir: {wd}")
+    print(f"machine: {describe_machine()}")
     print(f"wall time, snakemake --cores {a.cores} from clean results/: {wall:.1f} s")
     print(f"peak RSS of the largest process: {peak_mb:.0f} MB")
     rows = []

@@ -1,7 +1,7 @@
 """Do the miniature's findings hold as statistics? The default on several seeds and on other rounding.
 
     python benchmarks/bench_findings.py --workdir DIR [--seeds 0 1 2 3 4] [--perturbed-seed 0]
-        [--config config/config.yaml] [--out benchmarks/results/findings/NAME.md]
+        [--config config/config.yaml] [--out benchmarks/results/findings/NAME.md] [--write README.md]
 
 Runs the default target (benchmarks/bench_default.py, one run after another, each from a clean results
 folder) on every seed offset of --seeds, then once more on --perturbed-seed with ATen's vectorised CPU kernels
@@ -14,20 +14,29 @@ For each finding of the README it prints the margin on every run (points of held
 re-checks for the trends), on how many runs it holds, and the mean margin over the seeds with its standard
 error. A finding counts as shown when it holds on all but at most one run and its mean margin is at least
 twice its standard error. A run whose results are complete is not run again (the command resumes).
+With --write FILE, the block between `<!-- findings -->` and `<!-- /findings -->` in FILE is replaced by
+held-out pass@1 of every model on every run, the findings table and the findings line, with the commit
+and the machine the runs recorded: the README's figures are this command's output, never typed by hand.
 """
 
 import argparse
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from readme_tables import finding_margins  # noqa: E402
+from readme_tables import _label, finding_margins, provenance_commit  # noqa: E402
+
+sys.path.insert(0, str(ROOT))
+from r1flow.provenance import describe_machine  # noqa: E402
 
 PERTURBATION = {"ATEN_CPU_CAPABILITY": "default"}
 
@@ -50,7 +59,12 @@ def run(workdir: Path, config: str, seed: int, perturbed: bool) -> dict:
             raise SystemExit(f"{name} failed; see {log}")
     wall = next((float(line.split(":")[1].split()[0]) for line in log.read_text().splitlines()
                  if line.startswith("wall time")), math.nan) if log.exists() else math.nan
-    return {"run": name, "seed": seed, "perturbed": perturbed, "wall_s": wall, **finding_margins(res)}
+    t = pd.read_csv(res / "tables" / "benchmarks.csv")
+    pass1 = {m: 100 * float(v) for m, v in t[t["benchmark"] == "held_out"].set_index("model")["pass@1"].items()}
+    rec = json.loads((res / "provenance" / "benchmark_table.json").read_text())
+    mach = describe_machine(rec["machine"]) if "machine" in rec else None
+    return {"run": name, "seed": seed, "perturbed": perturbed, "wall_s": wall, "pass@1": pass1,
+            "commit": provenance_commit(res), "machine": mach, **finding_margins(res)}
 
 
 def mean_se(xs: list[float]) -> tuple[float, float]:
@@ -63,7 +77,7 @@ def mean_se(xs: list[float]) -> tuple[float, float]:
 
 def summarise(runs: list[dict]) -> tuple[str, list[dict]]:
     """The findings table (markdown) and its rows."""
-    names = [k for k in runs[0] if isinstance(runs[0][k], dict)]
+    names = [k for k in runs[0] if isinstance(runs[0][k], dict) and "margin" in runs[0][k]]
     seeds = [r for r in runs if not r["perturbed"]]
     rows = []
     for name in names:
@@ -84,6 +98,48 @@ def summarise(runs: list[dict]) -> tuple[str, list[dict]]:
     return "\n".join(lines), rows
 
 
+def pass_table(runs: list[dict]) -> str:
+    """Held-out pass@1 (%) of every model on every run, with the mean and standard error over the seeds."""
+    models = list(runs[0]["pass@1"])
+    seeds = [r for r in runs if not r["perturbed"]]
+    lines = ["| held-out pass@1 | " + " | ".join(r["run"] for r in runs) + " | mean ± SE over seeds |",
+             "|" + "---|" * (len(runs) + 2)]
+    for m in models:
+        mean, se = mean_se([r["pass@1"][m] for r in seeds])
+        lines.append(f"| {_label(m)} | " + " | ".join(f"{r['pass@1'][m]:.1f}" for r in runs)
+                     + f" | {mean:.1f} ± {se:.1f} |")
+    return "\n".join(lines)
+
+
+def findings_line(rows: list[dict]) -> str:
+    def fmt(r):
+        return f"{r['finding']} ({r['holds']}/{r['runs']} runs, {r['mean']:+.2f} ± {r['se']:.2f} {r['unit']})"
+    shown = [fmt(r) for r in rows if r["shown"]]
+    not_shown = [fmt(r) for r in rows if not r["shown"]]
+    return ("**Shown** (holds on all runs but at most one, mean margin at least twice its standard error): "
+            + "; ".join(shown) + ". **Not shown**: " + ("; ".join(not_shown) or "none") + ".")
+
+
+def write_block(path: Path, runs: list[dict], table: str, rows: list[dict]) -> None:
+    """Replace the findings block of `path` with this study's figures."""
+    commits = sorted({r["commit"] for r in runs})
+    machines = sorted({r["machine"] for r in runs if r["machine"]})
+    where = ("; ".join(machines) if machines else
+             f"not recorded by the runs (this summary was written on {describe_machine()})")
+    body = "\n\n".join([
+        f"Commit {', '.join(commits)}; machine: {where}; `snakemake --cores 2` from a clean `results/` per run, "
+        f"one run at a time; written by `python benchmarks/bench_findings.py --workdir DIR --write {path.name}`.",
+        pass_table(runs), "Each finding's margin on each run (points of held-out pass@1; tokens and re-checks "
+        "for the trends, the smallest rise from one quarter of R1-Zero's training to the next):", table,
+        findings_line(rows)])
+    text = path.read_text()
+    new, n = re.subn(r"<!-- findings -->.*?<!-- /findings -->", lambda _: f"<!-- findings -->\n{body}\n<!-- /findings -->",
+                     text, flags=re.S)
+    if n != 1:
+        raise SystemExit(f"{path}: no single <!-- findings --> ... <!-- /findings --> block to replace")
+    path.write_text(new)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", required=True)
@@ -91,6 +147,7 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--perturbed-seed", type=int, default=0, help="-1: no perturbed run")
     ap.add_argument("--out", default=None, help="also write the table and the figures (.md and .json)")
+    ap.add_argument("--write", default=None, help="a markdown file whose findings block is rewritten")
     a = ap.parse_args()
     wd = Path(a.workdir)
     wd.mkdir(parents=True, exist_ok=True)
@@ -102,8 +159,10 @@ def main():
     if a.out:
         out = Path(a.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(table + "\n")
+        out.write_text(pass_table(runs) + "\n\n" + table + "\n")
         out.with_suffix(".json").write_text(json.dumps({"runs": runs, "findings": rows}, indent=1) + "\n")
+    if a.write:
+        write_block(Path(a.write), runs, table, rows)
 
 
 if __name__ == "__main__":

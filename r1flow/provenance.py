@@ -8,6 +8,8 @@ so Snakemake deletes it with the other outputs of a failed job). The record hold
 - the resolved settings the rule passed to its script (the config subtrees as JSON) and their sha256;
 - sha256 of every input and output (a folder: of its sorted file list with each file's sha256);
 - package versions (python, torch, transformers, snakemake, r1flow, and deepspeed / vllm when present);
+- the machine: CPU model, core count and the instruction sets that decide its speed (avx2, avx512,
+  avx512_bf16, AMX, Arm bf16), so that a time in a record says what it was measured on;
 - the host, the SLURM job id (null outside SLURM) and the resources SLURM granted, as the job sees them
   in its environment (cpus per task, partition, GPUs / CUDA_VISIBLE_DEVICES) and as the controller
   reports them (`scontrol show job`: TRES with cpu, mem and gres/gpu, time limit);
@@ -192,6 +194,47 @@ def write_json_atomic(obj, path: str | os.PathLike) -> None:
             tmp.unlink()
 
 
+# The CPU features that decide how fast (and, through their kernels, how rounded) torch runs here.
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "bf16", "sve", "asimd")
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The flags of /proc/cpuinfo ("flags" on x86, "Features" on Arm); empty where it cannot be read."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return set()
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.split(":")[0].strip() in ("flags", "Features"):
+            flags |= set(line.split(":", 1)[1].split())
+    return flags
+
+
+def machine(cpuinfo: str | None = None) -> dict:
+    """CPU model, cores and the speed-deciding instruction sets present (SPEED_FLAGS)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+                  if line.split(":")[0].strip() in ("model name", "Model", "cpu model")), None)
+    flags = cpu_flags(cpuinfo)
+    return {"cpu": model or "unknown", "cores": os.cpu_count(),
+            "cpu_flags": [f for f in SPEED_FLAGS if f in flags]}
+
+
+def describe_machine(m: dict | None = None) -> str:
+    """One line for a log or a table: "AMD EPYC, 2 cores, avx2 fma (no avx512_bf16 or AMX)"."""
+    m = m or machine()
+    flags = m["cpu_flags"]
+    native = {"avx512_bf16", "amx_bf16", "bf16"} & set(flags)
+    return (f"{m['cpu']}, {m['cores']} cores, {' '.join(flags) or 'no listed vector flags'}"
+            + ("" if native else " (no avx512_bf16 or AMX)"))
+
+
 def build_record(*, rule: str, command: list[str], settings: list, inputs: list[str], outputs: list[str],
                  start: str, end: str, duration_s: float, repo: str | os.PathLike,
                  sample_above: int = DEFAULT_SAMPLE_ABOVE, env=None, tracking: dict | None = None) -> dict:
@@ -208,6 +251,7 @@ def build_record(*, rule: str, command: list[str], settings: list, inputs: list[
         "outputs": {str(p): hash_path(p, sample_above) for p in outputs},
         "packages": package_versions(),
         "host": socket.gethostname(),
+        "machine": machine(),
         "slurm": slurm,
         "start": start,
         "end": end,

@@ -58,3 +58,27 @@ def test_margins_from_a_results_folder(tmp_path):
     assert m["length rising each quarter"]["margin"] == pytest.approx(2)
     assert m["re-checks rising each quarter"]["margin"] == pytest.approx(-0.1)
     assert not m["re-checks rising each quarter"]["holds"]
+
+
+def test_findings_block_is_written_between_its_markers(tmp_path):
+    runs = []
+    for i, (base, zero) in enumerate([(20.0, 40.0), (22.0, 41.0), (18.0, 45.0)]):
+        r = _run(f"seed{i}", False, a=zero - base)
+        r.update({"pass@1": {"base": base, "r1_zero": zero}, "commit": "abc1234567",
+                  "machine": "AMD EPYC, 2 cores, avx2 fma (no avx512_bf16 or AMX)"})
+        runs.append(r)
+    table, rows = BF.summarise(runs)
+    assert [r["finding"] for r in rows] == ["a"]  # pass@1 is a table of its own, not a finding
+    pt = BF.pass_table(runs)
+    # base 20, 22, 18: mean 20, SE sqrt(4/3) = 1.15
+    assert "| base (tiny Llama) | 20.0 | 22.0 | 18.0 | 20.0 ± 1.2 |" in pt
+    doc = tmp_path / "README.md"
+    doc.write_text("# x\n\n<!-- findings -->\nold figures\n<!-- /findings -->\n\nafter\n")
+    BF.write_block(doc, runs, table, rows)
+    text = doc.read_text()
+    assert "old figures" not in text and text.endswith("<!-- /findings -->\n\nafter\n")
+    assert "Commit abc1234567; machine: AMD EPYC, 2 cores, avx2 fma" in text
+    assert pt in text and table in text and "**Shown**" in text
+    doc.write_text("no markers")
+    with pytest.raises(SystemExit, match="findings"):
+        BF.write_block(doc, runs, table, rows)

@@ -108,8 +108,35 @@ def test_run_and_record_writes_a_complete_record(tmp_path, monkeypatch):
     assert r["slurm"]["job_id"] == "7" and r["slurm"]["cpus_per_task"] == "2"
     assert r["packages"]["torch"] and r["packages"]["snakemake"] and r["packages"]["r1flow"] == "0.1.0"
     assert r["host"] and r["start"] <= r["end"] and r["duration_s"] >= 0
+    assert r["machine"] == P.machine() and r["machine"]["cores"] == os.cpu_count()
     assert r["git"]["commit"] != ""
     assert sorted(os.listdir(rec.parent)) == ["job.json"]  # no temporary file left behind
+
+
+XEON = """processor	: 0
+model name	: Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz
+flags		: fpu sse2 avx avx2 fma avx512f avx512bw
+processor	: 1
+model name	: Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz
+flags		: fpu sse2 avx avx2 fma avx512f avx512bw
+"""
+SAPPHIRE = XEON.replace("avx512bw", "avx512bw avx512_bf16 amx_bf16 amx_tile")
+GRAVITON = """processor	: 0
+BogoMIPS	: 243.75
+Features	: fp asimd evtstrm aes sve bf16
+"""
+
+
+def test_machine_names_the_cpu_and_the_instruction_sets_that_decide_its_speed():
+    m = P.machine(XEON)
+    assert m["cpu"] == "Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz"
+    assert m["cpu_flags"] == ["avx2", "fma", "avx512f"]  # avx512bw is not a speed flag listed
+    assert P.describe_machine(m).endswith("avx2 fma avx512f (no avx512_bf16 or AMX)")
+    assert P.machine(SAPPHIRE)["cpu_flags"] == ["avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"]
+    assert "(no avx512_bf16" not in P.describe_machine(P.machine(SAPPHIRE))
+    g = P.machine(GRAVITON)
+    assert g["cpu"] == "unknown" and g["cpu_flags"] == ["bf16", "sve", "asimd"]
+    assert P.machine("")["cpu_flags"] == [] and P.cpu_flags("") == set()
 
 
 def test_failed_command_writes_no_record(tmp_path):

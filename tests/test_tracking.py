@@ -8,7 +8,6 @@ gives every training job, and its provenance record, the run <results folder>/<j
 
 import json
 import math
-import shlex
 import struct
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import FAMILIES
+from helpers.job_settings import planned_commands
 
 from r1flow.config import ConfigError, validate_config
 from r1flow.data.prompts import R1_CHAT_TEMPLATE
@@ -274,17 +274,7 @@ def _plan(wd: Path, settings: dict) -> dict:
     """{job: (provenance wrapper words, launcher + script + arguments)} of the smoke DAG's dry run."""
     extra = wd / "settings.yaml"
     extra.write_text(yaml.safe_dump(settings))
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(wd), "-n", "-p",
-           "--configfile", str(ROOT / "config" / "smoke.yaml"), str(extra)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    jobs = {}
-    for line in (p.stdout + p.stderr).splitlines():
-        if "provenance.py --record" in line:
-            words = shlex.split(line[line.index("/"):].split(" 2>&1 | tee ")[0])
-            cut = words.index("--")
-            jobs[words[words.index("--rule") + 1]] = (words[:cut], words[cut + 1:])
-    return jobs
+    return planned_commands(wd, ROOT / "config" / "smoke.yaml", extra)
 
 
 TRAINING_JOBS = {"r1_zero", "reasoning_rl", "r1", "rl_only_student", "cold_start_sft", "final_sft",

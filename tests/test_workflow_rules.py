@@ -2,13 +2,12 @@
 common.smk's job(): the smoke DAG planned with non-default settings, each job's printed command checked."""
 
 import json
-import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers.job_settings import planned_commands
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,19 +42,7 @@ def commands(tmp_path_factory):
     wd = tmp_path_factory.mktemp("plan")
     extra = wd / "settings.yaml"
     extra.write_text(yaml.safe_dump(SETTINGS))
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(wd), "-n", "-p",
-           "--configfile", str(ROOT / "config" / "smoke.yaml"), str(extra)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    jobs = {}
-    for line in (p.stdout + p.stderr).splitlines():
-        if "provenance.py --record" not in line:
-            continue
-        words = shlex.split(line[line.index("/"):].split(" 2>&1 | tee ")[0])
-        cut = words.index("--")
-        wrapper, script = words[:cut], words[cut + 1:]
-        jobs[wrapper[wrapper.index("--rule") + 1]] = (wrapper, script)
-    return jobs
+    return planned_commands(wd, ROOT / "config" / "smoke.yaml", extra)
 
 
 def contains(given, subset):

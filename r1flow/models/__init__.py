@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from r1flow.config import ConfigError, gguf_metadata, gguf_supported_architectures
+from r1flow.provenance import cpu_flags
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICE_KEY = "device"  # the config key every model-running stage gets (auto | cpu | cuda | cuda:N)
@@ -57,15 +58,9 @@ def cpu_native_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU has bfloat16 arithmetic in hardware: x86 avx512_bf16 or AMX, Arm's bf16. Without it,
     PyTorch emulates bfloat16 matmuls in float32 with conversions around them, slower than float32 itself
     (a GRPO step on SmolLM2-135M: 165 s in bfloat16 against 51.6 s in float32 on a Xeon without it)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return True  # not Linux: cannot tell, so no warning
-    flags = set()
-    for line in cpuinfo.splitlines():
-        if line.split(":")[0].strip() in ("flags", "Features"):
-            flags |= set(line.split(":", 1)[1].split())
+    if cpuinfo is None and not Path("/proc/cpuinfo").exists():
+        return True  # not Linux: cannot tell, so no warning
+    flags = cpu_flags(cpuinfo)
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 

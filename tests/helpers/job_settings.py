@@ -20,33 +20,40 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "scripts"
 
 
-def planned_jobs(workdir, *configfiles, extra=()) -> dict[str, list[str]]:
-    """{job name: words from the launcher on} of every job `snakemake -n -p` plans."""
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir), "-n", "-p",
-           "--configfile", *map(str, configfiles), *extra]
+def _dry_run(workdir, configfiles, extra, print_commands: bool) -> str:
+    """What `snakemake -n` (with -p, the shell commands) prints for these config files."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir), "-n",
+           *(["-p"] if print_commands else []), "--configfile", *map(str, configfiles), *extra]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if p.returncode:
         raise RuntimeError(f"snakemake -n failed:\n{p.stdout[-3000:]}{p.stderr[-3000:]}")
+    return p.stdout + p.stderr
+
+
+def planned_commands(workdir, *configfiles, extra=()) -> dict[str, tuple[list[str], list[str]]]:
+    """{job name: (provenance wrapper words, words from the launcher on)} of every job `snakemake -n -p`
+    plans."""
     jobs = {}
-    for line in (p.stdout + p.stderr).splitlines():
+    for line in _dry_run(workdir, configfiles, extra, True).splitlines():
         if "provenance.py --record" not in line:
             continue
         words = shlex.split(line[line.index("/"):].split(" 2>&1 | tee ")[0])
-        wrapper, cut = words, words.index("--")
-        jobs[wrapper[wrapper.index("--rule") + 1]] = words[cut + 1:]
+        cut = words.index("--")
+        jobs[words[words.index("--rule") + 1]] = (words[:cut], words[cut + 1:])
     return jobs
+
+
+def planned_jobs(workdir, *configfiles, extra=()) -> dict[str, list[str]]:
+    """{job name: words from the launcher on} of every job `snakemake -n -p` plans."""
+    return {job: script for job, (_, script) in planned_commands(workdir, *configfiles, extra=extra).items()}
 
 
 def planned_job_resources(workdir, *configfiles, extra=()) -> dict[str, dict[str, str]]:
     """{job name: {resource: value}} of every job `snakemake -n` plans, as its dry run prints them (the
     resources Snakemake would hand the executor, the profile's defaults merged in)."""
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir), "-n",
-           "--configfile", *map(str, configfiles), *extra]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    if p.returncode:
-        raise RuntimeError(f"snakemake -n failed:\n{p.stdout[-3000:]}{p.stderr[-3000:]}")
+    out = _dry_run(workdir, configfiles, extra, False)
     jobs, name, resources = {}, None, None
-    for line in (p.stdout + p.stderr).splitlines() + ["rule end:"]:
+    for line in out.splitlines() + ["rule end:"]:
         s = line.strip()
         if s.startswith(("rule ", "localrule ")) and s.endswith(":"):
             if name is not None:
