@@ -325,3 +325,35 @@ def test_steps_keep_no_tensors(tiny_policy, tmp_path):
     # a tiny model: the whole process is a few hundred MB; a step's worth of kept tensors is far below
     # noise, so this bound only catches gross growth (e.g. the allocator holding every step's buffers)
     assert rows[-1]["rss_mb"] - rows[2]["rss_mb"] < 50
+
+
+def test_length_buckets_cut_sorted_runs_of_equal_size():
+    from r1flow.models.tiny import length_buckets
+
+    # lengths 5 1 4 1 9 2: sorted (ties by index) 1 3 5 2 0 4; three runs of two
+    assert length_buckets([5, 1, 4, 1, 9, 2], 3) == [[1, 3], [5, 2], [0, 4]]
+    assert length_buckets([3, 2], 5) == [[1], [0]]  # never an empty run
+    assert length_buckets([3, 2, 1], 1) == [[2, 1, 0]]
+
+
+def test_pretraining_in_length_buckets_is_the_same_update():
+    """Micro-batches of similar lengths, their losses over the batch's token count: the loss log and the
+    weights after a few updates equal the one-batch run's up to summation order."""
+    import yaml
+
+    from r1flow.models import tiny as TT
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parent.parent / "config" / "config.yaml").read_text())
+    fam = cfg["base_model"]["tiny"]["corpus_families"]
+    docs = TT.build_corpus(0, 400, fam, {"worked": 0.5, "answer_only": 0.5}, "table1", set(), textbook_share=0.5)
+    tok = TT.train_tokenizer(docs, 320)
+    runs = []
+    for buckets in (1, 4):
+        model = TT.build_model(tok, 32, 2, 2, 256, 0)
+        log = TT.pretrain(model, tok, docs, 4, 16, 0.003, 0, warmup=1, progress=False, length_buckets_per_batch=buckets)
+        runs.append(([r["loss"] for r in log], torch.cat([p.detach().flatten() for p in model.parameters()])))
+    (l1, w1), (l4, w4) = runs
+    assert l1 == pytest.approx(l4, rel=1e-5) and l1[-1] < l1[0]
+    assert torch.allclose(w1, w4, atol=1e-5)
+    fresh = torch.cat([p.detach().flatten() for p in TT.build_model(tok, 32, 2, 2, 256, 0).parameters()])
+    assert (w1 - fresh).abs().max() > 1e-3  # the updates moved the weights: the equality is not vacuous
