@@ -156,7 +156,9 @@ class Generator:
         B = ids.shape[0]
         pos = (mask.cumsum(1) - 1).clamp(min=0)
         # transformers 5.x calls the KV cache `cache`; 4.x called it `past_key_values`
-        kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        # (a LoRA model's PEFT wrapper passes the keyword through to the model it wraps)
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        kw = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         past, next_pos = getattr(out, kw), pos[:, -1:] + 1
         logits = out.logits[:, -1]

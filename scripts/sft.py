@@ -14,6 +14,7 @@ from r1flow.data.formats import READABLE_MARKER
 from r1flow.data.prompts import R1_CHAT_TEMPLATE
 from r1flow.data.schemas import SFT_DATA, SFT_METRICS
 from r1flow.models import add_tokens, load_policy, save_policy
+from r1flow.models.lora import add_lora
 from r1flow.training.sft import chat_pairs, train_sft
 
 log = logging.getLogger("scripts.sft")
@@ -47,6 +48,8 @@ def main():
         tok.chat_template = R1_CHAT_TEMPLATE
     # one token for the marker, as a real special token would be, starting at the mean embedding
     add_tokens(model, tok, [READABLE_MARKER])
+    # LoRA adapters (the stage's `lora` section; off by default): the base, the embeddings included, frozen
+    model = add_lora(model, s.get("lora"), f"{a.stage}.lora")
     prompts, completions = chat_pairs(tok, data["messages"])
     rows = train_sft(model, tok, prompts, completions, epochs=s["epochs"], learning_rate=s["learning_rate"],
                      batch_size=s["batch_size"], micro_batch_size=s["micro_batch_size"], max_length=s["max_length"],
@@ -55,7 +58,7 @@ def main():
                      tracking=a.tracking, run_config=job_settings(a))
     if torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
         return  # with DeepSpeed, rank 0 writes the outputs (every rank holds the same weights and rows)
-    save_policy(model, tok, a.out)
+    save_policy(model, tok, a.out, merged=True)  # a plain folder, adapters (if any) merged in
     write_table(pd.DataFrame(rows), a.metrics, SFT_METRICS)
     log.info(f"{a.stage}: {len(data)} examples x {s['epochs']} epochs, {len(rows)} updates, "
              f"loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f} -> {a.out}")

@@ -1,5 +1,6 @@
 """GRPO options of issue 28, each off by default: DAPO's dynamic sampling, offline pass-rate filtering of
-the prompts, reference-model refresh, DAPO's soft overlong penalty. Hand-built rewards make the expected
+the prompts, reference-model refresh, DAPO's soft overlong penalty (the options that change the update
+itself: tests/test_grpo_updates.py). Hand-built rewards make the expected
 outcome computable by hand; the tiny policy of conftest.py samples (or a stand-in sampler, where only the
 grading matters)."""
 
@@ -413,7 +414,8 @@ def test_every_grpo_section_takes_the_settings(section):
 
     settings = {"dynamic_sampling": True, "dynamic_sampling_max_batches": 2, "pass_rate_band": [0.1, 0.9],
                 "pass_rate_samples": 4, "ref_model_sync_steps": 400, "overlong_buffer_length": 16,
-                "overlong_penalty_factor": 0.5}
+                "overlong_penalty_factor": 0.5, "updates_per_rollout": 4, "entropy_coeff": 0.01,
+                "top_entropy_quantile": 0.2}
     config = validate_config(nest(dict(settings)), SCHEMA)
     got = config
     for key in section:
@@ -424,7 +426,8 @@ def test_every_grpo_section_takes_the_settings(section):
         defaults = defaults[key]
     assert GRPOConfig.from_dict({k: defaults[k] for k in settings}) == GRPOConfig()
     for bad in ({"pass_rate_band": [0.5]}, {"dynamic_sampling_max_batches": 0}, {"overlong_buffer_length": -1},
-                {"ref_model_sync_steps": -1}, {"overlong_penalty_factor": -1}):
+                {"ref_model_sync_steps": -1}, {"overlong_penalty_factor": -1}, {"updates_per_rollout": 0},
+                {"top_entropy_quantile": 0}, {"top_entropy_quantile": 1.5}):
         with pytest.raises(ConfigError, match=".".join(section) + "." + next(iter(bad))):
             validate_config(nest(bad), SCHEMA)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from r1flow.config import ConfigError, gguf_metadata, gguf_supported_architectures
+from r1flow.models.lora import is_lora, merged_copy
 from r1flow.provenance import cpu_flags
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -167,11 +168,22 @@ def add_tokens(model, tokenizer, tokens: list[str]) -> int:
 def load_weights(model, folder: str | os.PathLike) -> None:
     """Load a saved policy's weights into `model` in place, one file at a time: a single
     model.safetensors, or the shards of a large model's save listed in model.safetensors.index.json
-    (read by transformers). A tied lm_head is not stored and may be missing; anything else is an error."""
+    (read by transformers). A tied lm_head is not stored and may be missing; anything else is an error.
+    A LoRA model (r1flow.models.lora) takes an adapter folder (`save_policy` of it): the adapter weights
+    go into its adapters, the frozen base weights are left as they are."""
     from safetensors.torch import load_file
     from transformers.trainer_utils import load_sharded_checkpoint
 
     folder = Path(folder)
+    if is_lora(model):
+        from peft import set_peft_model_state_dict
+
+        if not (folder / "adapter_model.safetensors").exists():
+            raise RuntimeError(f"{folder} holds no LoRA adapter (adapter_model.safetensors) for this LoRA model")
+        res = set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
+        if getattr(res, "unexpected_keys", None):
+            raise RuntimeError(f"the adapter in {folder} does not fit the model: unexpected {res.unexpected_keys}")
+        return
     if (folder / "model.safetensors.index.json").exists():
         missing, unexpected = load_sharded_checkpoint(model, folder, strict=False)
     else:
@@ -181,9 +193,13 @@ def load_weights(model, folder: str | os.PathLike) -> None:
         raise RuntimeError(f"weights in {folder} do not fit the model: missing {missing}, unexpected {unexpected}")
 
 
-def save_policy(model, tokenizer, path: str | os.PathLike) -> None:
-    """save_pretrained into a sibling folder, then rename: a crash never leaves half a model."""
+def save_policy(model, tokenizer, path: str | os.PathLike, merged: bool = False) -> None:
+    """save_pretrained into a sibling folder, then rename: a crash never leaves half a model.
+    A LoRA model saves its adapter only (a checkpoint), or with `merged` a plain Hugging Face folder with
+    the adapters merged into the weights (an exported stage)."""
     path = Path(path)
+    if merged:
+        model = merged_copy(model)
     plain_model(model)  # a model loaded from GGUF saves as a plain folder
     tmp = path.with_name(f".{path.name}.tmp")
     if tmp.exists():

@@ -63,7 +63,7 @@ def _chunk_logits(hidden, weight, bias, temperature: float):
 
 class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, temperature, chunk, with_entropy):
+    def forward(ctx, hidden, weight, bias, tokens, temperature, chunk, with_entropy, entropy_grad=False):
         N = hidden.shape[0]
         logp = hidden.new_empty(N, dtype=torch.float32)
         lse = hidden.new_empty(N, dtype=torch.float32)
@@ -78,15 +78,16 @@ class _LinearLogprobs(torch.autograd.Function):
                 lp = z.sub_(lz[:, None])  # log_softmax, in place of the logits
                 ent[s:e] = -(lp.exp() * lp).sum(-1)
             del z
-        ctx.save_for_backward(hidden, weight, bias, tokens, lse)
+        ctx.save_for_backward(hidden, weight, bias, tokens, lse, ent if entropy_grad else None)
         ctx.temperature, ctx.chunk = temperature, chunk
-        ctx.mark_non_differentiable(ent)
+        if not entropy_grad:
+            ctx.mark_non_differentiable(ent)
         return logp, ent
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_logp, g_ent):
-        hidden, weight, bias, tokens, lse = ctx.saved_tensors
+        hidden, weight, bias, tokens, lse, ent = ctx.saved_tensors
         T, chunk = ctx.temperature, ctx.chunk
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.zeros_like(hidden) if need_h else None
@@ -95,15 +96,22 @@ class _LinearLogprobs(torch.autograd.Function):
         acc = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
         grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
         grad_b = torch.zeros_like(bias, dtype=acc) if (need_b and bias is not None) else None
-        if g_logp is None or not (need_h or need_w or need_b):
-            return grad_h, grad_w, grad_b, None, None, None, None
+        use_ent = ent is not None and g_ent is not None and g_ent.numel() > 0
+        none = (None,) * 5
+        if (g_logp is None and not use_ent) or not (need_h or need_w or need_b):
+            return grad_h, grad_w, grad_b, *none
         N = hidden.shape[0]
         for s in range(0, N, chunk):
             e = min(N, s + chunk)
-            g = g_logp[s:e].float()
+            g = g_logp[s:e].float() if g_logp is not None else hidden.new_zeros(e - s, dtype=torch.float32)
             # d logp / d z = onehot - softmax(z); times the incoming gradient, divided by T for z = logits / T
-            dz = _chunk_logits(hidden[s:e], weight, bias, T).sub_(lse[s:e, None]).exp_()
-            dz.mul_(-g[:, None])
+            lp = _chunk_logits(hidden[s:e], weight, bias, T).sub_(lse[s:e, None])  # log_softmax
+            if use_ent:
+                # d H / d z = -p (log p + H) for H = -sum p log p (an entropy bonus or penalty in the loss)
+                coef = -g[:, None] - g_ent[s:e, None].float() * (lp + ent[s:e, None])
+                dz = lp.exp_().mul_(coef)
+            else:
+                dz = lp.exp_().mul_(-g[:, None])
             dz.scatter_add_(-1, tokens[s:e, None], g[:, None])
             if T != 1.0:
                 dz.div_(T)
@@ -122,16 +130,17 @@ class _LinearLogprobs(torch.autograd.Function):
             grad_w = grad_w.to(weight.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None
+        return grad_h, grad_w, grad_b, *none
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, *,
                     bias: torch.Tensor | None = None, temperature: float = 1.0, with_entropy: bool = False,
-                    chunk_size: int | None = None):
+                    chunk_size: int | None = None, entropy_grad: bool = False):
     """log_softmax(F.linear(hidden, weight, bias).float() / temperature) at `tokens`, in chunks of tokens.
 
     hidden (..., H); tokens (...) long; weight (vocab, H). Returns logps (...) float32 with autograd to
-    hidden, weight and bias, and the detached float32 entropy of the same distribution (...) or None.
+    hidden, weight and bias, and the float32 entropy of the same distribution (...) or None: detached,
+    unless `entropy_grad` (an entropy term in the loss, verl's entropy_coeff).
     At most `chunk_size` tokens' logits (default: `chunk_rows(vocab)`) exist at any time.
     """
     shape = tokens.shape
@@ -147,8 +156,9 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Te
         bias = bias.to(cd) if bias is not None else None
     h = hidden.reshape(-1, hidden.shape[-1])
     t = tokens.reshape(-1)
-    logp, ent = _LinearLogprobs.apply(h, weight, bias, t, float(temperature), chunk, bool(with_entropy))
-    return logp.view(shape), (ent.view(shape) if with_entropy else None)
+    logp, ent = _LinearLogprobs.apply(h, weight, bias, t, float(temperature), chunk,
+                                      bool(with_entropy or entropy_grad), bool(entropy_grad))
+    return logp.view(shape), (ent.view(shape) if (with_entropy or entropy_grad) else None)
 
 
 def output_layer(model):
@@ -179,6 +189,7 @@ def set_activation_checkpointing(model, on: bool = True) -> None:
 
 def activation_checkpointing(model) -> bool:
     """Whether `model` has per-layer activation checkpointing turned on."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # a LoRA (PEFT) wrapper
     if isinstance(getattr(type(model), "is_activation_checkpointing", None), property):
         return bool(model.is_activation_checkpointing)
     return bool(getattr(model, "is_gradient_checkpointing", False))

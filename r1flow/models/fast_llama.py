@@ -372,8 +372,10 @@ def _group_counts(group_size, M: int, B: int) -> list[int]:
 
 
 def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size,
-                        temperature: float = 1.0, with_entropy: bool = False, chunk_size: int | None = None):
-    """Per-token log-probabilities of the completions, with autograd.
+                        temperature: float = 1.0, with_entropy: bool = False, chunk_size: int | None = None,
+                        entropy_grad: bool = False):
+    """Per-token log-probabilities of the completions, with autograd (and of the entropies, with
+    `entropy_grad`).
 
     prompt_ids, prompt_mask: (M, P) left-padded unique prompts. completion_ids, completion_mask:
     (B, C) right-padded, prompt-major: with group_size an int G, B = M*G and rows i*G .. i*G+G-1
@@ -398,7 +400,7 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
     counts = _group_counts(group_size, M, B)
     if C == 0:
         empty = completion_ids.new_zeros((B, 0), dtype=torch.float32)
-        return empty, (empty.detach() if with_entropy else None)
+        return empty, (empty.detach() if (with_entropy or entropy_grad) else None)
     dev = completion_ids.device
     rows = torch.repeat_interleave(torch.arange(M, device=dev), torch.tensor(counts, device=dev))  # row -> prompt
     recompute = model.training and torch.is_grad_enabled() and activation_checkpointing(model)
@@ -454,7 +456,7 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
                 x = layer(x, L, kp, vp)
         hs.append(_rms_norm(x, W.norm, W.norm_eps))
     return linear_logprobs(torch.cat(hs, 1), W.lm_head, completion_ids, temperature=temperature,
-                           with_entropy=with_entropy, chunk_size=chunk_size)
+                           with_entropy=with_entropy, chunk_size=chunk_size, entropy_grad=entropy_grad)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,8 +10,10 @@ from r1flow.models import fast_llama
 from r1flow.models.chunked import linear_logprobs, output_layer
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False):
-    """log softmax(logits / T) at the sampled tokens, and optionally the entropy of that distribution.
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False,
+                   entropy_grad: bool = False):
+    """log softmax(logits / T) at the sampled tokens, and optionally the entropy of that distribution
+    (detached unless `entropy_grad`).
 
     Dividing by the sampling temperature makes pi_theta_old the distribution the samples came from
     (temperature 0, greedy sampling, has no such distribution: refused, it would give NaN).
@@ -23,14 +25,15 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     logp_all = torch.log_softmax(logits, dim=-1)
     logps = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     entropy = None
-    if with_entropy:
-        with torch.no_grad():
+    if with_entropy or entropy_grad:
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
             entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logps, entropy
 
 
 def hf_completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                           temperature: float = 1.0, with_entropy: bool = False, chunk_size: int | None = None):
+                           temperature: float = 1.0, with_entropy: bool = False, chunk_size: int | None = None,
+                           entropy_grad: bool = False):
     """Reference implementation through the model's own forward over prompt + completion (rows aligned).
 
     Where the model's logits are lm_head(decoder hidden state) (`chunked.output_layer`), the decoder runs
@@ -47,9 +50,10 @@ def hf_completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, compl
         hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
         # positions P-1 .. P+C-2 predict the completion tokens
         return linear_logprobs(hidden[:, ids.shape[1] - C - 1:-1], lm_head.weight, completion_ids, bias=lm_head.bias,
-                               temperature=temperature, with_entropy=with_entropy, chunk_size=chunk_size)
+                               temperature=temperature, with_entropy=with_entropy, chunk_size=chunk_size,
+                               entropy_grad=entropy_grad)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=C + 1).logits[:, :-1]
-    return token_logprobs(logits, completion_ids, temperature, with_entropy)
+    return token_logprobs(logits, completion_ids, temperature, with_entropy, entropy_grad)
 
 
 def prompt_groups(prompt_ids, prompt_mask) -> list[int]:
@@ -64,8 +68,10 @@ def prompt_groups(prompt_ids, prompt_mask) -> list[int]:
 
 
 def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size: int,
-                        temperature: float = 1.0, with_entropy: bool = False, fast: bool = True):
+                        temperature: float = 1.0, with_entropy: bool = False, fast: bool = True,
+                        entropy_grad: bool = False):
     """(N, C) log-probs (and entropies) of the completion tokens; prompt_ids has one row per completion.
+    The entropies are detached, unless `entropy_grad` (an entropy term in the loss).
 
     With `fast`, supported architectures (Llama, Qwen2) run r1flow.models.fast_llama, which computes
     each prompt once per run of consecutive rows that share it (a group of `group_size` rows, or the
@@ -80,6 +86,6 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
             first = torch.tensor([0, *counts], dtype=torch.long, device=prompt_ids.device).cumsum(0)[:-1]  # run starts
             return fast_llama.completion_logprobs(
                 model, prompt_ids[first], prompt_mask[first], completion_ids, completion_mask,
-                counts, temperature=temperature, with_entropy=with_entropy)
+                counts, temperature=temperature, with_entropy=with_entropy, entropy_grad=entropy_grad)
     return hf_completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                                  temperature, with_entropy)
+                                  temperature, with_entropy, entropy_grad=entropy_grad)

@@ -12,7 +12,10 @@
 Options off by default (GRPOConfig says where each comes from): offline pass-rate filtering of the prompts
 before training (pass_rate_band), DAPO's dynamic sampling (a step draws further batches of prompts until
 prompts_per_step groups have a reward spread), the reference model replaced by the
-policy every ref_model_sync_steps steps, and DAPO's soft overlong penalty (the `overlong` reward term).
+policy every ref_model_sync_steps steps, DAPO's soft overlong penalty (the `overlong` reward term),
+several updates per rollout (updates_per_rollout mini-batches, each an optimizer step against the sampling
+policy), an entropy bonus (entropy_coeff), the policy gradient on high-entropy tokens only
+(top_entropy_quantile) and LoRA adapters (lora).
 
 The state folder lies outside the rule's declared outputs: Snakemake deletes the outputs of a failed
 job, and the checkpoint must survive that for the rerun to resume from.
@@ -48,13 +51,14 @@ import torch
 from tqdm.auto import tqdm
 
 from r1flow import rewards as R
-from r1flow.config import require_positive
+from r1flow.config import ConfigError, require_positive
 from r1flow.data.formats import reflections
 from r1flow.data.prompts import chat_prompt, render
 from r1flow.generation import Completions, SamplingParams, make_generator
 from r1flow.memory import PhasePeaks, rss_mb, trim_allocator
 from r1flow.models import load_weights, model_device, save_policy, warn_if_bf16_emulated
 from r1flow.models.chunked import set_activation_checkpointing
+from r1flow.models.lora import LoraSettings, add_lora, merged_copy
 from r1flow.models.logprobs import completion_logprobs
 from r1flow.rewards.grading import sample_and_grade, summarize
 from r1flow.training.engine import DeepSpeedSettings, make_engine, master_parameters, shard
@@ -140,6 +144,21 @@ class GRPOConfig:
     # -1 at max_completion_length, times overlong_penalty_factor; 0 = off
     overlong_buffer_length: int = 0
     overlong_penalty_factor: float = 1.0
+    # several optimizer updates per rollout: the step's outputs cut into this many mini-batches, each one
+    # update against the log-probs of the policy that sampled them (TRL's steps_per_generation, verl's
+    # ppo_mini_batch_size): from the second update on pi_theta != pi_theta_old and eq. 1's clip matters.
+    # Each update's loss is normalised over its own mini-batch; the learning-rate schedule counts steps
+    updates_per_rollout: int = 1
+    # the entropy of pi_theta per token in the loss (verl's actor.entropy_coeff): objective + coeff x
+    # entropy, a bonus for coeff > 0; 0 = off
+    entropy_coeff: float = 0.0
+    # only the tokens whose entropy under the sampling policy is in the top q of the step's tokens carry
+    # the policy-gradient term (Wang et al., "Beyond the 80/20 rule", arXiv 2506.01939: 0.2; TRL's
+    # top_entropy_quantile); the KL term keeps every token, as in TRL. 1.0 = every token
+    top_entropy_quantile: float = 1.0
+    # LoRA adapters (PEFT) instead of full fine-tuning: {r, alpha, dropout, target_modules}
+    # (r1flow.models.lora); None or r = 0 = off. Checkpoints hold the adapter, the export is merged
+    lora: dict | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "GRPOConfig":
@@ -173,6 +192,12 @@ class GRPOConfig:
                              f"{self.max_completion_length}], got {self.overlong_buffer_length}")
         if self.overlong_penalty_factor < 0:
             raise ValueError(f"overlong_penalty_factor must be non-negative, got {self.overlong_penalty_factor}")
+        if not 1 <= self.updates_per_rollout <= self.prompts_per_step * self.num_generations:
+            raise ValueError(f"updates_per_rollout must lie in [1, prompts_per_step x num_generations = "
+                             f"{self.prompts_per_step * self.num_generations}] (one output at least per update), "
+                             f"got {self.updates_per_rollout}")
+        if not 0 < self.top_entropy_quantile <= 1:
+            raise ValueError(f"top_entropy_quantile must lie in (0, 1], got {self.top_entropy_quantile}")
 
     # Settings that leave the training trajectory as it is: when and how validation runs (it draws from
     # its own random stream), when checkpoints are saved, which one is exported, and how many sequences
@@ -186,7 +211,8 @@ class GRPOConfig:
     # settings added after checkpoints were first written: a checkpoint that lacks them was made with their
     # defaults (all off), so it resumes while they are still at those defaults
     ADDED_SETTINGS = ("dynamic_sampling", "dynamic_sampling_max_batches", "pass_rate_band", "pass_rate_samples",
-                      "ref_model_sync_steps", "overlong_buffer_length", "overlong_penalty_factor")
+                      "ref_model_sync_steps", "overlong_buffer_length", "overlong_penalty_factor",
+                      "updates_per_rollout", "entropy_coeff", "top_entropy_quantile", "lora")
 
     def trajectory(self) -> dict:
         """The settings a checkpoint must share with this run to be resumed."""
@@ -240,8 +266,20 @@ class GRPOTrainer:
         # ZeRO-3 is refused by DeepSpeedSettings (and GRPO's sampling and r1flow.models.fast_llama would
         # also need to gather the partitioned weights)
         ds = DeepSpeedSettings.from_dict(deepspeed)
+        self.lora = LoraSettings.from_dict(cfg.lora, "grpo.lora")
+        if self.lora.enabled:
+            if ds.enabled:
+                raise ConfigError("grpo.lora with training.deepspeed.enabled is not supported yet (tested in one "
+                                  "process only); turn one of them off")
+            if (generation or {}).get("backend") == "vllm":
+                raise ConfigError("grpo.lora with the vllm generation backend is not supported (the engine would "
+                                  "need the merged weights after every update); use the transformers backend")
+            # after torch.manual_seed: the adapters' initialisation is the run's (and a resumed run's)
+            self.model = model = add_lora(model, self.lora, "grpo.lora")
         # float32 master weights for a bf16 / fp16 policy in one process (r1flow.training.engine)
         params, master = master_parameters(model, ds)
+        if self.lora.enabled:  # the frozen base takes no optimiser state
+            params = [p for p in params if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
         self.engine = make_engine(model, self.opt, cfg.max_grad_norm, ds, master=master)
@@ -384,29 +422,54 @@ class GRPOTrainer:
         mine = slice(self.rank * n_local, (self.rank + 1) * n_local)
         advantages = group_advantages(rewards, G, c.scale_rewards)[mine].to(self.device)  # gathered on the CPU
         mask = loss_mask(out.completion_mask, out.truncated, c.mask_truncated_completions)
-        # the loss normalizers are batch-wide totals (so each rank's loss is its part of the full-batch loss)
-        rows, tokens, outputs = self.engine.all_sum([float((mask.sum(1) > 0).sum()), float(mask.sum()),
-                                                     float(mask.shape[0])])
-        norm = Normalizer(max(1.0, rows), max(1.0, tokens), outputs, c.max_completion_length)
-        mb = c.micro_batch_size or n_local
-        chunks = [slice(i, min(i + mb, n_local)) for i in range(0, n_local, mb)]
+        # updates_per_rollout mini-batches of the rollout (contiguous rows), one optimizer update each; each
+        # cut into micro-batches of micro_batch_size rows (gradient accumulation within the update)
+        U = c.updates_per_rollout
+        if U > n_local:
+            raise ValueError(f"updates_per_rollout = {U} exceeds the {n_local} outputs of this rank's share of "
+                             f"the step: every update needs at least one output")
+        cuts = [round(u * n_local / U) for u in range(U + 1)]
+        chunks, chunk_update = [], []
+        for u in range(U):
+            lo, hi = cuts[u], cuts[u + 1]
+            mb = c.micro_batch_size or (hi - lo)
+            for i in range(lo, hi, mb):
+                chunks.append(slice(i, min(i + mb, hi)))
+                chunk_update.append(u)
+        # the loss normalizers are totals over each update's mini-batch on every rank (the whole batch with
+        # one update), so that each rank's micro-batch losses add up to its part of that update's loss
+        sums = self.engine.all_sum([v for u in range(U) for m in [mask[cuts[u]:cuts[u + 1]]]
+                                    for v in (float((m.sum(1) > 0).sum()), float(m.sum()), float(m.shape[0]))])
+        norms = [Normalizer(max(1.0, sums[3 * u]), max(1.0, sums[3 * u + 1]), sums[3 * u + 2], c.max_completion_length)
+                 for u in range(U)]
         # each micro-batch's completion columns up to its own longest completion (at least one), so that one
         # long output does not pad every micro-batch to the batch's width; the columns cut are padding
         # (mask 0), which adds nothing to the loss, its gradients or the metrics
         width = out.completion_mask.sum(1)
         cols = [slice(0, max(1, int(width[sl].max())) if out.completion_mask.shape[1] else 0) for sl in chunks]
 
-        def logps(model, j, with_entropy=False):  # float32 log-probs; the backward runs outside autocast
+        def logps(model, j, with_entropy=False, entropy_grad=False):  # float32; the backward runs outside autocast
             sl, cs = chunks[j], cols[j]
             with self._mixed_precision():
                 return completion_logprobs(model, out.prompt_ids[sl], out.prompt_mask[sl], out.completion_ids[sl, cs],
-                                           out.completion_mask[sl, cs], G, c.temperature, with_entropy, c.fast_path)
+                                           out.completion_mask[sl, cs], G, c.temperature, with_entropy, c.fast_path,
+                                           entropy_grad=entropy_grad)
 
+        by_entropy = c.top_entropy_quantile < 1.0
         with torch.no_grad():
             ref = ([logps(self.ref_model, j)[0] for j in range(len(chunks))] if (c.beta and self.ref_model is not None)
                    else None)
-            # with mu = 1 the old policy is the current one: its log-probs are the detached current ones
-            old = [logps(self.model, j)[0] for j in range(len(chunks))] if c.num_iterations > 1 else None
+            # with mu = 1 and one update the old policy is the current one: its log-probs are the detached
+            # current ones; otherwise (and for the entropy mask) they are taken before any update
+            old_ent = ([logps(self.model, j, with_entropy=by_entropy) for j in range(len(chunks))]
+                       if (c.num_iterations > 1 or U > 1 or by_entropy) else None)
+        old = [lp for lp, _ in old_ent] if old_ent is not None else None
+        pg_masks = [None] * len(chunks)
+        if by_entropy:  # the tokens of the top q of the step's entropies (under the sampling policy)
+            ents = torch.cat([e[mask[sl, cs].bool()] for (_, e), sl, cs in zip(old_ent, chunks, cols)])
+            threshold = torch.quantile(ents.float(), 1.0 - c.top_entropy_quantile) if ents.numel() else 0.0
+            pg_masks = [(e >= threshold).float() for _, e in old_ent]
+        del old_ent
 
         self.model.train()
         stats = {"tokens": 0.0, "clipped_tokens": 0.0, "kl_sum": 0.0}
@@ -415,33 +478,36 @@ class GRPOTrainer:
         use_is = tis and out.sampler_logprobs is not None
         entropy_sum, loss_sum = 0.0, 0.0
         for it in range(c.num_iterations):
-            self.engine.zero_grad()
-            for j, (sl, cs) in enumerate(zip(chunks, cols)):
-                lp, ent = logps(self.model, j, with_entropy=it == 0)
-                old_j = old[j] if old is not None else lp.detach()
-                if use_is and it == 0:
-                    is_w[j], st = truncated_importance_weights(old_j, out.sampler_logprobs[sl, cs], mask[sl, cs],
-                                                               c.vllm_importance_sampling_cap)
-                    for k in is_stats:
-                        is_stats[k] += st[k]
-                loss, st = grpo_loss(
-                    lp, old_j, ref[j] if ref is not None else None,
-                    advantages[sl], mask[sl, cs], epsilon=c.epsilon, epsilon_high=c.epsilon_high, beta=c.beta,
-                    loss_type=c.loss_type, importance_sampling_level=c.importance_sampling_level, normalizer=norm,
-                    is_weights=is_w[j])
-                # the normalizer is batch-wide, so this is the chunk's part of the full-batch loss;
-                # x W because DeepSpeed averages gradients over the W ranks
-                self.engine.backward(loss * self.engine.loss_scale)
-                loss_sum += loss.item() / c.num_iterations
-                for k in stats:
-                    stats[k] += st[k]
-                if ent is not None:
-                    entropy_sum += (ent * out.completion_mask[sl, cs]).sum().item()
-            peak["training"] = _nanmax(peak["training"], self.peaks.end())  # log-probs, loss, backward
-            self.gpu_peaks.end("training")
-            self.engine.step()  # clip the global gradient norm, update
-            peak["update"] = _nanmax(peak["update"], self.peaks.end())
-            self.gpu_peaks.end("update")
+            for u in range(U):
+                self.engine.zero_grad()
+                for j in (j for j in range(len(chunks)) if chunk_update[j] == u):
+                    sl, cs = chunks[j], cols[j]
+                    lp, ent = logps(self.model, j, with_entropy=it == 0, entropy_grad=c.entropy_coeff != 0)
+                    old_j = old[j] if old is not None else lp.detach()
+                    if use_is and it == 0:
+                        is_w[j], st = truncated_importance_weights(old_j, out.sampler_logprobs[sl, cs], mask[sl, cs],
+                                                                   c.vllm_importance_sampling_cap)
+                        for k in is_stats:
+                            is_stats[k] += st[k]
+                    loss, st = grpo_loss(
+                        lp, old_j, ref[j] if ref is not None else None,
+                        advantages[sl], mask[sl, cs], epsilon=c.epsilon, epsilon_high=c.epsilon_high, beta=c.beta,
+                        loss_type=c.loss_type, importance_sampling_level=c.importance_sampling_level,
+                        normalizer=norms[u], is_weights=is_w[j], pg_mask=pg_masks[j],
+                        entropy=ent if c.entropy_coeff != 0 else None, entropy_coeff=c.entropy_coeff)
+                    # the normalizer is the update's, so this is the chunk's part of the update's loss;
+                    # x W because DeepSpeed averages gradients over the W ranks
+                    self.engine.backward(loss * self.engine.loss_scale)
+                    loss_sum += loss.item() / (c.num_iterations * U)
+                    for k in stats:
+                        stats[k] += st[k]
+                    if ent is not None and it == 0:
+                        entropy_sum += (ent.detach() * out.completion_mask[sl, cs]).sum().item()
+                peak["training"] = _nanmax(peak["training"], self.peaks.end())  # log-probs, loss, backward
+                self.gpu_peaks.end("training")
+                self.engine.step()  # clip the global gradient norm, update
+                peak["update"] = _nanmax(peak["update"], self.peaks.end())
+                self.gpu_peaks.end("update")
         if self.samples_externally:  # an external engine (vLLM) samples the next batch: new weights, no stale cache
             self.generator.sync_weights(self.model)
         lr = self.sched.get_last_lr()[0]
@@ -516,7 +582,9 @@ class GRPOTrainer:
         model by the latest policy every 400 steps (R1 paper, section 2.2 and its supplementary training
         details); TRL's sync_ref_model with ref_model_mixup_alpha = 1. The KL term of eq. 2 then holds the
         policy near where it was N steps ago rather than near the base model."""
-        self.ref_model.load_state_dict(self.model.state_dict())
+        # a LoRA policy's weights are the base with its adapters merged in
+        src = merged_copy(self.model) if self.lora.enabled else self.model
+        self.ref_model.load_state_dict(src.state_dict())
         self.ref_synced_at = self.step_no
         if self.is_main:
             log.info("step %d: reference model replaced by the current policy (ref_model_sync_steps = %d)",
@@ -977,6 +1045,13 @@ class GRPOTrainer:
         """Write the selected policy (best validation checkpoint or the last) as a HF model folder.
         Returns the step it comes from."""
         best = self._best_dir(self.best["step"])
+        if self.lora.enabled:  # the checkpoints hold adapters: the export merges them into a plain folder
+            step = self.step_no
+            if self.cfg.select_checkpoint == "best" and self.best["step"] > 0 and best.exists():
+                load_weights(self.model, best)
+                step = self.best["step"]
+            save_policy(self.model, self.tok, out_dir, merged=True)
+            return step
         if self.cfg.select_checkpoint == "best" and self.best["step"] > 0 and best.exists():
             src, step = best, self.best["step"]
             tmp = Path(out_dir).with_name(f".{Path(out_dir).name}.tmp")

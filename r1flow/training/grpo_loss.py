@@ -124,10 +124,16 @@ def grpo_loss(
     importance_sampling_level: str = "token",
     normalizer: Normalizer | None = None,
     is_weights: torch.Tensor | None = None,
+    pg_mask: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    entropy_coeff: float = 0.0,
 ):
     """Negative of eq. 1 for a (micro-)batch. logp/old_logp/ref_logp/mask: (N, C); advantages: (N,).
     is_weights: (N, C) truncated importance-sampling weights of the policy-gradient term (see
-    `truncated_importance_weights`), or None.
+    `truncated_importance_weights`), or None. pg_mask: (N, C) 0/1, the tokens that carry the
+    policy-gradient term (high-entropy tokens; the KL term keeps all of `mask`, as TRL's
+    top_entropy_quantile does), or None. entropy: (N, C) the policy's entropy per token with autograd,
+    added to the objective times entropy_coeff (verl's entropy bonus), or None.
 
     Returns (loss, stats) where stats holds detached sums for metrics: kl and clip fraction (per token).
     """
@@ -150,6 +156,10 @@ def grpo_loss(
     objective = torch.min(unclipped, clipped)
     if is_weights is not None:
         objective = objective * is_weights.detach()
+    if pg_mask is not None:
+        objective = objective * pg_mask
+    if entropy is not None and entropy_coeff != 0.0:
+        objective = objective + entropy_coeff * entropy
     kl = kl_k3(logp, ref_logp) if ref_logp is not None else None
     if kl is not None and beta != 0.0:
         objective = objective - beta * kl

@@ -32,7 +32,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from r1flow.config import ConfigError
 from r1flow.models import model_device
+from r1flow.models.lora import is_lora
 from r1flow.training.engine import make_engine, master_parameters
 from r1flow.training.tracking import open_run
 
@@ -214,6 +216,11 @@ def train_sft(model, tokenizer, prompts: list[str], completions: list[str], *, e
         set_activation_checkpointing(model, True)
     # float32 master weights for a bf16 / fp16 model (r1flow.training.engine); the model's own otherwise
     params, master = master_parameters(model, deepspeed)
+    if is_lora(model):  # LoRA (r1flow.models.lora): only the adapters train, the frozen base takes no state
+        if (deepspeed or {}).get("enabled"):
+            raise ConfigError("an SFT stage's lora with training.deepspeed.enabled is not supported yet (tested in one "
+                              "process only); turn one of them off")
+        params = [p for p in params if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
     steps_per_epoch = math.ceil(len(prompts) / batch_size)
     total = epochs * steps_per_epoch
