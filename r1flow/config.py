@@ -150,6 +150,22 @@ def check_placement(stage: str, resources: dict, ranks: int, device: str, all_re
                           f"\"gpu:{ranks}\") to at least {ranks}")
 
 
+def check_time_limit(stage: str, grpo_key: str, grpo: dict, resources: dict) -> None:
+    """A GRPO job with a time limit (`runtime`, minutes) and time-based checkpoints must reach one before
+    the limit kills it: otherwise each resubmission (profiles/slurm: retries) starts from the same
+    checkpoint and dies at the same place. Steps are not timed before the job runs, so checkpoints by
+    steps (save_every) alone cannot be checked here; save_every_minutes can."""
+    minutes, runtime = grpo.get("save_every_minutes"), resources.get("runtime")
+    if minutes is None or runtime is None:
+        return
+    if float(runtime) <= float(minutes):
+        raise ConfigError(f"config key '{grpo_key}.save_every_minutes': {minutes} minute(s) is not shorter than "
+                          f"the job's time limit (resources.{stage}.runtime: {runtime} minutes), so a job killed "
+                          f"at its limit would be resubmitted without a new checkpoint, again and again; set "
+                          f"{grpo_key}.save_every_minutes below {runtime} (leave room for the job's start) or "
+                          f"raise resources.{stage}.runtime")
+
+
 # -- model sources: checked before any job starts (the workflow's onstart) ----------------------------
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")

@@ -288,3 +288,40 @@ def test_a_colocated_engine_that_never_sleeps_is_refused_naming_the_stage_key(tm
     assert rc != 0
     assert "config key 'stages.r1_zero.generation.vllm.gpu_memory_utilization'" in out, out[-2000:]
     assert "stages.r1_zero.generation.vllm.sleep_mode: true" in out
+
+
+def test_a_time_limit_not_longer_than_the_checkpoint_interval_is_refused(tmp_path):
+    """save_every_minutes at or above the job's runtime: every resubmission would die before its first
+    checkpoint; refused before any job, naming both keys."""
+    rc, out = plan_variant(tmp_path, {"r1_zero": {"grpo": {"save_every_minutes": 2880}}})
+    assert rc != 0
+    assert "config key 'r1_zero.grpo.save_every_minutes': 2880 minute(s) is not shorter than the job's time " \
+           "limit (resources.r1_zero.runtime: 2880 minutes)" in out, out[-2000:]
+    assert not (tmp_path / "results").exists()
+
+
+def test_nodes_on_a_stage_that_runs_in_one_process_are_refused_naming_the_key(tmp_path):
+    """Issue 25's bad input: only DeepSpeed training spans nodes; an evaluation (one vLLM engine) or a GRPO
+    stage with its deepspeed settings off asked for 2 nodes is refused before any job starts."""
+    rc, out = plan_variant(tmp_path, {"resources": {"evaluate": {"nodes": 2}}})
+    assert rc != 0
+    assert "config key 'resources.evaluate.nodes': only training under DeepSpeed spans nodes" in out, out[-2000:]
+    rc, out = plan_variant(tmp_path, {"resources": {"r1_zero": {"nodes": 2}},
+                                      "stages": {"r1_zero": {"deepspeed": {"enabled": False}}}})
+    assert rc != 0
+    assert "config key 'resources.r1_zero.nodes': 2 nodes, but stage r1_zero trains in one process" in out, out[-2000:]
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_two_node_grpo_job_runs_one_torchrun_per_node(tmp_path):
+    from helpers.job_settings import planned_job_resources, planned_jobs
+
+    (tmp_path / "variant.yaml").write_text(yaml.safe_dump({"resources": {"r1_zero": {"nodes": 2}}}))
+    jobs = planned_jobs(tmp_path, CLUSTER / "r1_zero_qwen2.5.yaml", tmp_path / "variant.yaml")
+    words = jobs["r1_zero"]
+    at = next(i for i, w in enumerate(words) if w.endswith("launch_nodes.py"))
+    assert words[at + 1:at + 10] == ["--nodes", "2", "--nproc-per-node", "8", "--cpus-per-task", "64",
+                                     "--gpus-per-node", "8", "--"], words
+    assert words[at + 10].endswith("grpo.py") and "torch.distributed.run" not in words
+    res = planned_job_resources(tmp_path, CLUSTER / "r1_zero_qwen2.5.yaml", tmp_path / "variant.yaml")["r1_zero"]
+    assert res["nodes"] == "2" and res["tasks"] == "2" and res["mpi"] == "srun", res

@@ -9,6 +9,7 @@ installed or started (not root, no apt-get, no mknod, a foreign controller alrea
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from helpers.slurm_cluster import LocalSlurm, Unavailable, ensure_packages
@@ -151,3 +153,66 @@ def test_training_ran_under_torchrun_inside_the_job_when_deepspeed_is_installed(
     if WITH_DEEPSPEED:
         assert rec["slurm"]["cpus_per_task"] == "2" and rec["command"][rec["command"].index("--nproc_per_node") + 1] == "2"
         assert pd.read_csv(wd / "results" / "r1_zero" / "metrics.csv")["step"].tolist() == [1, 2, 3, 4]
+
+
+# -- a job longer than its time limit (issue 25, item 4) ------------------------------------------------
+# R1-Zero on the smoke world, long enough to outlive SLURM's shortest time limit (1 minute; the controller
+# enforces it within about 30 s more): it is killed (SIGTERM, then SIGKILL KillWait later), Snakemake
+# resubmits it (profiles/slurm: retries) and it resumes from its last checkpoint (every 12 s of wall time,
+# save_every_minutes, and one on the SIGTERM). LONG_STEPS is sized so that the GRPO run alone takes about
+# 2-3 minutes on one thread here.
+LONG_STEPS = 1500
+LONG_GRPO = {"steps": LONG_STEPS, "eval_every": 0, "save_every": 10**6, "save_every_minutes": 0.2,
+             "select_checkpoint": "last"}
+
+
+@pytest.fixture(scope="module")
+def timed_out_run(slurm, tmp_path_factory):
+    wd = tmp_path_factory.mktemp("slurm_time_limit")
+    cfg = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
+    cfg["threads"] = 1
+    cfg["r1_zero"]["grpo"].update(LONG_GRPO)
+    cfg["resources"] = {"base_model": RESOURCES["base_model"],
+                        "r1_zero": {"slurm_partition": "cpu", "cpus_per_task": 1, "mem_mb": 1500, "runtime": 1}}
+    conf = wd / "config.yaml"
+    conf.write_text(yaml.safe_dump(cfg))
+    target = "results/r1_zero/metrics.csv"
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(wd),
+           "--configfile", str(conf), "--profile", str(ROOT / "profiles" / "slurm"),
+           "--slurm-status-command", "squeue", "--slurm-no-account",
+           "--slurm-init-seconds-before-status-checks", "2", "--latency-wait", "5", "--jobs", "2",
+           "--retries", "10", target]  # more than the profile's 3: a slow machine needs more resubmissions
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    t0 = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    print(f"time-limited R1-Zero on SLURM: {time.time() - t0:.0f} s")
+    logs = sorted((wd / ".snakemake" / "slurm_logs").rglob("*.log"))
+    if p.returncode != 0:
+        text = "".join(f"--- {f}\n{f.read_text()[-2000:]}\n" for f in logs)
+        raise AssertionError(f"snakemake on SLURM failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-4000:]}\n{text}")
+    # the same job uninterrupted, outside SLURM, from the same base model and splits
+    ref = tmp_path_factory.mktemp("uninterrupted")
+    for rel in ("results/models/base", "results/data/tasks"):
+        shutil.copytree(wd / rel, ref / rel)
+    q = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(ref),
+                        target, "--configfile", str(conf), "--cores", "1", "--allowed-rules", "r1_zero",
+                        "--rerun-triggers", "mtime"], capture_output=True, text=True, timeout=1800)
+    assert q.returncode == 0, q.stdout[-3000:] + q.stderr[-3000:]
+    return wd, ref, p.stdout + p.stderr, [f for f in logs if "r1_zero" in str(f)]
+
+
+def test_a_job_killed_at_its_time_limit_is_resubmitted_and_ends_as_an_uninterrupted_run(timed_out_run):
+    from safetensors.torch import load_file
+
+    wd, ref, out, attempts = timed_out_run
+    assert len(attempts) >= 2, f"R1-Zero was not resubmitted: SLURM logs {attempts}"
+    first = attempts[0].read_text()
+    assert "DUE TO TIME LIMIT" in first or "stopped by signal 15" in first, first[-2000:]
+    log = (wd / "results" / "logs" / "r1_zero.log").read_text()
+    assert "resuming from step" in log, log[-2000:]
+    got, want = (pd.read_csv(d / "results" / "r1_zero" / "metrics.csv") for d in (wd, ref))
+    assert got["step"].tolist() == list(range(1, LONG_STEPS + 1))
+    cols = ["reward_mean", "accuracy", "completion_length", "loss", "kl"]
+    pd.testing.assert_frame_equal(got[cols], want[cols])
+    a, b = (load_file(str(d / "results" / "models" / "r1_zero" / "model.safetensors")) for d in (wd, ref))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -30,12 +30,15 @@ weights without it are refused. With float32 weights none of this runs.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, fields
 
 import torch
 
 from r1flow.models import model_device
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -220,6 +223,13 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
     if not torch.distributed.is_initialized():
         # the accelerator's backend: gloo on CPU
         deepspeed.init_distributed(dist_backend=None, timeout=datetime.timedelta(minutes=timeout_minutes))
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        # the job's shape, once in its log: torchrun's per-node ranks and node count (several nodes:
+        # scripts/launch_nodes.py starts one torchrun per node)
+        if rank == 0:
+            log.info("%d ranks (%s backend): %s per node on %s node(s); rank 0 on %s", world,
+                     torch.distributed.get_backend(), os.environ.get("LOCAL_WORLD_SIZE", "?"),
+                     os.environ.get("GROUP_WORLD_SIZE", "?"), os.uname().nodename)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 

@@ -64,6 +64,7 @@ from r1flow.rewards.grading import sample_and_grade, summarize
 from r1flow.training.engine import DeepSpeedSettings, make_engine, master_parameters, shard
 from r1flow.training.grpo_loss import (Normalizer, group_advantages, groups_with_signal, grpo_loss, loss_mask,
                                        truncated_importance_weights)
+from r1flow.training.stopping import Stopped, StopRequest
 from r1flow.training.tracking import open_run
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,10 @@ class GRPOConfig:
     eval_top_p: float = 0.95
     select_checkpoint: str = "best"  # best (by validation pass@1) | last
     save_every: int = 50
+    # also a checkpoint once this many minutes of wall time have passed since the last one (None: by steps
+    # only): a job killed at its time limit and resubmitted (the SLURM profile's retries) then loses at most
+    # this much, whatever a step costs; the workflow refuses a job whose runtime is not longer
+    save_every_minutes: float | None = None
     seed: int = 0
     fast_path: bool = True
     # each step's peak memory by phase (peak_rss_*_mb); it resets the process's peak mark, which the
@@ -175,6 +180,8 @@ class GRPOConfig:
             raise ValueError(f"mixed_precision must be null or bfloat16, got {self.mixed_precision!r}")
         if self.vllm_importance_sampling_cap is not None:
             require_positive("vllm_importance_sampling_cap", self.vllm_importance_sampling_cap)
+        if self.save_every_minutes is not None:
+            require_positive("save_every_minutes", self.save_every_minutes)
         if self.dynamic_sampling_max_batches < 1:
             raise ValueError(f"dynamic_sampling_max_batches must be at least 1, got "
                              f"{self.dynamic_sampling_max_batches}")
@@ -205,8 +212,8 @@ class GRPOConfig:
     # backward (gradient checkpointing: same gradients) and when to give up on a run without signal. A
     # checkpoint made with other values of these is resumed.
     NOT_TRAJECTORY = ("eval_every", "eval_prompts", "eval_k", "eval_temperature", "eval_top_p",
-                      "select_checkpoint", "save_every", "generation_batch_size", "stop_without_signal_after",
-                      "gradient_checkpointing")
+                      "select_checkpoint", "save_every", "save_every_minutes", "generation_batch_size",
+                      "stop_without_signal_after", "gradient_checkpointing")
 
     # settings added after checkpoints were first written: a checkpoint that lacks them was made with their
     # defaults (all off), so it resumes while they are still at those defaults
@@ -974,34 +981,57 @@ class GRPOTrainer:
         # one log line per validation, or per checkpoint when validation is off
         log_every, logged = c.eval_every or c.save_every, self.step_no
         done_now, self.no_signal_steps = 0, 0
-        while self.step_no < c.steps:
-            row = self.step()
-            self._check_signal(row)
-            if self.val_df is not None and c.eval_every and (self.step_no % c.eval_every == 0 or self.step_no == c.steps):
-                row.update(self.validate())
-                if row["val_pass@1"] > self.best["val_pass@1"]:
-                    self.best = {"step": self.step_no, "val_pass@1": row["val_pass@1"]}
-                    if self.is_main:
-                        save_policy(self.model, self.tok, self._best_dir(self.step_no))
-            self.history.append(row)
-            tracker.log(row, self.step_no)
-            if self.is_main:
-                pd.DataFrame(self.history).to_csv(live, index=False)  # for watching a run; not an artifact
-            bar.update(1)
-            bar.set_postfix(reward=f"{row['reward_mean']:.2f}", acc=f"{row['accuracy']:.2f}",
-                            len=f"{row['completion_length']:.0f}",
-                            val=f"{self.best['val_pass@1']:.2f}" if self.best["step"] else "-", refresh=False)
-            done_now += 1
-            if self.is_main and (self.step_no % log_every == 0 or self.step_no == c.steps):
-                log.info(progress_line([h for h in self.history if h["step"] > logged], c.steps, self.best))
-                logged = self.step_no
-            if self.step_no % c.save_every == 0 or self.step_no == c.steps:
-                self._save_checkpoint()
-            if stop_after is not None and done_now >= stop_after:
-                break
+        self._last_save = time.monotonic()
+        with StopRequest() as stop:  # SIGTERM (SLURM's time limit, a preemption): checkpoint, then stop
+            while self.step_no < c.steps:
+                row = self.step()
+                self._check_signal(row)
+                if self.val_df is not None and c.eval_every and (self.step_no % c.eval_every == 0 or self.step_no == c.steps):
+                    row.update(self.validate())
+                    if row["val_pass@1"] > self.best["val_pass@1"]:
+                        self.best = {"step": self.step_no, "val_pass@1": row["val_pass@1"]}
+                        if self.is_main:
+                            save_policy(self.model, self.tok, self._best_dir(self.step_no))
+                self.history.append(row)
+                tracker.log(row, self.step_no)
+                if self.is_main:
+                    pd.DataFrame(self.history).to_csv(live, index=False)  # for watching a run; not an artifact
+                bar.update(1)
+                bar.set_postfix(reward=f"{row['reward_mean']:.2f}", acc=f"{row['accuracy']:.2f}",
+                                len=f"{row['completion_length']:.0f}",
+                                val=f"{self.best['val_pass@1']:.2f}" if self.best["step"] else "-", refresh=False)
+                if self.is_main and (self.step_no % log_every == 0 or self.step_no == c.steps):
+                    log.info(progress_line([h for h in self.history if h["step"] > logged], c.steps, self.best))
+                    logged = self.step_no
+                done_now += 1
+                if self._checkpoint_due(c, stop):
+                    self._save_checkpoint()
+                    if stop.signum is not None:  # resubmitted (the profile's retries), the job resumes here
+                        bar.close()
+                        tracker.close()
+                        raise Stopped(f"stopped by signal {stop.signum} after step {self.step_no}; checkpoint "
+                                      f"saved in {self.state_dir / 'checkpoint'}, from which a rerun resumes")
+                if stop_after is not None and done_now >= stop_after:
+                    break
         bar.close()
         tracker.close()
         return self.metrics()
+
+    def _checkpoint_due(self, c: GRPOConfig, stop: "StopRequest") -> bool:
+        """A checkpoint every save_every steps, at the end, every save_every_minutes of wall time and when
+        the job was told to stop. Every rank must take the same decision (the save is collective): the
+        clock and the signal are rank 0's, summed over the ranks."""
+        due = [float(self.step_no % c.save_every == 0 or self.step_no == c.steps),
+               float(c.save_every_minutes is not None
+                     and time.monotonic() - self._last_save >= 60 * c.save_every_minutes and self.is_main),
+               float(stop.signum is not None)]
+        if self.world_size > 1:
+            due = self.engine.all_sum(due)
+            if due[2] and stop.signum is None:  # another rank got it first: this one stops with it
+                stop.signum = -1
+        if any(due):
+            self._last_save = time.monotonic()
+        return any(due)
 
     def _check_signal(self, row: dict) -> None:
         """Say so when nothing can be learned: after a stretch of steps in which every group had one reward

@@ -59,10 +59,29 @@ def _mem_mb() -> int:
     return total_kb // 1024
 
 
+HOSTS = Path("/etc/hosts")
+BRIDGE, SUBNET = "r1flowbr0", "10.77.0"
+
+
+def _must(cmd, what):
+    p = _run(cmd, timeout=30)
+    if p.returncode != 0:
+        raise Unavailable(f"{what}: {' '.join(cmd)}: {p.stderr.strip()[-300:]}")
+
+
 class LocalSlurm:
-    def __init__(self, workdir: str | os.PathLike, partitions=("cpu", "gpu"), log=print):
+    """`nodes=0`: the machine itself is the one node. `nodes=N`: N nodes r1n1..r1nN, each slurmd in its own
+    network and host-name namespaces (`ip netns`, `unshare --uts`) with its own address on a bridge
+    (SUBNET.11, .12, ...; the controller at SUBNET.1), named in /etc/hosts while the cluster runs: two
+    hosts as far as SLURM, srun and torch.distributed can tell, on one machine."""
+
+    def __init__(self, workdir: str | os.PathLike, partitions=("cpu", "gpu"), log=print, nodes: int = 0):
         self.dir = Path(workdir)
         self.host = socket.gethostname().split(".")[0]
+        self.node_names = [f"r1n{i + 1}" for i in range(nodes)]
+        self.netns: list[str] = []
+        self.bridge = False
+        self.hosts_before: str | None = None
         self.partitions = partitions
         self.log = log
         self.cpus = os.cpu_count() or 1
@@ -83,16 +102,47 @@ class LocalSlurm:
         for sub in ("state", "spool"):
             (self.dir / sub).mkdir(exist_ok=True)
         try:
-            self._fake_gpus()
+            if self.node_names:
+                self._network()
+            else:
+                self._fake_gpus()
             self._write_config()
             self._munge()
             self._daemon(["slurmctld"], self.dir / "slurmctld.pid")
-            self._daemon(["slurmd"], self.dir / "slurmd.pid")
+            if self.node_names:
+                for name in self.node_names:  # slurmd in the node's namespaces, under the node's host name
+                    (self.dir / f"spool-{name}").mkdir(exist_ok=True)
+                    # nsenter, not `ip netns exec`: that mounts a sysfs of its own, without /sys/fs/cgroup
+                    self._daemon(["nsenter", f"--net=/run/netns/{name}", "unshare", "--uts", "sh", "-c",
+                                  f"hostname {name} && exec slurmd"], self.dir / f"slurmd-{name}.pid")
+            else:
+                self._daemon(["slurmd"], self.dir / "slurmd.pid")
             self._wait_idle()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _network(self):
+        if not all(shutil.which(b) for b in ("ip", "unshare", "nsenter")):
+            raise Unavailable("several nodes need `ip` (iproute2), `unshare` and `nsenter` (util-linux)")
+        _must(["ip", "link", "add", BRIDGE, "type", "bridge"], "cannot create a bridge")
+        self.bridge = True
+        _must(["ip", "addr", "add", f"{SUBNET}.1/24", "dev", BRIDGE], "bridge address")
+        _must(["ip", "link", "set", BRIDGE, "up"], "bridge up")
+        for i, name in enumerate(self.node_names):
+            _must(["ip", "netns", "add", name], "cannot create a network namespace")
+            self.netns.append(name)
+            veth = f"r1fv{i + 1}"
+            _must(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", name], "veth pair")
+            _must(["ip", "link", "set", veth, "master", BRIDGE, "up"], "veth on the bridge")
+            for cmd in (["ip", "addr", "add", f"{SUBNET}.{11 + i}/24", "dev", "eth0"], ["ip", "link", "set", "eth0", "up"],
+                        ["ip", "link", "set", "lo", "up"]):
+                _must(["ip", "netns", "exec", name, *cmd], f"network of {name}")
+        # written in place, not replaced: /etc/hosts is often a bind mount (containers)
+        self.hosts_before = HOSTS.read_text() if HOSTS.exists() else ""
+        HOSTS.write_text(self.hosts_before.rstrip("\n") + "\n# r1flow test cluster (tests/helpers/slurm_cluster.py)\n"
+                         + "".join(f"{SUBNET}.{11 + i} {n}\n" for i, n in enumerate(self.node_names)))
 
     def _fake_gpus(self):
         for i in range(N_FAKE_GPUS):
@@ -120,12 +170,23 @@ class LocalSlurm:
 
     def _write_config(self):
         d, h = self.dir, self.host
+        nodes = ",".join(self.node_names) or h
         parts = "\n".join(
-            f"PartitionName={p} Nodes={h} Default={'YES' if i == 0 else 'NO'} MaxTime=INFINITE State=UP"
+            f"PartitionName={p} Nodes={nodes} Default={'YES' if i == 0 else 'NO'} MaxTime=INFINITE State=UP"
             for i, p in enumerate(self.partitions))
+        if self.node_names:
+            ctl = f"{h}({SUBNET}.1)"
+            node_lines = "".join(f"NodeName={n} NodeAddr={SUBNET}.{11 + i} CPUs={self.cpus} "
+                                 f"RealMemory={self.real_memory} State=UNKNOWN\n" for i, n in enumerate(self.node_names))
+            gres, spool, pid, dlog = "", f"{d}/spool-%n", f"{d}/slurmd-%n.pid", f"{d}/slurmd-%n.log"
+        else:
+            ctl = h
+            node_lines = (f"NodeName={h} CPUs={self.cpus} RealMemory={self.real_memory} Gres=gpu:{N_FAKE_GPUS} "
+                          "State=UNKNOWN\n")
+            gres, spool, pid, dlog = "GresTypes=gpu\n", f"{d}/spool", f"{d}/slurmd.pid", f"{d}/slurmd.log"
         conf = f"""# written by r1flow's SLURM test (tests/helpers/slurm_cluster.py); restored when the test ends
 ClusterName=r1flowtest
-SlurmctldHost={h}
+SlurmctldHost={ctl}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -140,17 +201,16 @@ ReturnToService=2
 MinJobAge=300
 SchedulerType=sched/backfill
 StateSaveLocation={d}/state
-SlurmdSpoolDir={d}/spool
+SlurmdSpoolDir={spool}
 SlurmctldPidFile={d}/slurmctld.pid
-SlurmdPidFile={d}/slurmd.pid
+SlurmdPidFile={pid}
 SlurmctldLogFile={d}/slurmctld.log
-SlurmdLogFile={d}/slurmd.log
-GresTypes=gpu
-NodeName={h} CPUs={self.cpus} RealMemory={self.real_memory} Gres=gpu:{N_FAKE_GPUS} State=UNKNOWN
-{parts}
+SlurmdLogFile={dlog}
+{gres}{node_lines}{parts}
 """
         self._install(ETC / "slurm.conf", conf)
-        self._install(ETC / "gres.conf", f"Name=gpu File=/dev/fakegpu[0-{N_FAKE_GPUS - 1}]\n")
+        if not self.node_names:
+            self._install(ETC / "gres.conf", f"Name=gpu File=/dev/fakegpu[0-{N_FAKE_GPUS - 1}]\n")
 
     def _munge(self):
         if _run("munge -n | unmunge", shell=True, timeout=10).returncode == 0:
@@ -192,8 +252,8 @@ NodeName={h} CPUs={self.cpus} RealMemory={self.real_memory} Gres=gpu:{N_FAKE_GPU
             if state and all(s.startswith("idle") for s in state.split()):
                 return
             time.sleep(1)
-        logs = "".join((self.dir / f).read_text()[-1500:] for f in ("slurmctld.log", "slurmd.log")
-                       if (self.dir / f).exists())
+        names = ["slurmctld.log", "slurmd.log", *(f"slurmd-{n}.log" for n in self.node_names)]
+        logs = "".join((self.dir / f).read_text()[-1500:] for f in names if (self.dir / f).exists())
         raise Unavailable(f"node not idle (or a daemon died) within {timeout} s (state {state!r}); logs:\n{logs}")
 
     # -- tear-down ---------------------------------------------------------------------------------
@@ -226,3 +286,12 @@ NodeName={h} CPUs={self.cpus} RealMemory={self.real_memory} Gres=gpu:{N_FAKE_GPU
         for dev in self.made_devices:
             dev.unlink(missing_ok=True)
         self.made_devices.clear()
+        if self.hosts_before is not None:
+            HOSTS.write_text(self.hosts_before)
+            self.hosts_before = None
+        for name in self.netns:  # its end of the veth pair goes with it, and so the pair
+            _run(["ip", "netns", "del", name], timeout=30)
+        self.netns.clear()
+        if self.bridge:
+            _run(["ip", "link", "del", BRIDGE], timeout=30)
+            self.bridge = False

@@ -7,7 +7,8 @@ import shlex
 import sys
 
 sys.path.insert(0, str(Path(workflow.basedir)))  # the r1flow package, when not pip-installed
-from r1flow.config import ConfigError, check_model_sources, check_placement, stage_settings, validate_config
+from r1flow.config import (ConfigError, check_model_sources, check_placement, check_time_limit, gpus_per_node,
+                           stage_settings, validate_config)
 from r1flow.evaluation.benchmarks import BenchmarkSpec
 
 # Fails here, before any job runs, naming the key and what was expected.
@@ -55,6 +56,11 @@ def job_resources(rule_name, **defaults):
     mem_mb, cpus_per_task, gpu / gpu_model (--gpus), gres (--gres), nodes, tasks, constraint, qos and
     slurm_extra to sbatch options."""
     own = {k: v for k, v in config["resources"].get(rule_name, {}).items() if k != "threads"}
+    nodes = int(own.get("nodes") or 1)
+    if nodes > 1:
+        # one launcher per node from the batch step (scripts/launch_nodes.py): the executor's MPI path runs
+        # the rule there, with one task per node (and no --ntasks-per-gpu, which `tasks` means on GPU jobs)
+        own = {"mpi": "srun", "tasks": nodes, "tasks_per_gpu": 0, **own}
     return {**defaults, **own}
 
 
@@ -74,9 +80,22 @@ def launcher(name):
     device when its deepspeed settings are enabled (each rank then builds the DeepSpeed engine; see
     r1flow.training.engine)."""
     ds = stage(name)["deepspeed"]
+    r = job_resources(name)
+    nodes = int(r.get("nodes") or 1)
     if not ds["enabled"]:
+        if nodes > 1:
+            raise ConfigError(f"config key 'resources.{name}.nodes': {nodes} nodes, but stage {name} trains in one "
+                              f"process (its deepspeed settings are off); enable training.deepspeed (or "
+                              f"stages.{name}.deepspeed) or set resources.{name}.nodes to 1")
         return PYTHON
     env = "env DS_ACCELERATOR=cpu " if ds["accelerator"] == "cpu" else ""
+    if nodes > 1:  # one torchrun per node through srun, rendezvous on the allocation's first node
+        opts = f"--nodes {nodes} --nproc-per-node {ds['nproc_per_node']}"
+        if r.get("cpus_per_task"):
+            opts += f" --cpus-per-task {r['cpus_per_task']}"
+        if gpus_per_node(r):
+            opts += f" --gpus-per-node {gpus_per_node(r)}"
+        return f"{env}{PYTHON} {SCRIPTS}/launch_nodes.py {opts} --"
     return f"{env}{PYTHON} -m torch.distributed.run --standalone --nproc_per_node {ds['nproc_per_node']}"
 
 
@@ -215,7 +234,12 @@ def job(script, settings=None, files="", model=None, stage=None):
             ranks = own["deepspeed"]["nproc_per_node"]
         if "generate" in model and own["generation"]["backend"] == "vllm":
             ranks = max(ranks, own["generation"]["vllm"]["tensor_parallel_size"])
+        if int(job_resources(stage).get("nodes") or 1) > 1 and not ("train" in model and own["deepspeed"]["enabled"]):
+            raise ConfigError(f"config key 'resources.{stage}.nodes': only training under DeepSpeed spans nodes "
+                              f"(one torchrun per node); stage {stage} runs in one process: set it to 1")
         check_placement(stage, job_resources(stage), ranks, config["device"], config["resources"])
+        if "grpo" in own:  # a GRPO job with a time limit reaches a checkpoint before it (save_every_minutes)
+            check_time_limit(stage, PLAN_KINDS[stage][1], own["grpo"], job_resources(stage))
 
     def planned(values):
         """The job's GPU memory plan against its GPU, when it runs on CUDA (memory_plan)."""
