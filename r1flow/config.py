@@ -151,7 +151,7 @@ def check_placement(stage: str, resources: dict, ranks: int, device: str, all_re
 
 
 def check_time_limit(stage: str, grpo_key: str, grpo: dict, resources: dict) -> None:
-    """A GRPO job with a time limit (`runtime`, minutes) and time-based checkpoints must reach one before
+    """A GRPO or SFT job with a time limit (`runtime`, minutes) and time-based checkpoints must reach one before
     the limit kills it: otherwise each resubmission (profiles/slurm: retries) starts from the same
     checkpoint and dies at the same place. Steps are not timed before the job runs, so checkpoints by
     steps (save_every) alone cannot be checked here; save_every_minutes can."""

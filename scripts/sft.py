@@ -4,6 +4,7 @@ and the readable pattern's marker as a token."""
 
 import argparse
 import logging
+import shutil
 
 import pandas as pd
 import torch
@@ -29,6 +30,7 @@ def main():
     ap.add_argument("--stage", default="SFT")
     ap.add_argument("--out", required=True)
     ap.add_argument("--metrics", required=True)
+    ap.add_argument("--state", default=None, help="folder for resumable state (outside the outputs)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--deepspeed", type=json_arg, default=None,
@@ -55,11 +57,14 @@ def main():
                      batch_size=s["batch_size"], micro_batch_size=s["micro_batch_size"], max_length=s["max_length"],
                      warmup_steps=s["warmup_steps"], seed=s["seed"],
                      gradient_checkpointing=s.get("gradient_checkpointing", False), deepspeed=a.deepspeed,
-                     tracking=a.tracking, run_config=job_settings(a))
+                     tracking=a.tracking, run_config=job_settings(a), state_dir=a.state,
+                     save_every=s.get("save_every"), save_every_minutes=s.get("save_every_minutes"))
     if torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
         return  # with DeepSpeed, rank 0 writes the outputs (every rank holds the same weights and rows)
     save_policy(model, tok, a.out, merged=True)  # a plain folder, adapters (if any) merged in
     write_table(pd.DataFrame(rows), a.metrics, SFT_METRICS)
+    if a.state:
+        shutil.rmtree(a.state, ignore_errors=True)  # the outputs are written: nothing left to resume
     log.info(f"{a.stage}: {len(data)} examples x {s['epochs']} epochs, {len(rows)} updates, "
              f"loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f} -> {a.out}")
 

@@ -276,7 +276,7 @@ def test_checkpoint_from_another_starting_model_is_not_resumed(tiny_policy, tmp_
     import torch
 
     from r1flow.models import load_policy
-    from r1flow.training.grpo import weights_fingerprint
+    from r1flow.training.stopping import weights_fingerprint
 
     model, _ = load_policy(str(tiny_policy[0]))
     other, _ = load_policy(str(tiny_policy[0]))

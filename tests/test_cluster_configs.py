@@ -298,6 +298,10 @@ def test_a_time_limit_not_longer_than_the_checkpoint_interval_is_refused(tmp_pat
     assert "config key 'r1_zero.grpo.save_every_minutes': 2880 minute(s) is not shorter than the job's time " \
            "limit (resources.r1_zero.runtime: 2880 minutes)" in out, out[-2000:]
     assert not (tmp_path / "results").exists()
+    rc, out = plan_variant(tmp_path, {"r1": {"final_sft": {"save_every_minutes": 3000}}})  # an SFT stage alike
+    assert rc != 0
+    assert "config key 'r1.final_sft.save_every_minutes': 3000 minute(s) is not shorter than the job's time " \
+           "limit (resources.final_sft.runtime: 2880 minutes)" in out, out[-2000:]
 
 
 def test_nodes_on_a_stage_that_runs_in_one_process_are_refused_naming_the_key(tmp_path):

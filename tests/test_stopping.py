@@ -46,10 +46,10 @@ def test_sigterm_saves_the_step_then_stops_and_the_rerun_ends_as_an_uninterrupte
 
 def test_checkpoints_by_wall_time(tiny_policy, tmp_path, monkeypatch):
     """save_every_minutes: a checkpoint once that much time has passed (the clock is faked: 30 s a call)."""
-    import r1flow.training.grpo as grpo
+    import r1flow.training.stopping as stopping
 
     clock = iter(range(0, 10**6, 30))
-    monkeypatch.setattr(grpo.time, "monotonic", lambda: float(next(clock)))
+    monkeypatch.setattr(stopping.time, "monotonic", lambda: float(next(clock)))
     path, _ = tiny_policy
     t = _trainer(path, tmp_path / "m", save_every=100, save_every_minutes=1.0, eval_every=0)
     saved = []

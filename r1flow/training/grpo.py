@@ -64,7 +64,7 @@ from r1flow.rewards.grading import sample_and_grade, summarize
 from r1flow.training.engine import DeepSpeedSettings, make_engine, master_parameters, shard
 from r1flow.training.grpo_loss import (Normalizer, group_advantages, groups_with_signal, grpo_loss, loss_mask,
                                        truncated_importance_weights)
-from r1flow.training.stopping import Stopped, StopRequest
+from r1flow.training.stopping import CheckpointSchedule, Stopped, StopRequest, weights_fingerprint
 from r1flow.training.tracking import open_run
 
 log = logging.getLogger(__name__)
@@ -981,7 +981,8 @@ class GRPOTrainer:
         # one log line per validation, or per checkpoint when validation is off
         log_every, logged = c.eval_every or c.save_every, self.step_no
         done_now, self.no_signal_steps = 0, 0
-        self._last_save = time.monotonic()
+        # every save_every steps, at the end, by wall time and on SIGTERM (SLURM's time limit, a preemption)
+        schedule = CheckpointSchedule(c.save_every, c.save_every_minutes, c.steps, self.engine.all_sum, self.is_main)
         with StopRequest() as stop:  # SIGTERM (SLURM's time limit, a preemption): checkpoint, then stop
             while self.step_no < c.steps:
                 row = self.step()
@@ -1004,7 +1005,7 @@ class GRPOTrainer:
                     log.info(progress_line([h for h in self.history if h["step"] > logged], c.steps, self.best))
                     logged = self.step_no
                 done_now += 1
-                if self._checkpoint_due(c, stop):
+                if schedule.due(self.step_no, stop):
                     self._save_checkpoint()
                     if stop.signum is not None:  # resubmitted (the profile's retries), the job resumes here
                         bar.close()
@@ -1016,22 +1017,6 @@ class GRPOTrainer:
         bar.close()
         tracker.close()
         return self.metrics()
-
-    def _checkpoint_due(self, c: GRPOConfig, stop: "StopRequest") -> bool:
-        """A checkpoint every save_every steps, at the end, every save_every_minutes of wall time and when
-        the job was told to stop. Every rank must take the same decision (the save is collective): the
-        clock and the signal are rank 0's, summed over the ranks."""
-        due = [float(self.step_no % c.save_every == 0 or self.step_no == c.steps),
-               float(c.save_every_minutes is not None
-                     and time.monotonic() - self._last_save >= 60 * c.save_every_minutes and self.is_main),
-               float(stop.signum is not None)]
-        if self.world_size > 1:
-            due = self.engine.all_sum(due)
-            if due[2] and stop.signum is None:  # another rank got it first: this one stops with it
-                stop.signum = -1
-        if any(due):
-            self._last_save = time.monotonic()
-        return any(due)
 
     def _check_signal(self, row: dict) -> None:
         """Say so when nothing can be learned: after a stretch of steps in which every group had one reward
@@ -1194,14 +1179,3 @@ def _cat_completions(parts: list[Completions], pad_id: int) -> Completions:
 def _mean_of(values) -> float:
     vals = [v for v in values if v is not None]
     return float(np.mean(vals)) if vals else float("nan")
-
-
-@torch.no_grad()
-def weights_fingerprint(model) -> str:
-    """A cheap identity of a model's weights: every tensor's name, shape, first and last values and sum."""
-    h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        flat = p.detach().reshape(-1).float().cpu()
-        h.update(f"{name}{tuple(p.shape)}{float(flat.double().sum()):.10e}".encode())
-        h.update(flat[:64].numpy().tobytes() + flat[-64:].numpy().tobytes())
-    return h.hexdigest()[:16]

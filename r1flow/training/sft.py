@@ -19,15 +19,27 @@ when W divides n). A batch_size that W does not divide, and an epoch's short las
 unevenly rather than refused: the loss is divided by the step's token count over all ranks, so uneven
 shares leave it exact. ZeRO-2 reduces gradients in every backward, so every rank runs as many micro-batches
 (`rank_micro_batches`); one with no rows of its own there runs a zero-weighted filler row.
+
+Resumable (`train_sft(..., state_dir=...)`): a checkpoint every `save_every` updates, every
+`save_every_minutes` of wall time and on SIGTERM (SLURM's time limit, a preemption: the job then stops,
+is resubmitted and resumes; r1flow.training.stopping). It holds the weights, the optimiser (DeepSpeed: each
+rank's shard), the float32 master weights, the schedule and the rows so far; the data order is the seed's,
+drawn again, so the resumed run takes the batches it had not taken, and ends as an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
 import math
+import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -36,6 +48,7 @@ from r1flow.config import ConfigError
 from r1flow.models import model_device
 from r1flow.models.lora import is_lora
 from r1flow.training.engine import make_engine, master_parameters
+from r1flow.training.stopping import CheckpointSchedule, Stopped, StopRequest, weights_fingerprint
 from r1flow.training.tracking import open_run
 
 from r1flow.models.chunked import linear_logprobs, output_layer, set_activation_checkpointing
@@ -198,7 +211,8 @@ def train_sft(model, tokenizer, prompts: list[str], completions: list[str], *, e
               learning_rate: float = 1e-3, batch_size: int = 32, micro_batch_size: int = 0, max_length: int = 256,
               warmup_steps: int = 10, max_grad_norm: float = 1.0, seed: int = 0, deepspeed=None,
               log_every: int = 10, gradient_checkpointing: bool = False, tracking: dict | None = None,
-              run_config: dict | None = None) -> list[dict]:
+              run_config: dict | None = None, state_dir: str | os.PathLike | None = None,
+              save_every: int | None = None, save_every_minutes: float | None = None) -> list[dict]:
     """SFT for a number of epochs (two in section 2.3.3) over shuffled (prompt, completion) pairs.
 
     Returns one metrics row per update (step, epoch, loss, learning_rate). Cosine decay after warm-up.
@@ -209,6 +223,9 @@ def train_sft(model, tokenizer, prompts: list[str], completions: list[str], *, e
     the same rows on every rank; the caller saves on rank 0.
     `tracking`: the job's tracking settings (r1flow.training.tracking): rank 0 logs every row as it is
     made, with `run_config` recorded in the run.
+    `state_dir`: where checkpoints go (module docstring); a checkpoint there is resumed when it is of this
+    run (same settings, data, starting weights and ranks), otherwise the run starts over (a warning says
+    why). Without it nothing is saved.
     """
     if not prompts:
         raise ValueError("no SFT examples")
@@ -235,32 +252,115 @@ def train_sft(model, tokenizer, prompts: list[str], completions: list[str], *, e
     rank, world, main = engine.rank, engine.world_size, engine.rank == 0
     rng = random.Random(seed)  # the same order on every rank
     rows, step, tokens, t0 = [], 0, 0, time.perf_counter()
+    run = {"epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size, "micro_batch_size":
+           micro_batch_size, "max_length": max_length, "warmup_steps": warmup_steps, "max_grad_norm": max_grad_norm,
+           "seed": seed, "world_size": world, "data": _data_hash(prompts, completions),
+           "start": weights_fingerprint(model)}
+    schedule = None
+    if state_dir is not None:
+        state_dir = Path(state_dir)
+        step, rows = _resume(state_dir, run, engine, model, opt, master, sched)
+        if step and main:
+            log.info("SFT: resuming from step %d/%d (%s)", step, total, state_dir / "checkpoint")
+        schedule = CheckpointSchedule(save_every, save_every_minutes, None, engine.all_sum, main)
+    done = step  # updates taken before this process (a resumed run skips their batches)
     # no bar when stderr is not a terminal, nor on ranks other than 0
-    bar = tqdm(total=total, desc="SFT", unit="step", disable=None if main else True)
+    bar = tqdm(total=total, initial=step, desc="SFT", unit="step", disable=None if main else True)
     tracker = open_run(tracking, run_config, main=main)
-    for epoch in range(epochs):
-        order = list(range(len(prompts)))
-        rng.shuffle(order)
-        for s in range(0, len(order), batch_size):
-            idx = order[s : s + batch_size]
-            batch = collate(tokenizer, [prompts[i] for i in idx], [completions[i] for i in idx], max_length,
-                            device=device)
-            lr = sched.get_last_lr()[0]  # the rate this update uses; sched.step() below sets the next one's
-            # this rank's share of the batch (all of it in one process), in micro-batches
-            loss = sft_step(engine, rank_micro_batches(batch, rank, world, micro_batch_size), filler=batch[:1])
-            sched.step()
-            step += 1
-            rows.append({"step": step, "epoch": epoch + 1, "loss": loss, "learning_rate": lr})
-            tracker.log(rows[-1], step)
-            bar.update(1)
-            tokens += int(batch.attention_mask.sum())
-            if main and (step % log_every == 0 or step == total):
-                bar.set_postfix(loss=f"{loss:.3f}")
-                log.info("SFT step %d/%d (epoch %d): loss %.4f, lr %.3g, %.0f tokens/s", step, total, epoch + 1,
-                         loss, rows[-1]["learning_rate"], tokens / (time.perf_counter() - t0))
+    # SIGTERM is caught only where a checkpoint can be saved; without a state folder it ends the job
+    stopping = StopRequest() if schedule is not None else contextlib.nullcontext()
+    with stopping as stop:
+        for epoch in range(epochs):
+            order = list(range(len(prompts)))
+            rng.shuffle(order)
+            for s in range(0, len(order), batch_size):
+                if epoch * steps_per_epoch + s // batch_size < done:
+                    continue  # taken before the resume (the order is the seed's, drawn again)
+                idx = order[s : s + batch_size]
+                batch = collate(tokenizer, [prompts[i] for i in idx], [completions[i] for i in idx], max_length,
+                                device=device)
+                lr = sched.get_last_lr()[0]  # the rate this update uses; sched.step() below sets the next one's
+                # this rank's share of the batch (all of it in one process), in micro-batches
+                loss = sft_step(engine, rank_micro_batches(batch, rank, world, micro_batch_size), filler=batch[:1])
+                sched.step()
+                step += 1
+                rows.append({"step": step, "epoch": epoch + 1, "loss": loss, "learning_rate": lr})
+                tracker.log(rows[-1], step)
+                bar.update(1)
+                tokens += int(batch.attention_mask.sum())
+                if main and (step % log_every == 0 or step == total):
+                    bar.set_postfix(loss=f"{loss:.3f}")
+                    log.info("SFT step %d/%d (epoch %d): loss %.4f, lr %.3g, %.0f tokens/s", step, total, epoch + 1,
+                             loss, rows[-1]["learning_rate"], tokens / (time.perf_counter() - t0))
+                if schedule is not None and step < total and schedule.due(step, stop):
+                    _save(state_dir, run, engine, model, opt, master, sched, step, rows)
+                    if stop.signum is not None:  # resubmitted (the profile's retries), the job resumes here
+                        bar.close()
+                        tracker.close()
+                        raise Stopped(f"SFT stopped by signal {stop.signum} after step {step}; checkpoint saved in "
+                                      f"{state_dir / 'checkpoint'}, from which a rerun resumes")
     bar.close()
     tracker.close()
     if gradient_checkpointing:
         set_activation_checkpointing(model, False)
     model.eval()
     return rows
+
+
+# -- checkpoints (resumable SFT) ------------------------------------------------------------------------
+def _data_hash(prompts: list[str], completions: list[str]) -> str:
+    """The examples' identity, so that a checkpoint is resumed only on the data it was made on."""
+    h = hashlib.sha256()
+    for p, c in zip(prompts, completions):
+        h.update(p.encode() + b"\0" + c.encode() + b"\0")
+    return h.hexdigest()
+
+
+def _save(state_dir: Path, run: dict, engine, model, opt, master, sched, step: int, rows: list[dict]) -> None:
+    """Written to checkpoint.tmp and renamed, so a kill while saving leaves the previous checkpoint."""
+    tmp, final, main = state_dir / "checkpoint.tmp", state_dir / "checkpoint", engine.rank == 0
+    if main and tmp.exists():
+        shutil.rmtree(tmp)
+    engine.barrier()
+    if engine.shards_state:  # each rank writes its shard of the optimiser state (and DeepSpeed the module)
+        engine.save(tmp / "engine")
+        engine.barrier()
+    if main:
+        tmp.mkdir(parents=True, exist_ok=True)
+        state = {"scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()}
+        if not engine.shards_state:
+            state.update(model=model.state_dict(), optimizer=opt.state_dict())
+        if master is not None:  # the float32 weights the bf16 model is rounded from
+            state["master_weights"] = master.state_dict()
+        torch.save(state, tmp / "trainer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "rows": rows, "run": run}))
+        old = state_dir / "checkpoint.old"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old.exists():
+            shutil.rmtree(old)
+    engine.barrier()
+
+
+def _resume(state_dir: Path, run: dict, engine, model, opt, master, sched) -> tuple[int, list[dict]]:
+    """(updates taken, their rows) from a checkpoint of this run, or (0, []) when there is none."""
+    ck = state_dir / "checkpoint"
+    if not (ck / "state.json").exists():
+        return 0, []
+    state = json.loads((ck / "state.json").read_text())
+    if state["run"] != run:  # as GRPO does: a checkpoint of other settings, data or model is not this run's
+        changed = sorted(k for k in run if state["run"].get(k) != run[k])
+        log.warning("SFT checkpoint in %s was made with another %s; starting over from step 0", ck, ", ".join(changed))
+        return 0, []
+    tr = torch.load(ck / "trainer.pt", weights_only=False)
+    if engine.shards_state:
+        engine.load(ck / "engine")
+    else:
+        model.load_state_dict(tr["model"])
+        opt.load_state_dict(tr["optimizer"])
+    if master is not None:
+        master.load_state_dict(tr["master_weights"])
+    sched.load_state_dict(tr["scheduler"])
+    torch.set_rng_state(tr["torch_rng"])
+    return state["step"], state["rows"]

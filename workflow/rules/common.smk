@@ -238,8 +238,9 @@ def job(script, settings=None, files="", model=None, stage=None):
             raise ConfigError(f"config key 'resources.{stage}.nodes': only training under DeepSpeed spans nodes "
                               f"(one torchrun per node); stage {stage} runs in one process: set it to 1")
         check_placement(stage, job_resources(stage), ranks, config["device"], config["resources"])
-        if "grpo" in own:  # a GRPO job with a time limit reaches a checkpoint before it (save_every_minutes)
-            check_time_limit(stage, PLAN_KINDS[stage][1], own["grpo"], job_resources(stage))
+        # a GRPO or SFT job with a time limit reaches a checkpoint before it (save_every_minutes)
+        if PLAN_KINDS.get(stage, (None,))[0] in ("grpo", "sft"):
+            check_time_limit(stage, PLAN_KINDS[stage][1], own.get("grpo") or own["settings"], job_resources(stage))
 
     def planned(values):
         """The job's GPU memory plan against its GPU, when it runs on CUDA (memory_plan)."""
@@ -277,7 +278,8 @@ def job(script, settings=None, files="", model=None, stage=None):
 # The file arguments of the training scripts, the same for every GRPO stage and every SFT stage.
 GRPO_FILES = ("--train {input.train} --validation {input.validation} --state {state} --out-model {output.model}"
               " --metrics {output.metrics} --validation-curve {output.validation_curve} --stage {job} --threads {threads}")
-SFT_FILES = "--data {input.data} --out {output.model} --metrics {output.metrics} --stage {job} --threads {threads}"
+SFT_FILES = ("--data {input.data} --state {state} --out {output.model} --metrics {output.metrics} --stage {job}"
+             " --threads {threads}")
 
 
 def job_threads(rule_name):
