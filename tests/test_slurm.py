@@ -9,6 +9,7 @@ installed or started (not root, no apt-get, no mknod, a foreign controller alrea
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -204,10 +205,15 @@ def timed_out_run(slurm, tmp_path_factory):
 def test_a_job_killed_at_its_time_limit_is_resubmitted_and_ends_as_an_uninterrupted_run(timed_out_run):
     from safetensors.torch import load_file
 
-    wd, ref, out, attempts = timed_out_run
-    assert len(attempts) >= 2, f"R1-Zero was not resubmitted: SLURM logs {attempts}"
-    first = attempts[0].read_text()
-    assert "DUE TO TIME LIMIT" in first or "stopped by signal 15" in first, first[-2000:]
+    wd, ref, out, failed = timed_out_run
+    # the plugin keeps the logs of failed jobs only (the successful last attempt's is deleted): the first
+    # attempt was ended by its time limit, and the record of the outputs names another SLURM job
+    assert failed, f"no failed R1-Zero attempt: it was never killed\n{out[-3000:]}"
+    first = failed[0].read_text()
+    killed = re.search(r"\*\*\* JOB (\d+) ON \S+ CANCELLED AT \S+ DUE TO TIME LIMIT", first)
+    assert killed or "stopped by signal 15" in first, first[-2000:]
+    final_job = _record(wd, "r1_zero")["slurm"]["job_id"]
+    assert final_job is not None and (killed is None or final_job != killed.group(1)), (final_job, first[-1000:])
     log = (wd / "results" / "logs" / "r1_zero.log").read_text()
     assert "resuming from step" in log, log[-2000:]
     got, want = (pd.read_csv(d / "results" / "r1_zero" / "metrics.csv") for d in (wd, ref))
