@@ -557,6 +557,8 @@ def test_process_group_timeout_outlasts_a_long_vllm_generation(monkeypatch):
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 8)
+    # rank 0 logs the backend of the group the fake never created
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda: "nccl")
     assert DeepSpeedSettings.from_dict({}).timeout_minutes == 30
     assert init_distributed(DeepSpeedSettings.from_dict({"timeout_minutes": 90}).timeout_minutes) == (0, 8)
     assert calls == [{"dist_backend": None, "timeout": datetime.timedelta(minutes=90)}]
