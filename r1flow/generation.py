@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from r1flow.models import fast_llama, model_device
+from r1flow.models import fast_llama, full_parameters, model_device
 from r1flow.models.decoding import GroupGenerators, pad_batch, sample_next
 
 log = logging.getLogger(__name__)
@@ -196,6 +196,19 @@ class Generator:
 # skips without vLLM and a GPU.
 
 
+class SyncedGenerator(Generator):
+    """The transformers backend on a copy of the weights of its own, for a policy whose weights are sharded
+    over the ranks (FSDP2): each rank samples its own groups, which a sharded forward cannot do (its
+    layers' gathers are collectives, and ranks stop decoding at different steps). The copy is what a
+    colocated vLLM engine would hold; `sync_weights` loads the policy's gathered weights after each update."""
+
+    @torch.no_grad()
+    def sync_weights(self, model) -> None:
+        own = self.model.state_dict(keep_vars=True)
+        for name, t in full_parameters(model):  # one whole parameter at a time (a collective)
+            own[name].copy_(t)
+
+
 def completions_from_token_lists(prompt_tokens: list[list[int]], outputs: list[list[tuple]], tokenizer) -> Completions:
     """Build `Completions` (prompt-major rows) from per-prompt lists of (completion token ids, truncated)
     or (completion token ids, truncated, sampler log-prob per token). Shared by backends that return token
@@ -367,11 +380,13 @@ class VLLMGenerator:
         if self.asleep:
             _empty_cuda_cache()
             self.llm.wake_up(tags=["weights"])
-        state = model.state_dict()
+        # the policy's weights a parameter at a time, gathered from the ranks if it is sharded (FSDP2)
+        state = full_parameters(model)
         if self.in_process:
             # the worker is in this process: collective_rpc calls its method directly, and the tensors
-            # (the policy's own, on its GPU) are passed by reference
-            self.llm.collective_rpc(LOAD_WEIGHTS, args=([(n, p.detach()) for n, p in state.items()],))
+            # (the policy's own, on its GPU) are passed by reference; vLLM's load_weights takes them
+            # from the iterator one at a time
+            self.llm.collective_rpc(LOAD_WEIGHTS, args=(state,))
         else:
             # workers in other processes: collective_rpc carries control messages (its docstring: "only
             # pass control messages, and set up data-plane communication to pass data"); the weights go
@@ -383,7 +398,7 @@ class VLLMGenerator:
 
             with tempfile.TemporaryDirectory(prefix="r1flow-vllm-weights-") as tmp:
                 path = os.path.join(tmp, "model.safetensors")
-                save_file({n: p.detach().to("cpu", copy=True).contiguous() for n, p in state.items()}, path)
+                save_file({n: p.to("cpu", copy=True).contiguous() for n, p in state}, path)
                 self.llm.collective_rpc(LOAD_WEIGHTS_FILE, args=(path,))
         if self.asleep:
             _empty_cuda_cache()
@@ -451,15 +466,18 @@ BACKENDS = ("transformers", "vllm")
 
 
 def make_generator(model, tokenizer, settings: dict | None = None, *, model_path: str | None = None,
-                   batch_size: int = 256, seed: int = 0, fast: bool = True, progress: bool = False):
+                   batch_size: int = 256, seed: int = 0, fast: bool = True, progress: bool = False,
+                   own_copy: bool = False):
     """The configured backend (`generation.backend` in the config): "transformers" runs `model` in this
-    process; "vllm" loads `model_path` into a vLLM engine (options from `generation.vllm`)."""
+    process (with `own_copy`, a copy of it that sync_weights updates: the trained model is sharded);
+    "vllm" loads `model_path` into a vLLM engine (options from `generation.vllm`)."""
     settings = settings or {}
     backend = settings.get("backend", "transformers")
     if backend not in BACKENDS:
         raise ValueError(f"generation.backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "transformers":
-        return Generator(model, tokenizer, batch_size=batch_size, seed=seed, fast=fast, progress=progress)
+        cls = SyncedGenerator if own_copy else Generator
+        return cls(model, tokenizer, batch_size=batch_size, seed=seed, fast=fast, progress=progress)
     if model_path is None:
         raise ValueError("the vllm backend needs the model's path or hub id")
     return VLLMGenerator(model_path, tokenizer, seed=seed, **settings.get("vllm", {}))

@@ -70,7 +70,7 @@ def test_engine_settings_and_sharding():
     cfg = deepspeed_config(s, max_grad_norm=1.0)
     assert cfg["zero_optimization"]["stage"] == 2 and cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert cfg["gradient_clipping"] == 1.0 and cfg["managed_gradient_accumulation"] is False
-    with pytest.raises(ValueError, match="zero_stage 3 is not supported"):
+    with pytest.raises(ValueError, match="zero_stage 3 through DeepSpeed is not supported"):
         DeepSpeedSettings.from_dict({"enabled": True, "zero_stage": 3})
     with pytest.raises(ValueError, match="unknown deepspeed settings"):
         DeepSpeedSettings.from_dict({"stage": 2})

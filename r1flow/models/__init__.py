@@ -165,6 +165,56 @@ def add_tokens(model, tokenizer, tokens: list[str]) -> int:
     return n
 
 
+class ShardedRoot(torch.nn.Module):
+    """The outermost unit of a model sharded by FSDP2 (r1flow.training.engine.shard_model). FSDP2 gathers a
+    unit's weights in its forward's hooks, but the trainers run the decoder and then the output layer's
+    weight themselves (chunked log-probs); so the root's weights (embeddings, final norm, lm_head) are
+    gathered around `forward(fn, ...)`, which runs `fn(model, ...)` inside one root forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.lm = model
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.lm, *args, **kwargs)
+
+
+def sharded_root(model) -> ShardedRoot | None:
+    """The FSDP2 root a sharded model runs under, or None (kept in __dict__, not as a submodule: the root
+    holds the model, and a module cycle would loop named_modules())."""
+    return model.__dict__.get("_r1flow_sharded_root")
+
+
+def call_model(model, fn, *args, **kwargs):
+    """fn(model, *args, **kwargs), inside the FSDP2 root's forward when the model is sharded."""
+    root = sharded_root(model)
+    return fn(model, *args, **kwargs) if root is None else root(fn, *args, **kwargs)
+
+
+def full_parameters(model, dtype: torch.dtype | None = None, state: bool = True):
+    """(name, whole tensor) for each entry of the state dict (`state`; tied weights under each name, as
+    a sampler loads them) or each parameter, one at a time: a sharded (DTensor) one is gathered from the
+    ranks (a collective: every rank iterates), so that no rank ever holds more than one whole parameter
+    beyond its own shards. For weight syncs to a sampler and exports."""
+    from torch.distributed.tensor import DTensor
+
+    items = model.state_dict(keep_vars=True).items() if state else model.named_parameters()
+    for name, p in items:
+        t = p.detach()
+        t = t.full_tensor() if isinstance(t, DTensor) else t
+        yield name, t if dtype is None else t.to(dtype)
+
+
+def full_state_dict(model, dtype: torch.dtype | None = None, keep: bool = True) -> dict | None:
+    """The whole weights on the CPU, gathered a parameter at a time (collective for a sharded model);
+    `keep` False (ranks other than the writer) gathers and drops them, returning None."""
+    out = {}
+    for name, t in full_parameters(model, dtype, state=False):  # tied weights once, as save_pretrained keeps them
+        if keep:
+            out[name] = t.to("cpu", copy=True)
+    return out if keep else None
+
+
 def load_weights(model, folder: str | os.PathLike) -> None:
     """Load a saved policy's weights into `model` in place, one file at a time: a single
     model.safetensors, or the shards of a large model's save listed in model.safetensors.index.json
@@ -184,7 +234,9 @@ def load_weights(model, folder: str | os.PathLike) -> None:
         if getattr(res, "unexpected_keys", None):
             raise RuntimeError(f"the adapter in {folder} does not fit the model: unexpected {res.unexpected_keys}")
         return
-    if (folder / "model.safetensors.index.json").exists():
+    if sharded_root(model) is not None:  # each rank keeps its shard of every whole tensor read
+        missing, unexpected = _load_into_shards(model, folder)
+    elif (folder / "model.safetensors.index.json").exists():
         missing, unexpected = load_sharded_checkpoint(model, folder, strict=False)
     else:
         missing, unexpected = model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
@@ -193,7 +245,33 @@ def load_weights(model, folder: str | os.PathLike) -> None:
         raise RuntimeError(f"weights in {folder} do not fit the model: missing {missing}, unexpected {unexpected}")
 
 
-def save_policy(model, tokenizer, path: str | os.PathLike, merged: bool = False) -> None:
+@torch.no_grad()
+def _load_into_shards(model, folder: Path) -> tuple[list, list]:
+    """A saved folder into an FSDP2-sharded model: every rank reads the files and keeps its shards."""
+    import json
+
+    from safetensors.torch import load_file
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    index = folder / "model.safetensors.index.json"
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
+             else ["model.safetensors"])
+    params = dict(model.named_parameters())
+    seen, unexpected = set(), []
+    for f in files:
+        for name, t in load_file(str(folder / f)).items():
+            p = params.get(name)
+            if p is None:
+                unexpected.append(name)
+                continue
+            t = t.to(p.dtype)
+            p.copy_(distribute_tensor(t.to(p.device_mesh.device_type), p.device_mesh, p.placements)
+                    if isinstance(p, DTensor) else t)
+            seen.add(name)
+    return [n for n in params if n not in seen], unexpected
+
+
+def save_policy(model, tokenizer, path: str | os.PathLike, merged: bool = False, state_dict: dict | None = None) -> None:
     """save_pretrained into a sibling folder, then rename: a crash never leaves half a model.
     A LoRA model saves its adapter only (a checkpoint), or with `merged` a plain Hugging Face folder with
     the adapters merged into the weights (an exported stage)."""
@@ -204,7 +282,8 @@ def save_policy(model, tokenizer, path: str | os.PathLike, merged: bool = False)
     tmp = path.with_name(f".{path.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
+    # a sharded model saves the whole weights its caller gathered (full_state_dict)
+    model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
     tokenizer.save_pretrained(tmp)
     if path.exists():
         shutil.rmtree(path)

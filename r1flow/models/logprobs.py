@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from r1flow.config import require_positive
-from r1flow.models import fast_llama
+from r1flow.models import call_model, fast_llama, sharded_root
 from r1flow.models.chunked import linear_logprobs, output_layer
 
 
@@ -80,6 +80,11 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
     time, without the (N, C, vocab) logits.
     """
     require_positive("temperature", temperature)
+    if sharded_root(model) is not None:
+        # FSDP2 (r1flow.training.engine.shard_model): the model's own forward, which gathers each decoder
+        # layer's weights in its hooks; the fast path reads the weights directly and would see shards
+        return call_model(model, hf_completion_logprobs, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                          temperature, with_entropy, entropy_grad=entropy_grad)
     if fast:
         if fast_llama.supports(model):
             counts = prompt_groups(prompt_ids, prompt_mask)

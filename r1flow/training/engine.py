@@ -14,9 +14,20 @@ by W (`engine.loss_scale`) makes the averaged gradient equal the single-process 
 (tests/test_deepspeed.py) checks losses and updated weights against one process.
 
 DeepSpeed is imported only when used; settings come from the config's `training.deepspeed` section:
-zero_stage (0, 1 or 2; 3 is refused, see DeepSpeedSettings.from_dict), offload_optimizer (optimiser
+zero_stage (0, 1 or 2 with DeepSpeed; 3 with engine fsdp2), offload_optimizer (optimiser
 states in CPU memory), bf16. On CPU it runs with
 DS_ACCELERATOR=cpu and the gloo backend, launched by torchrun.
+
+Models larger than one GPU: `engine: fsdp2` with `zero_stage: 3` shards parameters, gradients and
+optimiser state over the ranks with PyTorch's FSDP2 (torch.distributed.fsdp.fully_shard,
+https://docs.pytorch.org/docs/stable/distributed.fsdp.fully_shard.html), ZeRO-3's scheme. Why FSDP2 and not
+DeepSpeed's stage 3: DeepSpeed's stage 3 disagreed with one process under gradient accumulation in our
+test (DeepSpeedSettings.from_dict), FSDP2's agrees (tests/test_fsdp.py); it needs no extra package;
+its parameters are DTensors, so a sampler's weight sync gathers one parameter at a time
+(models.full_parameters) and checkpoints are sharded torch.distributed.checkpoint folders; the sharded
+parameters are float32 whatever the loaded dtype, so they are the master weights, and bf16 is its mixed
+precision policy (compute in bf16, gradients reduced in float32). `shard_model` wraps each decoder layer
+(the model's `_no_split_modules`, as accelerate's FSDP auto-wrap does) and a root holding the rest.
 
 Low-precision weights (base_model.dtype bfloat16 or float16). At the learning rates of real runs (3e-6)
 most AdamW updates are below half a bfloat16 unit of the weight they update, so an optimiser stepping
@@ -36,7 +47,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from r1flow.models import model_device
+from r1flow.config import ConfigError
+from r1flow.models import ShardedRoot, model_device, sharded_root
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +65,13 @@ class DeepSpeedSettings:
     # a rank still generating (a long vLLM sampling at 32k tokens) while the others wait in an all-gather
     # would hit torch.distributed's 10-minute NCCL default and kill the job
     timeout_minutes: float = 30.0
+    # "deepspeed" (ZeRO 0-2) or "fsdp2" (PyTorch FSDP2 with zero_stage 3: parameters sharded too)
+    engine: str = "deepspeed"
+
+    @property
+    def shards_parameters(self) -> bool:
+        """Each rank holds only its shards of the weights (FSDP2): the sampler needs its own copy."""
+        return self.enabled and self.engine == "fsdp2"
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "DeepSpeedSettings":
@@ -61,6 +80,16 @@ class DeepSpeedSettings:
         if set(d) - known:
             raise ValueError(f"unknown deepspeed settings {sorted(set(d) - known)}; known: {sorted(known)}")
         s = cls(**d)
+        if s.engine not in ("deepspeed", "fsdp2"):
+            raise ValueError(f"training.deepspeed.engine must be deepspeed or fsdp2, got {s.engine!r}")
+        if s.engine == "fsdp2":
+            if s.zero_stage != 3:
+                raise ValueError(f"training.deepspeed.engine fsdp2 shards the parameters too: set zero_stage: 3 "
+                                 f"(got {s.zero_stage}), or engine: deepspeed for stages 0-2")
+            if s.offload_optimizer:
+                raise ValueError("training.deepspeed.offload_optimizer is DeepSpeed's; with engine fsdp2 it is not "
+                                 "supported: set it false")
+            return s
         if s.zero_stage == 3:
             # Measured (DeepSpeed 0.19.8, 2 CPU ranks, gloo): a ZeRO-3 SFT step with one micro-batch per
             # rank matches one process (weights to 1e-7), but with two micro-batches per rank (gradient
@@ -68,8 +97,9 @@ class DeepSpeedSettings:
             # with caller-owned accumulation (managed_gradient_accumulation=False), with a manual
             # boundary, and with DeepSpeed's own (gradient_accumulation_steps=2, step() per micro-batch),
             # with tied or untied embeddings. Stages 1-2 agree to 1e-6 either way. Refused until resolved.
-            raise ValueError("zero_stage 3 is not supported: its updates disagreed with one process in our test "
-                             "(see r1flow/training/engine.py)")
+            raise ValueError("zero_stage 3 through DeepSpeed is not supported: its updates disagreed with one process "
+                             "in our test (see r1flow/training/engine.py); set training.deepspeed.engine: fsdp2 "
+                             "for ZeRO-3 sharding through PyTorch FSDP2")
         if s.zero_stage not in (0, 1, 2):
             raise ValueError(f"zero_stage must be 0, 1 or 2, got {s.zero_stage}")
         if s.accelerator not in ("auto", "cpu", "cuda"):
@@ -213,16 +243,23 @@ class LocalEngine:
         return rows
 
 
-def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
-    """(rank, world size) from torchrun's environment, initialising DeepSpeed's process group once, with
-    `timeout_minutes` for its collectives (DeepSpeedSettings.timeout_minutes says why)."""
+def init_distributed(timeout_minutes: float = 30.0, engine: str = "deepspeed") -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment, initialising DeepSpeed's process group (or, for
+    FSDP2, torch's) once, with `timeout_minutes` for its collectives (DeepSpeedSettings.timeout_minutes)."""
     import datetime
 
-    import deepspeed
-
     if not torch.distributed.is_initialized():
-        # the accelerator's backend: gloo on CPU
-        deepspeed.init_distributed(dist_backend=None, timeout=datetime.timedelta(minutes=timeout_minutes))
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if engine == "fsdp2":
+            # nccl for GPU tensors, gloo for CPU ones; each rank on its own GPU
+            if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            torch.distributed.init_process_group(timeout=timeout)
+        else:
+            import deepspeed
+
+            # the accelerator's backend: gloo on CPU
+            deepspeed.init_distributed(dist_backend=None, timeout=timeout)
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         # the job's shape, once in its log: torchrun's per-node ranks and node count (several nodes:
         # scripts/launch_nodes.py starts one torchrun per node)
@@ -233,7 +270,108 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
-class DeepSpeedEngine:
+class _Ranks:
+    """Collectives over the ranks, for the engines that have several."""
+
+    def barrier(self) -> None:
+        torch.distributed.barrier()
+
+    @property
+    def comm_device(self) -> torch.device:
+        """Where collectives' tensors must live: the model's device (NCCL only moves GPU tensors; gloo, on
+        CPU ranks, CPU ones)."""
+        return model_device(self.model)
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        """Sums over ranks (metrics that each rank computed on its share of the batch)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.comm_device)
+        torch.distributed.all_reduce(t)
+        return t.cpu().tolist()
+
+    def all_gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every rank's `rows` (the same shape on all ranks) concatenated along dim 0 in rank order: with
+        `shard`'s contiguous shares, the whole batch in its original order. Returned on the CPU."""
+        t = rows.to(self.comm_device)
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, t.contiguous())
+        return torch.cat(parts).cpu()
+
+
+def shard_model(model, settings: DeepSpeedSettings):
+    """Shard `model` in place with FSDP2 (settings.engine fsdp2): each decoder layer a unit, the rest (the
+    embeddings, final norm, lm_head, tied or not) the root's. The weights become float32 shards first (the
+    master weights); with bf16 the forward and backward compute in bf16 and gradients reduce in float32.
+    Call before building the optimiser (FSDP2 replaces the parameters). Returns the model."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    _, world = init_distributed(settings.timeout_minutes, "fsdp2")
+    mesh = init_device_mesh(model_device(model).type, (world,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if settings.bf16 else None, reduce_dtype=torch.float32)
+    model.float()
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        log.warning("%s names no decoder layers (_no_split_modules): FSDP2 shards it as one unit, so a forward "
+                    "gathers the whole model", type(model).__name__)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    root = ShardedRoot(model)
+    fully_shard(root, mesh=mesh, mp_policy=mp)
+    model.__dict__["_r1flow_sharded_root"] = root  # models.sharded_root: not a submodule (no cycle)
+    return model
+
+
+class FSDPEngine(_Ranks):
+    """FSDP2 (ZeRO-3's sharding): the model is sharded by shard_model, the optimiser (over its sharded
+    parameters) is the caller's torch optimiser; FSDP2 reduce-scatters each backward's gradients."""
+
+    shards_state = True  # optimiser and model state are per rank: save() / load() on every rank
+    holds_model_state = True  # the model's weights are in the engine's checkpoint (float32 shards)
+    master = None  # the sharded float32 parameters are the master weights
+
+    def __init__(self, model, optimizer, max_grad_norm: float, settings: DeepSpeedSettings):
+        if sharded_root(model) is None:
+            raise ValueError("engine fsdp2: shard the model (engine.shard_model) before building its optimiser")
+        self.rank, self.world_size = init_distributed(settings.timeout_minutes, "fsdp2")
+        # FSDP2 averages gradients over the ranks, as DeepSpeed does
+        self.loss_scale = float(self.world_size)
+        self.model, self.optimizer, self.max_grad_norm, self.settings = model, optimizer, max_grad_norm, settings
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        # the global norm over the shards (DTensor parameters: clip_grad_norm_ reduces over the ranks)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _state(self):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        return {"model": get_model_state_dict(self.model), "optim": get_optimizer_state_dict(self.model, self.optimizer)}
+
+    def save(self, folder: str | os.PathLike, tag: str = "engine") -> None:
+        """Every rank writes its shards of the weights and optimiser state (torch.distributed.checkpoint)."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._state(), checkpoint_id=os.path.join(str(folder), tag))
+
+    def load(self, folder: str | os.PathLike, tag: str = "engine") -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        state = self._state()
+        dcp.load(state, checkpoint_id=os.path.join(str(folder), tag))
+        set_model_state_dict(self.model, state["model"])
+        set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
+
+
+class DeepSpeedEngine(_Ranks):
     """ZeRO through deepspeed.initialize; the model and optimiser are the caller's."""
 
     shards_state = True  # each rank holds part of the optimiser state: save() / load() on every rank
@@ -259,29 +397,6 @@ class DeepSpeedEngine:
     def zero_grad(self) -> None:
         self.engine.zero_grad()
 
-    def barrier(self) -> None:
-        torch.distributed.barrier()
-
-    @property
-    def comm_device(self) -> torch.device:
-        """Where collectives' tensors must live: the model's device (NCCL only moves GPU tensors; gloo, on
-        CPU ranks, CPU ones)."""
-        return model_device(self.model)
-
-    def all_sum(self, values: list[float]) -> list[float]:
-        """Sums over ranks (metrics that each rank computed on its share of the batch)."""
-        t = torch.tensor(values, dtype=torch.float64, device=self.comm_device)
-        torch.distributed.all_reduce(t)
-        return t.cpu().tolist()
-
-    def all_gather(self, rows: torch.Tensor) -> torch.Tensor:
-        """Every rank's `rows` (the same shape on all ranks) concatenated along dim 0 in rank order: with
-        `shard`'s contiguous shares, the whole batch in its original order. Returned on the CPU."""
-        t = rows.to(self.comm_device)
-        parts = [torch.empty_like(t) for _ in range(self.world_size)]
-        torch.distributed.all_gather(parts, t.contiguous())
-        return torch.cat(parts).cpu()
-
     def save(self, folder: str | os.PathLike, tag: str = "engine") -> None:
         """Every rank writes its shard of the optimiser state (collective: call on all ranks)."""
         self.engine.save_checkpoint(str(folder), tag=tag)
@@ -290,10 +405,20 @@ class DeepSpeedEngine:
         self.engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
 
 
+def refuse_sharded_parameters(deepspeed, stage: str) -> None:
+    """FSDP2 (engine fsdp2) runs GRPO only so far: any other trainer refuses it, naming the setting."""
+    ds = deepspeed if isinstance(deepspeed, DeepSpeedSettings) else DeepSpeedSettings.from_dict(deepspeed)
+    if ds.shards_parameters:
+        raise ConfigError(f"training.deepspeed.engine fsdp2 is implemented for GRPO stages only; {stage} trains with "
+                          "engine: deepspeed (zero_stage 0-2) or in one process")
+
+
 def make_engine(model, optimizer, max_grad_norm: float, settings: DeepSpeedSettings | dict | None = None,
                 master: MasterWeights | None = None):
     """`optimizer` over `master_parameters(model, settings)`'s parameters, `master` its MasterWeights."""
     settings = settings if isinstance(settings, DeepSpeedSettings) else DeepSpeedSettings.from_dict(settings)
+    if settings.shards_parameters:
+        return FSDPEngine(model, optimizer, max_grad_norm, settings)
     if settings.enabled:
         return DeepSpeedEngine(model, optimizer, max_grad_norm, settings)
     if master is None and any(p.dtype in LOW_PRECISION for p in model.parameters()):

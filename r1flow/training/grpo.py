@@ -34,6 +34,7 @@ the rank trains.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -54,14 +55,15 @@ from r1flow import rewards as R
 from r1flow.config import ConfigError, require_positive
 from r1flow.data.formats import reflections
 from r1flow.data.prompts import chat_prompt, render
-from r1flow.generation import Completions, SamplingParams, make_generator
+from r1flow.generation import Completions, SamplingParams, VLLMGenerator, make_generator
 from r1flow.memory import PhasePeaks, rss_mb, trim_allocator
-from r1flow.models import load_weights, model_device, save_policy, warn_if_bf16_emulated
+from r1flow.models import (full_state_dict, load_weights, model_device, save_policy, sharded_root,
+                           warn_if_bf16_emulated)
 from r1flow.models.chunked import set_activation_checkpointing
 from r1flow.models.lora import LoraSettings, add_lora, merged_copy
 from r1flow.models.logprobs import completion_logprobs
 from r1flow.rewards.grading import sample_and_grade, summarize
-from r1flow.training.engine import DeepSpeedSettings, make_engine, master_parameters, shard
+from r1flow.training.engine import DeepSpeedSettings, make_engine, master_parameters, shard, shard_model
 from r1flow.training.grpo_loss import (Normalizer, group_advantages, groups_with_signal, grpo_loss, loss_mask,
                                        truncated_importance_weights)
 from r1flow.training.stopping import CheckpointSchedule, Stopped, StopRequest, weights_fingerprint
@@ -270,8 +272,7 @@ class GRPOTrainer:
             if model_device(ref_model) != self.device:
                 raise ValueError(f"the reference model is on {model_device(ref_model)}, the policy on {self.device}")
         torch.manual_seed(cfg.seed)
-        # ZeRO-3 is refused by DeepSpeedSettings (and GRPO's sampling and r1flow.models.fast_llama would
-        # also need to gather the partitioned weights)
+        # DeepSpeed's ZeRO-3 is refused by DeepSpeedSettings; FSDP2 (engine fsdp2) shards the weights below
         ds = DeepSpeedSettings.from_dict(deepspeed)
         self.lora = LoraSettings.from_dict(cfg.lora, "grpo.lora")
         if self.lora.enabled:
@@ -283,6 +284,17 @@ class GRPOTrainer:
                                   "need the merged weights after every update); use the transformers backend")
             # after torch.manual_seed: the adapters' initialisation is the run's (and a resumed run's)
             self.model = model = add_lora(model, self.lora, "grpo.lora")
+        # which policy training started from: a checkpoint made from another starting model (an upstream
+        # stage was rerun) must not be resumed, even when the GRPO settings are the same
+        self.start_fingerprint = weights_fingerprint(model)
+        self.save_dtype = next(model.parameters()).dtype  # exports keep the loaded dtype (sharded: float32 inside)
+        sampler_model = None
+        if ds.shards_parameters:  # FSDP2: each rank keeps shards; the sampler gets its own whole copy
+            if (generation or {}).get("backend", "transformers") == "transformers":
+                sampler_model = copy.deepcopy(model).eval()
+            shard_model(model, ds)
+            if ref_model is not None:  # sharded too: its forward gathers a layer at a time
+                shard_model(ref_model, ds)
         # float32 master weights for a bf16 / fp16 policy in one process (r1flow.training.engine)
         params, master = master_parameters(model, ds)
         if self.lora.enabled:  # the frozen base takes no optimiser state
@@ -292,13 +304,11 @@ class GRPOTrainer:
         self.engine = make_engine(model, self.opt, cfg.max_grad_norm, ds, master=master)
         self.rank, self.world_size = self.engine.rank, self.engine.world_size
         check_run(cfg, deepspeed, generation, self.world_size)
-        # which policy training started from: a checkpoint made from another starting model (an upstream
-        # stage was rerun) must not be resumed, even when the GRPO settings are the same
-        self.start_fingerprint = weights_fingerprint(model)
         self.peaks = PhasePeaks(cfg.memory_by_phase)
         self.gpu_peaks = GPUPhasePeaks(self.device)  # the same phases' peak CUDA memory (on a GPU only)
-        self.generator = make_generator(model, tokenizer, generation, model_path=model_path,
-                                        batch_size=cfg.generation_batch_size, seed=cfg.seed, fast=cfg.fast_path)
+        self.generator = make_generator(sampler_model or model, tokenizer, generation, model_path=model_path,
+                                        batch_size=cfg.generation_batch_size, seed=cfg.seed, fast=cfg.fast_path,
+                                        own_copy=sampler_model is not None)
         # an engine of its own (vLLM) samples, with its own copy of the weights, synced after each update
         self.samples_externally = hasattr(self.generator, "sync_weights")
         if cfg.vllm_importance_sampling_cap is not None and not self.samples_externally:
@@ -605,7 +615,7 @@ class GRPOTrainer:
             # batch): load the policy's, which are those it sampled from, unchanged since
             self.generator.sync_weights(self.model)
         # an external engine (vLLM) has its own dtype; the in-process sampler runs under mixed precision
-        with self._mixed_precision(not self.samples_externally):
+        with self._mixed_precision(not isinstance(self.generator, VLLMGenerator)):
             out = self.generator.generate(
                 prompts, SamplingParams(c.num_generations, c.temperature, c.top_p, c.max_completion_length,
                                         logprobs=tis), seeds=seeds)
@@ -757,7 +767,7 @@ class GRPOTrainer:
             prompts = [self._prompt(q) for q in problems["question"]]
             params = SamplingParams(c.pass_rate_samples, c.temperature, c.top_p, c.max_completion_length)
             fmt = "format_readable" if c.template == "chat" else "format"
-            with self._mixed_precision(not self.samples_externally):
+            with self._mixed_precision(not isinstance(self.generator, VLLMGenerator)):
                 seeded = _SeededGenerator(self.generator, [self._pass_rate_seed(int(i)) for i in mine])
                 graded = sample_and_grade(seeded, problems, prompts, params, "accuracy", c.reward_options,
                                           format_reward=fmt)
@@ -862,12 +872,12 @@ class GRPOTrainer:
         if distributed:  # each rank writes its shard of the optimiser state
             self.engine.save(tmp / "engine")
             self.engine.barrier()
+        self._save_model(self.model, tmp / "model")
+        if self.ref_synced_at and self.ref_synced_at != self.step_no:
+            # a refreshed reference (ref_model_sync_steps) is an older policy: kept beside the model; one
+            # refreshed at this very step is the saved model itself
+            self._save_model(self.ref_model, tmp / "reference")
         if self.is_main:
-            save_policy(self.model, self.tok, tmp / "model")
-            if self.ref_synced_at and self.ref_synced_at != self.step_no:
-                # a refreshed reference (ref_model_sync_steps) is an older policy: kept beside the model; one
-                # refreshed at this very step is the saved model itself
-                save_policy(self.ref_model, self.tok, tmp / "reference")
             opt = {} if distributed else {"optimizer": self.opt.state_dict()}
             master = getattr(self.engine, "master", None)
             if master is not None:  # the float32 weights the bf16 model is rounded from
@@ -887,6 +897,17 @@ class GRPOTrainer:
                 shutil.rmtree(old)
             self._prune_best()  # the checkpoint now names the best; older best folders are not needed
         self.engine.barrier()
+
+    def _save_model(self, model, path: Path) -> None:
+        """A model folder, written by rank 0. Collective for a sharded (FSDP2) model: every rank gathers the
+        whole weights a parameter at a time and rank 0 keeps and writes them, in the loaded dtype."""
+        if sharded_root(model) is None:
+            if self.is_main:
+                save_policy(model, self.tok, path)
+            return
+        state = full_state_dict(model, self.save_dtype, keep=self.is_main)
+        if self.is_main:
+            save_policy(model, self.tok, path, state_dict=state)
 
     def _added_state(self) -> dict:
         """What dynamic sampling and reference refresh add to a checkpoint's state.json (nothing when off)."""
@@ -931,7 +952,8 @@ class GRPOTrainer:
         if changed:
             log.info("resuming %s; changed settings apply from now on: %s", ck,
                      ", ".join(f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in changed))
-        load_weights(self.model, ck / "model")
+        if not getattr(self.engine, "holds_model_state", False):  # FSDP2's engine checkpoint has the weights
+            load_weights(self.model, ck / "model")
         tr = torch.load(ck / "trainer.pt", weights_only=False)
         if distributed:
             self.engine.load(ck / "engine")
@@ -991,8 +1013,7 @@ class GRPOTrainer:
                     row.update(self.validate())
                     if row["val_pass@1"] > self.best["val_pass@1"]:
                         self.best = {"step": self.step_no, "val_pass@1": row["val_pass@1"]}
-                        if self.is_main:
-                            save_policy(self.model, self.tok, self._best_dir(self.step_no))
+                        self._save_model(self.model, self._best_dir(self.step_no))
                 self.history.append(row)
                 tracker.log(row, self.step_no)
                 if self.is_main:
@@ -1067,8 +1088,14 @@ class GRPOTrainer:
                 step = self.best["step"]
             save_policy(self.model, self.tok, out_dir, merged=True)
             return step
+        src = None
         if self.cfg.select_checkpoint == "best" and self.best["step"] > 0 and best.exists():
             src, step = best, self.best["step"]
+        elif sharded_root(self.model) is not None:
+            # rank 0 alone exports, and a sharded model is gathered by all ranks: the last checkpoint (saved
+            # at the end of train()) holds the last weights
+            src, step = self.state_dir / "checkpoint" / "model", self.step_no
+        if src is not None:
             tmp = Path(out_dir).with_name(f".{Path(out_dir).name}.tmp")
             if tmp.exists():
                 shutil.rmtree(tmp)

@@ -302,6 +302,16 @@ def model_state(shape: ModelShape, dtype: str, deepspeed: dict | None = None, tr
         return {"weights": a * P, "master weights (fp32)": 4 * P if low else 0, "optimizer state (AdamW m, v)": 8 * P,
                 "gradients": (a + 4) * P if low else 4 * P}
     N, stage, offload = _ranks(ds), int(ds.get("zero_stage", 2)), bool(ds.get("offload_optimizer"))
+    if ds.get("engine") == "fsdp2":
+        # FSDP2 (r1flow.training.engine.shard_model): float32 shards of every parameter (the master weights),
+        # AdamW state and gradients sharded over N; a forward or backward holds whole copies (compute dtype)
+        # of the unit it runs and the one it prefetches (two decoder layers) and of the root (embeddings,
+        # lm_head, final norm: gathered for the whole forward)
+        c = 2 if ds.get("bf16") else 4
+        root = shape.embedding_params * (1 if shape.tie_word_embeddings else 2) + shape.hidden_size
+        return {"weights": 4 * P // N, "master weights (fp32)": 0, "optimizer state (AdamW m, v)": 8 * P // N,
+                "gathered units (FSDP2: 2 layers + root)": c * (2 * shape.layer_params + root),
+                "gradients": 4 * P // N + c * (2 * shape.layer_params + root)}
     shard = N if stage >= 1 else 1
     on_gpu = 0 if offload else 1
     # 16-bit training keeps fp32 master copies; an fp32 model steps on its own weights
@@ -464,15 +474,22 @@ def plan_grpo(settings: dict, shape: ModelShape, gpu_bytes: int, reward_shapes: 
     mb = min(g["micro_batch_size"] or rows_rank, rows_rank)
     C = int(g["max_completion_length"])
     P = int(settings.get("max_prompt_length") or DEFAULT_PROMPT_TOKENS)
-    fast = g["fast_path"]  # Llama / Qwen2 run r1flow.models.fast_llama (supported for every shape here)
+    fsdp = bool(ds.get("enabled")) and ds.get("engine") == "fsdp2"
+    # Llama / Qwen2 run r1flow.models.fast_llama (supported for every shape here); sharded weights (FSDP2)
+    # run transformers' forward, which gathers them a layer at a time
+    fast = g["fast_path"] and not fsdp
 
     state = model_state(shape, dtype, ds)
     resident = {k: v for k, v in state.items() if k != "gradients"}
-    if ds.get("enabled") and int(ds.get("zero_stage", 2)) >= 2 and not ds.get("offload_optimizer"):
+    if ds.get("enabled") and not fsdp and int(ds.get("zero_stage", 2)) >= 2 and not ds.get("offload_optimizer"):
         # ZeRO-2's 16-bit gradient partition stays allocated between steps
         resident["gradient partition (kept)"] = w * shape.n_params // N
     if g["beta"] and g["beta"] > 0:
-        resident["reference model"] = w * shape.n_params  # pi_ref: a full no-grad copy (scripts/grpo.py)
+        # pi_ref: a full no-grad copy (scripts/grpo.py); float32 shards under FSDP2
+        resident["reference model"] = 4 * shape.n_params // N if fsdp else w * shape.n_params
+    if fsdp and gen.get("backend", "transformers") != "vllm":
+        # the in-process sampler's own whole copy (r1flow.generation.SyncedGenerator), as vLLM would hold
+        resident["sampler copy (whole weights)"] = w * shape.n_params
     for name in _model_rewards(g, settings):
         rs = (reward_shapes or {}).get(name, shape)
         resident[f"reward model ({name})"] = w * (rs.n_params - (0 if rs.tie_word_embeddings else rs.embedding_params)

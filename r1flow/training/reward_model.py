@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from r1flow.data.preferences import ASPECTS, prompt_text, response_text
 from r1flow.models import save_policy
 from r1flow.models.reward_model import load_reward_model, max_length_of, render_for_rm, rm_response, score_texts
-from r1flow.training.engine import make_engine, master_parameters
+from r1flow.training.engine import make_engine, master_parameters, refuse_sharded_parameters
 from r1flow.training.sft import rank_rows
 from r1flow.training.tracking import open_run
 
@@ -115,6 +115,7 @@ def train_reward_model(base_path: str | os.PathLike, pairs_df: pd.DataFrame, asp
     n_tok = [min(len(ids), max_length) for ids in tok(chosen + rejected, add_special_tokens=False)["input_ids"]]
 
     # float32 master weights for a bf16 / fp16 model, stepped by the engine (r1flow.training.engine)
+    refuse_sharded_parameters(deepspeed, "a reward model")
     params, master = master_parameters(model, deepspeed)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 

@@ -45,9 +45,9 @@ import torch
 from tqdm.auto import tqdm
 
 from r1flow.config import ConfigError
-from r1flow.models import model_device
+from r1flow.models import call_model, model_device
 from r1flow.models.lora import is_lora
-from r1flow.training.engine import make_engine, master_parameters
+from r1flow.training.engine import make_engine, master_parameters, refuse_sharded_parameters
 from r1flow.training.stopping import CheckpointSchedule, Stopped, StopRequest, weights_fingerprint
 from r1flow.training.tracking import open_run
 
@@ -145,6 +145,11 @@ def sft_loss(model, batch: SFTBatch, num_tokens: int | float | None = None) -> t
     states of the positions that carry loss go through lm_head, a chunk of tokens at a time
     (`chunked.linear_logprobs`): the (rows, length, vocab) logits never exist. Other models give their
     logits and the cross-entropy is taken on them."""
+    # an FSDP2-sharded model (training.deepspeed.engine fsdp2) runs it inside its root's forward
+    return call_model(model, _sft_loss, batch, num_tokens)
+
+
+def _sft_loss(model, batch: SFTBatch, num_tokens: int | float | None) -> torch.Tensor:
     targets = batch.labels[:, 1:]
     head = output_layer(model)
     if head is not None:
@@ -232,6 +237,7 @@ def train_sft(model, tokenizer, prompts: list[str], completions: list[str], *, e
     if gradient_checkpointing:
         set_activation_checkpointing(model, True)
     # float32 master weights for a bf16 / fp16 model (r1flow.training.engine); the model's own otherwise
+    refuse_sharded_parameters(deepspeed, "an SFT stage")
     params, master = master_parameters(model, deepspeed)
     if is_lora(model):  # LoRA (r1flow.models.lora): only the adapters train, the frozen base takes no state
         if (deepspeed or {}).get("enabled"):
