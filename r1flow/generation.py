@@ -252,6 +252,12 @@ class VLLMGenerator:
     GPU, through vLLM's "external_launcher" executor, which reuses the ranks' torch.distributed group (each
     rank then generates on its own: vLLM's "external DP") and keeps the engine's worker in this process, so
     the weight sync hands it the policy's tensors by reference, not through a socket or a file.
+    With `tensor_parallel_size` T > 1 (a model whose weights and KV cache do not fit one GPU beside its
+    rank's training state, e.g. 32B) every T consecutive ranks are one engine, each holding 1/T of it, as
+    vLLM's external launcher groups them and TRL's colocate mode does (vllm_tensor_parallel_size): a rank's
+    `generate` is then a collective of its group, which gathers the group's prompts and seeds, samples them
+    all (the same requests on every rank of the engine, as the launcher requires) and keeps its own rows;
+    every rank of the group must call it as often, one without prompts of its own included (it gets None).
     `sleep_mode` (vLLM's enable_sleep_mode): `sleep()` frees the engine's GPU memory while the trainer
     trains (level 1: weights copied to CPU, KV cache dropped; level 2: both dropped, for a caller that
     reloads the weights after every sleep, as GRPO does), and `sync_weights` / `generate` wake it.
@@ -290,14 +296,20 @@ class VLLMGenerator:
         # colocated: the engine's worker runs in this process (the external launcher; vLLM then turns off
         # its V1 multiprocessing), on one rank as on many, as TRL's colocate mode runs it
         self.in_process = colocate
+        self.tp_group = None  # the ranks that share this rank's engine (colocated, tensor_parallel_size > 1)
         if colocate:
-            if tensor_parallel_size != 1:
-                raise ValueError("colocated vLLM runs one engine per training rank: tensor_parallel_size must be 1")
-            # one engine per rank, on cuda:LOCAL_RANK; it joins the process group DeepSpeed initialised,
-            # or (one plain process) makes a group of one from the variables torchrun would have set
+            if tensor_parallel_size > 1:
+                self.tp_group = _tensor_parallel_group(tensor_parallel_size)
+            # one engine per rank (or per group of T ranks), on cuda:LOCAL_RANK; it joins the process group
+            # DeepSpeed initialised, or (one plain process) makes a group of one from torchrun's variables
             _set_launcher_env()
             kw["distributed_executor_backend"] = "external_launcher"
         self.llm = vllm.LLM(**kw)
+
+    @property
+    def collective(self) -> bool:
+        """Whether `generate` is a collective of this rank's tensor-parallel group (see the class docstring)."""
+        return self.tp_group is not None
 
     def state_dict(self):
         return {"calls": self.calls}
@@ -331,7 +343,12 @@ class VLLMGenerator:
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         self.wake()
-        enc = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        enc = self.tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
+        mine = slice(0, len(enc))
+        if self.tp_group is not None:  # the engine's requests are its whole group's, in rank order
+            enc, seeds, mine = _gather_in_group(self.tp_group, enc, seeds)
+            if not enc:
+                return None
 
         def sp(seed):
             kw = dict(n=params.n, temperature=params.temperature, top_p=params.top_p,
@@ -348,9 +365,11 @@ class VLLMGenerator:
         else:
             sampling = [sp(int(s)) for s in seeds]  # one request per prompt, each with its group's seed
         requests = [{"prompt_token_ids": ids} for ids in enc]
-        results = self.llm.generate(requests, sampling, use_tqdm=False)
+        results = self.llm.generate(requests, sampling, use_tqdm=False)[mine]
+        if not results:  # this rank had no prompts of its own (it took part in its group's sampling)
+            return None
         outputs = [[self._tokens(o, params.logprobs) for o in r.outputs] for r in results]
-        return completions_from_token_lists(enc, outputs, self.tokenizer)
+        return completions_from_token_lists(enc[mine], outputs, self.tokenizer)
 
     def _tokens(self, o, logprobs: bool = False) -> tuple:
         """(completion token ids ending with the stop token when the output stopped, truncated[, log-probs]).
@@ -441,6 +460,33 @@ def _empty_cuda_cache() -> None:
     free for it. TRL calls torch.cuda.empty_cache() before each wake_up for this reason. A no-op while CUDA
     is not initialised."""
     torch.cuda.empty_cache()
+
+
+def _tensor_parallel_group(size: int):
+    """This rank's group of `size` consecutive ranks, one vLLM engine (vLLM's external launcher puts
+    tensor-parallel ranks next to each other, as torchrun numbers the GPUs of a node). Collective: every
+    rank makes every group (torch.distributed.new_subgroups_by_enumeration), as TRL does."""
+    key = "generation.vllm.tensor_parallel_size"
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise ValueError(f"colocated vLLM with {key} {size} shares one engine among {size} training ranks: run it "
+                         "under torchrun with training.deepspeed enabled (nproc_per_node a multiple of it)")
+    world = torch.distributed.get_world_size()
+    if world % size:
+        raise ValueError(f"colocated vLLM: {key} {size} does not divide the {world} training ranks")
+    group, _ = torch.distributed.new_subgroups_by_enumeration(
+        [list(range(i, i + size)) for i in range(0, world, size)])
+    return group
+
+
+def _gather_in_group(group, enc: list, seeds: list | None) -> tuple[list, list | None, slice]:
+    """(the group's prompts' token ids, their seeds, this rank's rows among them), every rank's in rank
+    order: what each rank of one tensor-parallel engine hands vLLM (the same requests on all)."""
+    parts = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(parts, (enc, seeds), group=group)
+    me = torch.distributed.get_rank(group)
+    start = sum(len(e) for e, _ in parts[:me])
+    all_seeds = None if seeds is None else [s for _, ss in parts for s in ss]
+    return [ids for e, _ in parts for ids in e], all_seeds, slice(start, start + len(enc))
 
 
 def _set_launcher_env() -> None:

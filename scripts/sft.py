@@ -14,7 +14,7 @@ from r1flow.data.artifacts import read_table, write_table
 from r1flow.data.formats import READABLE_MARKER
 from r1flow.data.prompts import R1_CHAT_TEMPLATE
 from r1flow.data.schemas import SFT_DATA, SFT_METRICS
-from r1flow.models import add_tokens, load_policy, save_policy
+from r1flow.models import add_tokens, load_policy, save_policy, sharded_root
 from r1flow.models.lora import add_lora
 from r1flow.training.sft import chat_pairs, train_sft
 
@@ -59,9 +59,11 @@ def main():
                      gradient_checkpointing=s.get("gradient_checkpointing", False), deepspeed=a.deepspeed,
                      tracking=a.tracking, run_config=job_settings(a), state_dir=a.state,
                      save_every=s.get("save_every"), save_every_minutes=s.get("save_every_minutes"))
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
+    main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    if main or sharded_root(model) is not None:  # FSDP2: every rank gathers, rank 0 writes
+        save_policy(model, tok, a.out, merged=True)  # a plain folder, adapters (if any) merged in
+    if not main:
         return  # with DeepSpeed, rank 0 writes the outputs (every rank holds the same weights and rows)
-    save_policy(model, tok, a.out, merged=True)  # a plain folder, adapters (if any) merged in
     write_table(pd.DataFrame(rows), a.metrics, SFT_METRICS)
     if a.state:
         shutil.rmtree(a.state, ignore_errors=True)  # the outputs are written: nothing left to resume

@@ -176,7 +176,8 @@ def test_a_global_generation_setting_in_a_later_file_does_not_reach_a_stage_that
     assert util["cold_start_data"] == util["rejection_sampling"] == {0.95}  # they inherit the top level
 
 
-@pytest.mark.parametrize("files", [("r1_zero_qwen2.5.yaml",), ("r1_zero_qwen2.5.yaml", "evaluation.yaml")])
+@pytest.mark.parametrize("files", [("r1_zero_qwen2.5.yaml",), ("r1_zero_qwen2.5.yaml", "evaluation.yaml"),
+                                   ("r1_zero_qwen2.5.yaml", "rl_only_qwen2.5-32b.yaml")])
 def test_every_job_that_runs_a_model_asks_for_the_gpus_its_launcher_uses(tmp_path, files):
     """Under each cluster config every planned job that runs a model (its command has --device) asks for
     GPUs, at least as many per node as it starts ranks; a stage added later without resources fails here
@@ -196,9 +197,10 @@ def test_every_job_that_runs_a_model_asks_for_the_gpus_its_launcher_uses(tmp_pat
         assert a.device == "cuda", job
         tp = a.generation["vllm"]["tensor_parallel_size"] if getattr(a, "generation", None) else 1
         gpus = gpus_per_node(resources[job])
-        assert gpus >= max(ranks, tp) >= 1, (job, resources[job])
+        per_node = ranks // int(resources[job].get("nodes") or 1)  # a multi-node job's ranks on each node
+        assert gpus >= max(per_node, tp) >= 1, (job, resources[job])
         if stage_of(job) in GRPO_STAGES:
-            assert ranks == 8 and gpus == 8, job
+            assert per_node == 8 and gpus == 8, job
 
 
 def test_every_stage_runs_at_the_papers_lengths(readme_plan):
@@ -329,3 +331,74 @@ def test_a_two_node_grpo_job_runs_one_torchrun_per_node(tmp_path):
     assert words[at + 10].endswith("grpo.py") and "torch.distributed.run" not in words
     res = planned_job_resources(tmp_path, CLUSTER / "r1_zero_qwen2.5.yaml", tmp_path / "variant.yaml")["r1_zero"]
     assert res["nodes"] == "2" and res["tasks"] == "2" and res["mpi"] == "srun", res
+
+
+# -- section 4.1's RL-only run on Qwen2.5-32B (issue 25 item 3) -------------------------------------------
+def config_command(name):
+    """(config files, targets) of the command a config file's header gives."""
+    line = next(s for s in (CLUSTER / name).read_text().splitlines() if s.startswith("#   snakemake --profile"))
+    words = line[1:].split()
+    files = words[words.index("--configfile") + 1:words.index("--")]
+    return [ROOT / f for f in files], words[words.index("--") + 1:]
+
+
+def test_the_32b_rl_only_config_plans_on_four_nodes_and_fits_the_memory_plan(tmp_path):
+    """The header's command plans (under device: cuda the workflow's GPU memory plan refuses a job whose peak
+    exceeds its 80 GB GPU before anything is submitted), the job runs 4 x 8 ranks through srun under FSDP2
+    with one colocated vLLM engine per two ranks, at R1-Zero's paper settings, and its settings build
+    without a refusal; on 2 nodes the same job is refused by the plan. Merging it changes no other stage."""
+    from helpers.job_settings import job_namespace, planned_jobs, refusals
+
+    from r1flow.training.memory_plan import GiB, across_nodes, model_shape, plan_job
+
+    files, targets = config_command("rl_only_qwen2.5-32b.yaml")
+    assert [f.name for f in files] == ["r1_zero_qwen2.5.yaml", "rl_only_qwen2.5-32b.yaml"]
+    assert targets == ["results/models/rl_only_qwen32b"]
+    extra = ("--profile", str(ROOT / "profiles" / "slurm"), "--", *targets)
+    jobs = planned_jobs(tmp_path / "plan", *files, extra=extra)
+    assert set(jobs) == {"tasks", "rl_only_qwen32b"}
+    words = jobs["rl_only_qwen32b"]
+    at = next(i for i, w in enumerate(words) if w.endswith("launch_nodes.py"))
+    assert words[at + 1:at + 5] == ["--nodes", "4", "--nproc-per-node", "8"], words
+    script, a, ranks = job_namespace(words)
+    assert (script, ranks, a.model, a.device, a.dtype) == ("grpo.py", 32, "Qwen/Qwen2.5-32B", "cuda", "bfloat16")
+    assert a.deepspeed["engine"] == "fsdp2" and a.deepspeed["zero_stage"] == 3 and a.deepspeed["bf16"]
+    v = a.generation["vllm"]
+    assert (v["colocate"], v["sleep_mode"], v["sleep_level"], v["tensor_parallel_size"]) == (True, True, 2, 2)
+    g = a.grpo
+    assert (g["num_generations"], g["prompts_per_step"], g["max_completion_length"]) == (16, 32, 32768)
+    assert (g["learning_rate"], g["beta"], g["epsilon"], g["temperature"]) == (3e-6, 0.001, 10.0, 1.0)
+    assert g["steps"] > 10000  # section 4.1: "over 10K steps"
+    assert refusals(jobs) == {}
+
+    values = {"grpo": a.grpo, "dtype": a.dtype, "generation": a.generation, "deepspeed": a.deepspeed}
+    gpu = merged(*[f.name for f in files])["memory_plan"]["gpu_memory_gib"]
+    shape = model_shape("Qwen/Qwen2.5-32B")
+    four, two = (plan_job("grpo", across_nodes(values, n), shape, gpu) for n in (4, 2))
+    assert four.peak_bytes <= gpu * GiB and four.kv_check["fits"], four.summary()
+    assert two.peak_bytes > gpu * GiB  # the shards over 16 ranks do not leave vLLM its share
+    # FSDP2's state is sharded over all 32 ranks, not one node's 8
+    assert four.phases["training"]["optimizer state (AdamW m, v)"] == 8 * shape.n_params // 32
+
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump({"resources": {"rl_only": {"nodes": 2}}}))
+    p = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory",
+                        str(tmp_path / "two"), "-n", "--configfile", *map(str, files), str(tmp_path / "two.yaml"),
+                        "--", *targets], capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "rl_only: planned peak" in p.stdout + p.stderr, (p.stdout + p.stderr)[-2000:]
+
+    # the default target with both files: section 4.1's other arm, distillation into the 32B student, is
+    # placed the same way, and every job's settings build
+    whole = planned_jobs(tmp_path / "whole", *files, extra=extra[:2])
+    assert {"rl_only_qwen32b", "distill_qwen32b", "evaluate_rl_only_qwen32b_held_out",
+            "evaluate_distill_qwen32b_held_out"} <= set(whole)
+    assert refusals(whole) == {}
+    script, a, ranks = job_namespace(whole["distill_qwen32b"])
+    assert (script, ranks, a.deepspeed["engine"]) == ("sft.py", 32, "fsdp2")
+
+    # YAML aliases in the first file (resources and stages shared by several rules) do not carry the
+    # second file's keys to the other stages
+    both, alone = merged(*[f.name for f in files]), merged("r1_zero_qwen2.5.yaml")
+    for rule in ("r1_zero", "reasoning_rl", "r1", "cold_start_sft"):
+        assert both["resources"][rule] == alone["resources"][rule], rule
+    for rule in ("r1_zero", "reasoning_rl", "r1"):
+        assert both["stages"][rule] == alone["stages"][rule], rule

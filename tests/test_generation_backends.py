@@ -368,8 +368,8 @@ def test_vllm_sleep_levels_and_the_cache_emptied_before_every_wake(tiny_policy, 
     assert events[-1][0] == "init"
     with pytest.raises(ValueError, match="sleep_level"):
         VLLMGenerator("m", tok, sleep_level=3)
-    with pytest.raises(ValueError, match="tensor_parallel_size must be 1"):
-        VLLMGenerator("m", tok, colocate=True, tensor_parallel_size=2)  # one rank too: one engine per rank
+    with pytest.raises(ValueError, match="run it under torchrun"):  # one rank cannot share an engine of 2
+        VLLMGenerator("m", tok, colocate=True, tensor_parallel_size=2)
 
 
 def test_trainer_takes_colocated_vllm_on_several_ranks(tiny_policy, tmp_path, monkeypatch):
@@ -404,7 +404,8 @@ def test_trainer_takes_colocated_vllm_on_several_ranks(tiny_policy, tmp_path, mo
     opt = tr.opt
     engine.model, engine.optimizer, engine.max_grad_norm = tr.model, opt, 1.0
     assert events[0][1]["distributed_executor_backend"] == "external_launcher"
-    with pytest.raises(ValueError, match="tensor_parallel_size must be 1"):
+    # one engine over 2 ranks needs their process group (torchrun), which these stand-in ranks have not
+    with pytest.raises(ValueError, match="tensor_parallel_size 2 shares one engine among 2 training ranks"):
         _vllm_trainer(tiny_policy, tmp_path / "c", {"colocate": True, "tensor_parallel_size": 2}, engine=TwoRanks(),
                       monkeypatch=monkeypatch)
     events.clear()
@@ -564,3 +565,76 @@ def test_process_group_timeout_outlasts_a_long_vllm_generation(monkeypatch):
     assert calls == [{"dist_backend": None, "timeout": datetime.timedelta(minutes=90)}]
     with pytest.raises(ValueError, match="timeout_minutes must be positive"):
         DeepSpeedSettings.from_dict({"timeout_minutes": 0})
+
+
+def test_colocated_vllm_with_tensor_parallel_ranks_samples_its_groups_prompts_and_keeps_its_own(tiny_policy,
+                                                                                               monkeypatch):
+    """tensor_parallel_size 2, colocated: ranks 0 and 1 are one engine. Rank 1 of the group (rank 0 holding
+    two prompts of its own, seeds 11 and 12) hands vLLM all three requests in rank order with their seeds,
+    and keeps the rows of its own prompt; with no prompt of its own it still takes part (rank 0's requests
+    are sampled) and gets None. The group exchange stands in for torch.distributed's all_gather_object."""
+    import sys
+    import types
+    from types import SimpleNamespace as NS
+
+    import r1flow.generation as G
+    from r1flow.models import load_policy
+
+    _, tok = load_policy(str(tiny_policy[0]))
+    events = []
+    record = _stand_in_worker_api(monkeypatch, events.append)
+
+    class LLM(_StandInEngine):
+        def __init__(self, **kw):
+            events.append(("init", kw))
+            self.start_worker(kw, record)
+
+        def generate(self, requests, sp, use_tqdm=True):  # each completion: the prompt's first token, then EOS
+            events.append(("generate", [r["prompt_token_ids"] for r in requests], [s["seed"] for s in sp]))
+            return [NS(outputs=[NS(token_ids=[r["prompt_token_ids"][0], tok.eos_token_id], finish_reason="stop",
+                                   stop_reason=None) for _ in range(s["n"])]) for r, s in zip(requests, sp)]
+
+    fake = types.ModuleType("vllm")
+    fake.LLM, fake.SamplingParams = LLM, lambda **kw: kw
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's (the launcher's environment is left as it is)
+    monkeypatch.setattr(G, "_tensor_parallel_group", lambda size: ("tp group", size))
+    others = tok(["Compute 4+4", "Compute 9+1"], add_special_tokens=False)["input_ids"]
+
+    def all_gather_object(parts, obj, group=None):
+        assert group == ("tp group", 2)
+        parts[0], parts[1] = (others, [11, 12]), obj
+
+    monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
+
+    gen = G.VLLMGenerator("some/model", tok, tensor_parallel_size=2, colocate=True)
+    init = events[0][1]
+    assert init["tensor_parallel_size"] == 2 and init["distributed_executor_backend"] == "external_launcher"
+    assert gen.collective
+    own = tok("Compute 1+2", add_special_tokens=False)["input_ids"]
+    out = gen.generate(["Compute 1+2"], SamplingParams(n=2, max_new_tokens=4), seeds=[7])
+    _, requests, seeds = events[-1]
+    assert requests == others + [own] and seeds == [11, 12, 7]
+    assert out.completion_ids.shape[0] == 2  # its own prompt's G = 2 rows only
+    assert out.completion_ids[:, 0].tolist() == [own[0], own[0]]
+    assert out.prompt_ids[0, -len(own):].tolist() == own
+    assert gen.generate([], SamplingParams(n=2, max_new_tokens=4), seeds=[]) is None
+    _, requests, seeds = events[-1]
+    assert requests == others and seeds == [11, 12]  # rank 0's prompts, sampled by the whole engine
+
+
+def test_tensor_parallel_colocated_vllm_is_refused_where_ranks_cannot_share_engines():
+    from r1flow.generation import _tensor_parallel_group
+    from r1flow.training.grpo import GRPOConfig, check_run
+
+    with pytest.raises(ValueError, match="generation.vllm.tensor_parallel_size 2 shares one engine"):
+        _tensor_parallel_group(2)  # no process group: not under torchrun
+    gen = {"backend": "vllm", "vllm": {"colocate": True, "tensor_parallel_size": 3}}
+    with pytest.raises(ValueError, match="tensor_parallel_size 3 does not divide the 16 training ranks"):
+        check_run(GRPOConfig(), None, gen, 16)
+    gen["vllm"]["tensor_parallel_size"] = 2
+    check_run(GRPOConfig(), None, gen, 16)
+    with pytest.raises(ValueError, match="grpo.dynamic_sampling"):
+        check_run(GRPOConfig(dynamic_sampling=True), None, gen, 16)

@@ -171,9 +171,11 @@ class ShardedRoot(torch.nn.Module):
     weight themselves (chunked log-probs); so the root's weights (embeddings, final norm, lm_head) are
     gathered around `forward(fn, ...)`, which runs `fn(model, ...)` inside one root forward."""
 
-    def __init__(self, model):
+    def __init__(self, model, loaded_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.lm = model
+        # the shards are float32 whatever the model was loaded in; exports go back to the loaded dtype
+        self.loaded_dtype = loaded_dtype
 
     def forward(self, fn, *args, **kwargs):
         return fn(self.lm, *args, **kwargs)
@@ -274,8 +276,18 @@ def _load_into_shards(model, folder: Path) -> tuple[list, list]:
 def save_policy(model, tokenizer, path: str | os.PathLike, merged: bool = False, state_dict: dict | None = None) -> None:
     """save_pretrained into a sibling folder, then rename: a crash never leaves half a model.
     A LoRA model saves its adapter only (a checkpoint), or with `merged` a plain Hugging Face folder with
-    the adapters merged into the weights (an exported stage)."""
+    the adapters merged into the weights (an exported stage).
+
+    An FSDP2-sharded model (r1flow.training.engine.shard_model) is saved collectively: call it on every
+    rank; the whole weights are gathered a parameter at a time, in the dtype the model was loaded in,
+    and rank 0 writes them."""
     path = Path(path)
+    root = sharded_root(model)
+    if root is not None and state_dict is None:
+        main = torch.distributed.get_rank() == 0
+        state_dict = full_state_dict(model, root.loaded_dtype, keep=main)
+        if not main:
+            return
     if merged:
         model = merged_copy(model)
     plain_model(model)  # a model loaded from GGUF saves as a plain folder

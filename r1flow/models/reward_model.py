@@ -12,7 +12,7 @@ import torch
 
 from r1flow.data.formats import READABLE_MARKER, split_readable
 from r1flow.data.preferences import ASPECTS
-from r1flow.models import DTYPES, load_pretrained, load_tokenizer
+from r1flow.models import DTYPES, call_model, load_pretrained, load_tokenizer
 
 
 def render_for_rm(prompt_text: str, response_text: str, tokenizer=None) -> str:
@@ -66,6 +66,10 @@ def load_reward_model(path: str | os.PathLike, num_labels: int = 1, dtype: str |
     return model, tok
 
 
+def _scores(model, enc: dict) -> torch.Tensor:
+    return model(**enc).logits[:, 0].float()
+
+
 def max_length_of(model, tokenizer) -> int:
     limit = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
     return int(min(limit, tokenizer.model_max_length))
@@ -85,5 +89,6 @@ def score_texts(model, tokenizer, texts: list[str], batch_size: int = 16, max_le
             enc = tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
                             add_special_tokens=False)
             enc = {k: torch.tensor(enc[k], dtype=torch.long, device=dev) for k in ("input_ids", "attention_mask")}
-            out.append(model(**enc).logits[:, 0].float())
+            # inside the FSDP2 root's forward when the model is sharded (its embeddings and head gathered)
+            out.append(call_model(model, _scores, enc))
     return torch.cat(out) if out else torch.zeros(0, device=dev)

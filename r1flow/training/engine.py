@@ -47,7 +47,6 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from r1flow.config import ConfigError
 from r1flow.models import ShardedRoot, model_device, sharded_root
 
 log = logging.getLogger(__name__)
@@ -308,6 +307,7 @@ def shard_model(model, settings: DeepSpeedSettings):
     _, world = init_distributed(settings.timeout_minutes, "fsdp2")
     mesh = init_device_mesh(model_device(model).type, (world,))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if settings.bf16 else None, reduce_dtype=torch.float32)
+    loaded = next(model.parameters()).dtype
     model.float()
     names = set(getattr(model, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in names]
@@ -316,7 +316,7 @@ def shard_model(model, settings: DeepSpeedSettings):
                     "gathers the whole model", type(model).__name__)
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
-    root = ShardedRoot(model)
+    root = ShardedRoot(model, loaded)
     fully_shard(root, mesh=mesh, mp_policy=mp)
     model.__dict__["_r1flow_sharded_root"] = root  # models.sharded_root: not a submodule (no cycle)
     return model
@@ -403,14 +403,6 @@ class DeepSpeedEngine(_Ranks):
 
     def load(self, folder: str | os.PathLike, tag: str = "engine") -> None:
         self.engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
-
-
-def refuse_sharded_parameters(deepspeed, stage: str) -> None:
-    """FSDP2 (engine fsdp2) runs GRPO only so far: any other trainer refuses it, naming the setting."""
-    ds = deepspeed if isinstance(deepspeed, DeepSpeedSettings) else DeepSpeedSettings.from_dict(deepspeed)
-    if ds.shards_parameters:
-        raise ConfigError(f"training.deepspeed.engine fsdp2 is implemented for GRPO stages only; {stage} trains with "
-                          "engine: deepspeed (zero_stage 0-2) or in one process")
 
 
 def make_engine(model, optimizer, max_grad_norm: float, settings: DeepSpeedSettings | dict | None = None,

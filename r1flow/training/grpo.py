@@ -57,7 +57,7 @@ from r1flow.data.formats import reflections
 from r1flow.data.prompts import chat_prompt, render
 from r1flow.generation import Completions, SamplingParams, VLLMGenerator, make_generator
 from r1flow.memory import PhasePeaks, rss_mb, trim_allocator
-from r1flow.models import (full_state_dict, load_weights, model_device, save_policy, sharded_root,
+from r1flow.models import (load_weights, model_device, save_policy, sharded_root,
                            warn_if_bf16_emulated)
 from r1flow.models.chunked import set_activation_checkpointing
 from r1flow.models.lora import LoraSettings, add_lora, merged_copy
@@ -240,6 +240,16 @@ def check_run(cfg: GRPOConfig, deepspeed: dict | None = None, generation: dict |
         # each rank samples its own groups, so each needs its own engine: colocated mode
         raise ValueError("the vllm generation backend with several DeepSpeed ranks needs generation.vllm.colocate: "
                          "true (one vLLM engine per rank, on its own GPU)")
+    tp = int((gen.get("vllm") or {}).get("tensor_parallel_size") or 1)
+    if gen.get("backend") == "vllm" and tp > 1 and (gen.get("vllm") or {}).get("colocate"):
+        # one engine per tp ranks: sampling is a collective of the group, which every rank must enter as often
+        if world_size % tp:
+            raise ValueError(f"generation.vllm.tensor_parallel_size {tp} does not divide the {world_size} training "
+                             "ranks (each group of that many ranks shares one colocated engine)")
+        if cfg.dynamic_sampling:
+            # a rank samples again the kept groups other ranks drew: ranks of one engine would call it unevenly
+            raise ValueError("grpo.dynamic_sampling with colocated vLLM at generation.vllm.tensor_parallel_size > 1 "
+                             "is not supported; turn one of them off")
 
 
 class NoLearningSignal(RuntimeError):
@@ -287,7 +297,6 @@ class GRPOTrainer:
         # which policy training started from: a checkpoint made from another starting model (an upstream
         # stage was rerun) must not be resumed, even when the GRPO settings are the same
         self.start_fingerprint = weights_fingerprint(model)
-        self.save_dtype = next(model.parameters()).dtype  # exports keep the loaded dtype (sharded: float32 inside)
         sampler_model = None
         if ds.shards_parameters:  # FSDP2: each rank keeps shards; the sampler gets its own whole copy
             if (generation or {}).get("backend", "transformers") == "transformers":
@@ -773,6 +782,9 @@ class GRPOTrainer:
                                           format_reward=fmt)
             correct = graded["correct"].to_numpy(dtype=float).reshape(len(mine), c.pass_rate_samples)
             rates[: len(mine)] = torch.tensor(correct.mean(1), dtype=torch.float64)
+        elif getattr(self.generator, "collective", False):  # a tensor-parallel engine's rank takes part anyway
+            self.generator.generate([], SamplingParams(c.pass_rate_samples, c.temperature, c.top_p,
+                                                       c.max_completion_length), seeds=[])
         gathered = self.engine.all_gather(rates).cpu().numpy()[: len(idx)]
         out = np.full(len(train), np.nan)
         out[idx] = gathered
@@ -850,6 +862,8 @@ class GRPOTrainer:
             local = sample_and_grade(seeded, problems.iloc[mine], prompts[mine], params, "accuracy",
                                      self.cfg.reward_options, format_reward=fmt)
             rows[: len(local)] = torch.tensor(local[cols].to_numpy(dtype=float), dtype=torch.float64)
+        elif getattr(self.generator, "collective", False):  # a tensor-parallel engine's rank takes part anyway
+            self.generator.generate([], params, seeds=[])
         gathered = self.engine.all_gather(rows).cpu()  # (W * per * k, columns), rank by rank
         full = torch.cat([gathered[r * per * k: r * per * k + counts[r] * k] for r in range(W)]).numpy()
         out = pd.DataFrame(full, columns=cols)
@@ -899,15 +913,10 @@ class GRPOTrainer:
         self.engine.barrier()
 
     def _save_model(self, model, path: Path) -> None:
-        """A model folder, written by rank 0. Collective for a sharded (FSDP2) model: every rank gathers the
-        whole weights a parameter at a time and rank 0 keeps and writes them, in the loaded dtype."""
-        if sharded_root(model) is None:
-            if self.is_main:
-                save_policy(model, self.tok, path)
-            return
-        state = full_state_dict(model, self.save_dtype, keep=self.is_main)
-        if self.is_main:
-            save_policy(model, self.tok, path, state_dict=state)
+        """A model folder, written by rank 0 (save_policy: collective for a sharded FSDP2 model, which every
+        rank gathers a parameter at a time, in the loaded dtype)."""
+        if self.is_main or sharded_root(model) is not None:
+            save_policy(model, self.tok, path)
 
     def _added_state(self) -> dict:
         """What dynamic sampling and reference refresh add to a checkpoint's state.json (nothing when off)."""

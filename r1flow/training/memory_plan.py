@@ -689,15 +689,26 @@ def _largest(fits, hi: int, lo: int = 1) -> int | None:
     return lo
 
 
+def across_nodes(settings: dict, nodes: int) -> dict:
+    """The settings of a job on `nodes` nodes as the plan reads them: its ranks are nodes x nproc_per_node
+    (scripts/launch_nodes.py), over which ZeRO and FSDP2 shard and each step's rows divide."""
+    ds = settings.get("deepspeed") or {}
+    if nodes <= 1 or not ds.get("enabled"):
+        return settings
+    return {**settings, "deepspeed": {**ds, "nproc_per_node": int(ds.get("nproc_per_node", 1)) * nodes}}
+
+
 def require_fits(job: str, kind: str, settings: dict, shape: ModelShape | None, gpu_memory_gib: float,
-                 key_prefix: str, reward_shapes: dict | None = None) -> MemoryPlan | None:
+                 key_prefix: str, reward_shapes: dict | None = None, nodes: int = 1) -> MemoryPlan | None:
     """Plan the job and raise ConfigError when it cannot run on its GPU; returns the plan (None when the
     shape is unknown: nothing to plan). `job` names it in the message (e.g. "r1_zero"); `key_prefix` is the
     config section of its settings (e.g. "r1_zero.grpo", "r1.sft", "evaluation"), so that the message names
     the key to change: micro_batch_size for training (max_completion_length / max_length when not even one
-    row fits), generation.vllm.gpu_memory_utilization for vLLM, the batch size of in-process sampling."""
+    row fits), generation.vllm.gpu_memory_utilization for vLLM, the batch size of in-process sampling.
+    `nodes`: the job's node count (resources.<rule>.nodes; see across_nodes)."""
     if shape is None:
         return None
+    settings = across_nodes(settings, nodes)
     gpu = int(gpu_memory_gib * GiB)
 
     def plan(s):

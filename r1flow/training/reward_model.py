@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from r1flow.data.preferences import ASPECTS, prompt_text, response_text
-from r1flow.models import save_policy
+from r1flow.models import save_policy, sharded_root
 from r1flow.models.reward_model import load_reward_model, max_length_of, render_for_rm, rm_response, score_texts
-from r1flow.training.engine import make_engine, master_parameters, refuse_sharded_parameters
+from r1flow.training.engine import DeepSpeedSettings, make_engine, master_parameters, shard_model
 from r1flow.training.sft import rank_rows
 from r1flow.training.tracking import open_run
 
@@ -96,7 +96,9 @@ def train_reward_model(base_path: str | os.PathLike, pairs_df: pd.DataFrame, asp
     draws the same batch and scores its contiguous share of the pairs (r1flow.training.sft.rank_rows; a
     batch that W does not divide is split unevenly, a rank without pairs scores a filler pair with weight
     0); each rank's loss is its pairs' sum over the whole batch's size, so the update and the metrics
-    (summed over ranks, the same on every rank) are those of one process. Rank 0 saves.
+    (summed over ranks, the same on every rank) are those of one process. Rank 0 saves. With engine fsdp2
+    the model is sharded (r1flow.training.engine.shard_model) and stays so: score it through
+    r1flow.models.reward_model.score_texts, save it with save_policy on every rank.
 
     `tracking`: the job's tracking settings (r1flow.training.tracking): rank 0 logs every row, with
     `run_config` recorded in the run.
@@ -114,9 +116,11 @@ def train_reward_model(base_path: str | os.PathLike, pairs_df: pd.DataFrame, asp
     # tokens per text as scored (truncated to max_length), for the throughput in the log
     n_tok = [min(len(ids), max_length) for ids in tok(chosen + rejected, add_special_tokens=False)["input_ids"]]
 
+    ds = DeepSpeedSettings.from_dict(deepspeed)
+    if ds.shards_parameters:  # FSDP2 (engine fsdp2): each rank keeps its shards of weights, gradients, AdamW
+        shard_model(model, ds)
     # float32 master weights for a bf16 / fp16 model, stepped by the engine (r1flow.training.engine)
-    refuse_sharded_parameters(deepspeed, "a reward model")
-    params, master = master_parameters(model, deepspeed)
+    params, master = master_parameters(model, ds)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
     def factor(s: int) -> float:
@@ -124,7 +128,7 @@ def train_reward_model(base_path: str | os.PathLike, pairs_df: pd.DataFrame, asp
         return warm * 0.5 * (1 + math.cos(math.pi * s / max(1, steps)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    engine = make_engine(model, opt, max_grad_norm, deepspeed, master=master)
+    engine = make_engine(model, opt, max_grad_norm, ds, master=master)
     rank, world, main = engine.rank, engine.world_size, engine.rank == 0
     g = torch.Generator().manual_seed(seed)
     rows, t0, tokens = [], time.time(), 0
@@ -158,6 +162,8 @@ def train_reward_model(base_path: str | os.PathLike, pairs_df: pd.DataFrame, asp
     if main:
         log.info("reward model '%s': %d steps on %d pairs in %.1fs, final batch loss %.3f", aspect, steps,
                  len(pairs), time.time() - t0, rows[-1]["loss"])
-    if out_dir is not None and main:  # with DeepSpeed, rank 0 writes the model (the weights are the same on all)
+    # with DeepSpeed rank 0 writes the model (the weights are the same on all); FSDP2's shards are gathered
+    # by every rank (save_policy), rank 0 writing them
+    if out_dir is not None and (main or sharded_root(model) is not None):
         save_policy(model, tok, out_dir)  # any transformers model: save_pretrained to a tmp folder, then rename
     return model, tok, pd.DataFrame(rows)

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from r1flow.config import ConfigError
 from r1flow.models import call_model, model_device
 from r1flow.models.lora import is_lora
-from r1flow.training.engine import make_engine, master_parameters, refuse_sharded_parameters
+from r1flow.training.engine import DeepSpeedSettings, make_engine, master_parameters, shard_model
 from r1flow.training.stopping import CheckpointSchedule, Stopped, StopRequest, weights_fingerprint
 from r1flow.training.tracking import open_run
 
@@ -225,7 +225,8 @@ def train_sft(model, tokenizer, prompts: list[str], completions: list[str], *, e
     activations (less memory, one more forward; the same loss and gradients).
     `deepspeed`: the config's training.deepspeed section; when enabled (under torchrun) each rank trains on
     its share of every batch (module docstring; `micro_batch_size` then counts a rank's rows) and returns
-    the same rows on every rank; the caller saves on rank 0.
+    the same rows on every rank; the caller saves on rank 0. With engine fsdp2 the model is sharded in
+    place (r1flow.training.engine.shard_model) and stays so: save it with save_policy on every rank.
     `tracking`: the job's tracking settings (r1flow.training.tracking): rank 0 logs every row as it is
     made, with `run_config` recorded in the run.
     `state_dir`: where checkpoints go (module docstring); a checkpoint there is resumed when it is of this
@@ -236,13 +237,18 @@ def train_sft(model, tokenizer, prompts: list[str], completions: list[str], *, e
         raise ValueError("no SFT examples")
     if gradient_checkpointing:
         set_activation_checkpointing(model, True)
+    ds = DeepSpeedSettings.from_dict(deepspeed)
+    if is_lora(model) and ds.enabled:
+        raise ConfigError("an SFT stage's lora with training.deepspeed.enabled is not supported yet (tested in one "
+                          "process only); turn one of them off")
+    # which weights training started from (a checkpoint of another start is not resumed): taken before
+    # FSDP2 replaces them with each rank's shards
+    start = weights_fingerprint(model)
+    if ds.shards_parameters:  # FSDP2 (engine fsdp2): each rank keeps its shards of weights, gradients, AdamW
+        shard_model(model, ds)
     # float32 master weights for a bf16 / fp16 model (r1flow.training.engine); the model's own otherwise
-    refuse_sharded_parameters(deepspeed, "an SFT stage")
-    params, master = master_parameters(model, deepspeed)
+    params, master = master_parameters(model, ds)
     if is_lora(model):  # LoRA (r1flow.models.lora): only the adapters train, the frozen base takes no state
-        if (deepspeed or {}).get("enabled"):
-            raise ConfigError("an SFT stage's lora with training.deepspeed.enabled is not supported yet (tested in one "
-                              "process only); turn one of them off")
         params = [p for p in params if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
     steps_per_epoch = math.ceil(len(prompts) / batch_size)
@@ -253,7 +259,7 @@ def train_sft(model, tokenizer, prompts: list[str], completions: list[str], *, e
         return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    engine = make_engine(model, opt, max_grad_norm, deepspeed, master=master)
+    engine = make_engine(model, opt, max_grad_norm, ds, master=master)
     device = model_device(model)  # batches are made where the model is (the config's `device`)
     rank, world, main = engine.rank, engine.world_size, engine.rank == 0
     rng = random.Random(seed)  # the same order on every rank
@@ -261,7 +267,7 @@ def train_sft(model, tokenizer, prompts: list[str], completions: list[str], *, e
     run = {"epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size, "micro_batch_size":
            micro_batch_size, "max_length": max_length, "warmup_steps": warmup_steps, "max_grad_norm": max_grad_norm,
            "seed": seed, "world_size": world, "data": _data_hash(prompts, completions),
-           "start": weights_fingerprint(model)}
+           "start": start}
     schedule = None
     if state_dir is not None:
         state_dir = Path(state_dir)

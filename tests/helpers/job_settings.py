@@ -72,10 +72,14 @@ class _Parsed(Exception):
 
 
 def job_namespace(words: list[str]) -> tuple[str, argparse.Namespace, int]:
-    """(script name, its parsed arguments, ranks it starts with) of one job's command words."""
-    i = next(i for i, w in enumerate(words) if w.endswith(".py") and Path(w).parent == SCRIPTS)
+    """(script name, its parsed arguments, ranks it starts with, over all its nodes) of one job's command
+    words."""
+    i = next(i for i, w in enumerate(words)
+             if w.endswith(".py") and Path(w).parent == SCRIPTS and Path(w).name != "launch_nodes.py")
     script, args = Path(words[i]).name, words[i + 1:]
     ranks = int(words[words.index("--nproc_per_node") + 1]) if "--nproc_per_node" in words[:i] else 1
+    if "--nproc-per-node" in words[:i]:  # several nodes (scripts/launch_nodes.py): nodes x ranks per node
+        ranks = int(words[words.index("--nproc-per-node") + 1]) * int(words[words.index("--nodes") + 1])
     if str(SCRIPTS) not in sys.path:
         sys.path.insert(0, str(SCRIPTS))
     module = importlib.import_module(script[:-3])

@@ -196,7 +196,7 @@ def check_memory_plan(name, values):
         reward_shapes = {a: model_shape(origin_model(rm[f"{a}_path"] or base)) for a in ("helpfulness", "harmlessness")}
     try:
         require_fits(name, kind, values, model_shape(origin_model(model)), config["memory_plan"]["gpu_memory_gib"],
-                     prefix, reward_shapes=reward_shapes)
+                     prefix, reward_shapes=reward_shapes, nodes=int(job_resources(name).get("nodes") or 1))
     except ConfigError as e:
         # generation settings are the stage's own: name the key where this stage's override goes
         raise ConfigError(re.sub(r"(?<![\w.])generation\.vllm\.", f"stages.{name}.generation.vllm.", str(e))) from None
