@@ -88,16 +88,19 @@ def _checkpointed_step(state: Path) -> int:
 
 
 @pytest.mark.distributed
-def test_fsdp2_killed_with_sigkill_resumes_to_the_uninterrupted_run(tiny_policy, tmp_path):
+@pytest.mark.parametrize("mode,resumed", [("train", "resuming from step"), ("sft", "SFT: resuming from step")])
+def test_fsdp2_killed_with_sigkill_resumes_to_the_uninterrupted_run(tiny_policy, tmp_path, mode, resumed):
+    """GRPO (6 steps) and SFT (6 updates): the sharded job killed with SIGKILL after its checkpoint at step 2
+    or later, then run again, ends with the single-process run's losses and exported weights."""
     model, steps = str(tiny_policy[0]), 6
     single = tmp_path / "single.json"
-    p = subprocess.run([sys.executable, str(WORKER), "train", "--single", "--model", model, "--out", str(single),
+    p = subprocess.run([sys.executable, str(WORKER), mode, "--single", "--model", model, "--out", str(single),
                         "--state", str(tmp_path / "single_state"), "--steps", str(steps)],
                        capture_output=True, text=True, env=ENV, timeout=900)
     assert p.returncode == 0, p.stderr[-6000:]
 
     state, out = tmp_path / "state", tmp_path / "dist.json"
-    cmd = torchrun("train", "--model", model, "--out", str(out), "--state", str(state), "--steps", str(steps))
+    cmd = torchrun(mode, "--model", model, "--out", str(out), "--state", str(state), "--steps", str(steps))
     job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     deadline = time.monotonic() + 600
     while _checkpointed_step(state) < 2 and job.poll() is None and time.monotonic() < deadline:
@@ -113,7 +116,7 @@ def test_fsdp2_killed_with_sigkill_resumes_to_the_uninterrupted_run(tiny_policy,
     assert 2 <= killed_at < steps, killed_at
     p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
-    assert f"resuming from step {killed_at}" in p.stderr
+    assert f"{resumed} {killed_at}" in p.stderr
 
     a, b = json.loads(single.read_text()), json.loads(out.read_text())
     assert a["steps"] == b["steps"] == list(range(1, steps + 1))

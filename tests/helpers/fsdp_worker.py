@@ -5,6 +5,9 @@ engine fsdp2, zero_stage 3) against one process. Modes:
           log-probs after the step; rank 0 writes the differences to --out as JSON
   train   GRPO for --steps steps with a checkpoint every step in --state (the test kills it with
           SIGKILL part-way, then runs it again to resume); rank 0 writes the metrics and weights
+  sft     SFT for --steps updates with a checkpoint after every update in --state, each update slowed
+          by 0.3 s so that the test can kill it between two (SIGKILL), then again to resume; the model
+          is saved as a plain folder (collective under FSDP2) and rank 0 writes the loss rows
 """
 
 import argparse
@@ -104,9 +107,33 @@ def train_case(path, state, steps, sharded, out_model):
     return {"steps": m["step"].tolist(), "loss": m["loss"].tolist()}
 
 
+def sft_case(path, state, steps, sharded, out_model):
+    import time
+
+    import r1flow.training.sft as S
+    from r1flow.models import save_policy
+
+    model, tok = load_policy(path)
+    pairs = [(a, b) for a in range(1, 10) for b in range(1, 10)][: 2 * steps]
+    prompts = [f"Compute {a}+{b}:" for a, b in pairs]
+    completions = [f" {a}+{b}={a + b}. So the answer is {a + b}." for a, b in pairs]
+    step = S.sft_step
+
+    def slow(*a, **k):  # time for the test to kill the job between two checkpoints
+        time.sleep(0.3)
+        return step(*a, **k)
+
+    S.sft_step = slow
+    rows = S.train_sft(model, tok, prompts, completions, epochs=1, learning_rate=1e-3, batch_size=2,
+                       micro_batch_size=1, max_length=64, warmup_steps=0, seed=0, deepspeed=FSDP if sharded else None,
+                       state_dir=state, save_every=1)
+    save_policy(model, tok, out_model)  # every rank under FSDP2: gathered, written by rank 0
+    return {"steps": [r["step"] for r in rows], "loss": [r["loss"] for r in rows]}
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["step", "train"])
+    ap.add_argument("mode", choices=["step", "train", "sft"])
     ap.add_argument("--model", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--state")
@@ -119,8 +146,10 @@ def main():
     if a.mode == "step":
         rank = int(os.environ["RANK"])
         r = step_case(a.model, out.parent, rank)
-    else:
+    elif a.mode == "train":
         r = train_case(a.model, a.state, a.steps, not a.single, str(out.with_suffix("")) + "-model")
+    else:
+        r = sft_case(a.model, a.state, a.steps, not a.single, str(out.with_suffix("")) + "-model")
     if int(os.environ.get("RANK", 0)) == 0:
         out.write_text(json.dumps(r, indent=2))
     if torch.distributed.is_initialized():
