@@ -15,6 +15,19 @@ FLOPs left out) against --peak-tflops (790: H200 bf16 dense) and peak GPU memory
 error (a tensor on the wrong device, CUDA asked without it), 1 on any other error.
 
 A random model rarely emits EOS, so completions run to their length limit: the work per step is fixed.
+
+Then the checks of issue 24 item 8 (each a section of the output, all of them with --json FILE):
+- fast path: r1flow.models.fast_llama's log-probs and gradients against transformers' forward in the
+  check's dtype, at 512 and 4,096 tokens (largest and mean log-prob difference, gradient cosine);
+- memory plan: the GPU memory plan's training phase (r1flow.training.memory_plan: weights, gradients,
+  checkpointed activations, the output layer) against torch.cuda.max_memory_allocated for one forward and
+  backward of a Qwen2.5-7B-shaped random model (built on the meta device, materialised on the GPU) at 1, 2
+  and 4 rows x 8,192 and 16,384 tokens with checkpointing, through SFT's loss (transformers' forward) and
+  GRPO's log-probs (the fast path); the plan is meant to be within 15% of the measured peak;
+- master weights: one AdamW step at lr 3e-6 on bf16 weights with float32 master weights (LocalEngine) and
+  without, against the same step in float32 (the share of weights that moved, the largest difference);
+- the allocator gap (reserved minus allocated) after the GRPO steps.
+With --tiny they run at a few tokens on small shapes, to test the script (memory figures need CUDA).
 """
 
 from __future__ import annotations
@@ -37,6 +50,9 @@ QWEN25_05B = dict(vocab_size=151_936, hidden_size=896, num_hidden_layers=24, num
 TINY = dict(vocab_size=2048, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, tie_word_embeddings=True, max_position_embeddings=2048, rope_theta=10_000.0,
             rms_norm_eps=1e-6)
+QWEN25_7B = dict(vocab_size=152_064, hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
+                 num_key_value_heads=4, intermediate_size=18_944, tie_word_embeddings=False,
+                 max_position_embeddings=32_768, rope_theta=1_000_000.0, rms_norm_eps=1e-6)
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>"]
 
 
@@ -143,6 +159,10 @@ def run(a) -> dict:
                   f"kl {row['kl']:.3g}, {row['time_generation']:.2f}s sampling, {row['time_training']:.2f}s training",
                   flush=True)
     figures["grpo_peak_memory"] = peak_memory(device)
+    if device.type == "cuda":  # what the caching allocator holds beyond live tensors after the steps
+        gap = (torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)) / 2**30
+        figures["allocator_gap_gib"] = gap
+        print(f"allocator gap after GRPO (reserved - allocated): {gap:.2f} GiB", flush=True)
     figures["grpo_sampling_tokens_per_s"] = gen_tok / gen_t
     figures["grpo_training_tokens_per_s"] = train_tok / train_t
     # sampling: 2N per token; training: 6N (policy) + 2N (reference) per completion token
@@ -188,6 +208,150 @@ def run(a) -> dict:
     return figures
 
 
+# -- issue 24 item 8 -----------------------------------------------------------------------------------
+def random_rows(vocab: int, rows: int, tokens: int, device, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, vocab, (rows, tokens), generator=g).to(device)
+
+
+def fast_path_check(a, device, dtype) -> dict:
+    """fast_llama against transformers' forward: the completion log-probs and the gradient of their sum,
+    on a Qwen2.5-0.5B-shaped random model (tiny: the small shape), a group of 2 rows sharing a prompt."""
+    from r1flow.models.logprobs import completion_logprobs
+
+    shape = TINY if a.tiny else QWEN25_05B
+    tok = build_tokenizer(["a b c"], shape["vocab_size"])
+    model = build_model(shape, tok, device, dtype)
+    out = {}
+    for T in ((32, 64) if a.tiny else (512, 4096)):
+        P = T // 8
+        prompt = random_rows(shape["vocab_size"], 1, P, device).expand(2, P).contiguous()
+        comp = random_rows(shape["vocab_size"], 2, T - P, device, seed=1)
+        pm, cm = torch.ones_like(prompt), torch.ones_like(comp)
+        res = {}
+        for fast in (True, False):
+            model.zero_grad(set_to_none=True)
+            lp, _ = completion_logprobs(model, prompt, pm, comp, cm, 2, fast=fast)
+            lp.float().sum().backward()
+            grad = torch.cat([p.grad.float().flatten() for p in model.parameters()])
+            res[fast] = (lp.detach().float(), grad)
+        d = (res[True][0] - res[False][0]).abs()
+        cos = torch.nn.functional.cosine_similarity(res[True][1], res[False][1], dim=0).item()
+        out[T] = {"max_abs_logprob_diff": d.max().item(), "mean_abs_logprob_diff": d.mean().item(),
+                  "grad_cosine": cos}
+        print(f"fast path vs transformers at {T} tokens ({str(dtype)[6:]}): log-prob difference max "
+              f"{d.max().item():.4f}, mean {d.mean().item():.5f}; gradient cosine {cos:.5f}", flush=True)
+    del model
+    return out
+
+
+def plan_check(a, device, dtype) -> dict:
+    """The memory plan's training phase against the measured peak of one forward and backward (no
+    optimizer: the plan's optimizer and master-weight items are left out of both)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from r1flow.models.chunked import set_activation_checkpointing
+    from r1flow.models.logprobs import completion_logprobs
+    from r1flow.training import memory_plan as M
+    from r1flow.training.sft import SFTBatch, sft_loss
+
+    shape = TINY if a.tiny else QWEN25_7B
+    with torch.device("meta"):  # no host copy of 7B weights: parameters are allocated on the GPU
+        model = Qwen2ForCausalLM(Qwen2Config(**shape, pad_token_id=0, bos_token_id=2, eos_token_id=3))
+    model = model.to(dtype=dtype).to_empty(device=device)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    model.train()
+    set_activation_checkpointing(model, True)
+    plan_shape = M.ModelShape.from_hf_config({**shape, "model_type": "qwen2"})
+    if not a.tiny:  # the plan's own Qwen2.5-7B, which it plans cluster jobs with
+        assert plan_shape == M.KNOWN_SHAPES["Qwen/Qwen2.5-7B"], plan_shape
+    w = torch.finfo(dtype).bits // 8
+    P = sum(p.numel() for p in model.parameters())
+    out = []
+    for T in ((16, 32) if a.tiny else (8192, 16384)):
+        for rows in (1, 2, 4):
+            for path in ("sft (transformers forward)", "grpo (fast path)"):
+                model.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(device)
+                ids = random_rows(shape["vocab_size"], rows, T, device)
+                if path.startswith("sft"):
+                    batch = SFTBatch(ids, torch.ones_like(ids), ids.clone())
+                    sft_loss(model, batch).backward()
+                    forward = "hf"
+                else:
+                    prompt, comp = ids[:, : T // 8], ids[:, T // 8:]
+                    lp, _ = completion_logprobs(model, prompt, torch.ones_like(prompt), comp, torch.ones_like(comp),
+                                                rows)
+                    lp.float().mean().backward()
+                    forward = "fast"
+                planned = (w * P + w * P + M.activation_bytes(plan_shape, rows, T, w, True, forward)
+                           + sum(M.output_layer_bytes(plan_shape, rows, T, w, training=True).values()))
+                row = {"path": path, "rows": rows, "tokens": T, "planned_gib": planned / 2**30}
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                    measured = torch.cuda.max_memory_allocated(device)
+                    row.update(measured_gib=measured / 2**30, plan_over_measured=planned / measured)
+                    print(f"memory plan, {path}, {rows} x {T} tokens, checkpointed: planned {planned / 2**30:.1f} GiB, "
+                          f"measured {measured / 2**30:.1f} GiB ({100 * (planned / measured - 1):+.1f}%)", flush=True)
+                else:
+                    print(f"memory plan, {path}, {rows} x {T} tokens, checkpointed: planned {planned / 2**30:.3f} GiB, "
+                          "measured n/a (not a GPU)", flush=True)
+                out.append(row)
+    del model
+    return out
+
+
+def master_weights_check(a, device) -> dict:
+    """One AdamW step at lr 3e-6 from the same bf16 weights: float32 throughout (the reference), bf16 with
+    float32 master weights (r1flow's LocalEngine) and bf16 without (the optimiser on the bf16 weights)."""
+    import copy
+
+    from r1flow.training.engine import LocalEngine, master_parameters
+    from r1flow.training.sft import SFTBatch, sft_loss
+
+    shape = TINY if a.tiny else QWEN25_05B
+    tok = build_tokenizer(["a b c"], shape["vocab_size"])
+    start = build_model(shape, tok, device, torch.bfloat16).train()
+    ids = random_rows(shape["vocab_size"], 2, 64 if a.tiny else 1024, device)
+    batch = SFTBatch(ids, torch.ones_like(ids), ids.clone())
+
+    def step(model, master=False):
+        params, mw = master_parameters(model) if master else (list(model.parameters()), None)
+        opt = torch.optim.AdamW(params, lr=3e-6, betas=(0.9, 0.99), weight_decay=0.0)
+        if master:
+            engine = LocalEngine(model, opt, 1.0, mw)
+            engine.zero_grad()
+            engine.backward(sft_loss(model, batch))
+            engine.step()
+            return mw.master
+        sft_loss(model, batch).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        return list(model.parameters())
+
+    w0 = [p.detach().float().clone() for p in start.parameters()]
+    ref = step(copy.deepcopy(start).float())
+    with_master = step(copy.deepcopy(start), master=True)
+    plain = step(copy.deepcopy(start))
+    out = {}
+    for name, ws in (("bf16 with float32 master weights", with_master), ("bf16 without", plain)):
+        moved = sum(int((w.detach().float() != s).sum()) for w, s in zip(ws, w0)) / sum(s.numel() for s in w0)
+        diff = max((w.detach().float() - r.detach().float()).abs().max().item() for w, r in zip(ws, ref))
+        out[name] = {"share_moved": moved, "max_abs_diff_from_fp32_step": diff}
+        print(f"AdamW step at lr 3e-6, {name}: {100 * moved:.1f}% of the weights moved; largest difference from "
+              f"the float32 step {diff:.2e}", flush=True)
+    ref_moved = sum(int((r.detach() != s).sum()) for r, s in zip(ref, w0)) / sum(s.numel() for s in w0)
+    out["float32"] = {"share_moved": ref_moved}
+    print(f"AdamW step at lr 3e-6, float32: {100 * ref_moved:.1f}% of the weights moved", flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
@@ -203,19 +367,42 @@ def main(argv=None) -> int:
     ap.add_argument("--gradient-checkpointing", action="store_true",
                     help="recompute each decoder layer in the backward (GRPO and SFT)")
     ap.add_argument("--peak-tflops", type=float, default=790.0, help="peak dense bf16 TFLOP/s (H200: ~790)")
+    ap.add_argument("--checks", nargs="+", default=list(CHECKS), choices=list(CHECKS),
+                    help="which parts to run (default: all)")
+    ap.add_argument("--json", default=None, help="write every figure to this JSON file")
     a = ap.parse_args(argv)
     for k, big, small in (("prompts", 16, 2), ("group", 8, 2), ("new_tokens", 1024, 8), ("micro_batch", 16, 2),
                           ("sft_batch", 16, 2), ("sft_length", 2048, 16)):
         if getattr(a, k) is None:
             setattr(a, k, small if a.tiny else big)
+    figures = {}
     try:
-        f = run(a)
+        from r1flow.models import DTYPES, resolve_device
+
+        for name in a.checks:
+            t0 = time.perf_counter()
+            if name == "throughput":
+                figures[name] = run(a)
+            else:
+                device, dtype = resolve_device(a.device), DTYPES[a.dtype]
+                figures[name] = CHECKS[name](a, device, dtype) if name != "master_weights" else CHECKS[name](a, device)
+            print(f"[{name}: {time.perf_counter() - t0:.1f}s]", flush=True)
+            if device_is_cuda(a):
+                torch.cuda.empty_cache()
     except Exception as e:  # noqa: BLE001  (reported, then the exit status says what kind)
         traceback.print_exc()
         text = f"{type(e).__name__}: {e}"
         device_error = any(s in text for s in ("device", "cuda", "CUDA", "meta tensor"))
         print(f"GPU CHECK FAILED ({'device error' if device_error else 'error'}): {text}", flush=True)
         return 2 if device_error else 1
+    if a.json:
+        import json
+
+        Path(a.json).write_text(json.dumps(figures, indent=2, default=str))
+    if "throughput" not in figures:
+        print("GPU CHECK OK")
+        return 0
+    f = figures["throughput"]
     print(f"sampling tokens/s (GRPO): {f['grpo_sampling_tokens_per_s']:.1f}")
     print(f"sampling tokens/s (evaluation): {f['eval_sampling_tokens_per_s']:.1f}")
     print(f"training tokens/s (GRPO): {f['grpo_training_tokens_per_s']:.1f}")
@@ -226,6 +413,14 @@ def main(argv=None) -> int:
     print(f"peak GPU memory: GRPO {f['grpo_peak_memory']}, SFT {f['sft_peak_memory']}")
     print("GPU CHECK OK")
     return 0
+
+
+def device_is_cuda(a) -> bool:
+    return torch.cuda.is_available() and a.device != "cpu"
+
+
+CHECKS = {"throughput": run, "fast_path": fast_path_check, "memory_plan": plan_check,
+          "master_weights": master_weights_check}
 
 
 if __name__ == "__main__":
