@@ -307,9 +307,10 @@ def plan_check(a, device, dtype) -> dict:
     return out
 
 
-def master_weights_check(a, device) -> dict:
+def master_weights_check(a, device, dtype=None) -> dict:
     """One AdamW step at lr 3e-6 from the same bf16 weights: float32 throughout (the reference), bf16 with
-    float32 master weights (r1flow's LocalEngine) and bf16 without (the optimiser on the bf16 weights)."""
+    float32 master weights (r1flow's LocalEngine) and bf16 without (the optimiser on the bf16 weights);
+    bf16 whatever --dtype, since that is what it checks."""
     import copy
 
     from r1flow.training.engine import LocalEngine, master_parameters
@@ -379,15 +380,13 @@ def main(argv=None) -> int:
     try:
         from r1flow.models import DTYPES, resolve_device
 
+        # CUDA asked without it: a ConfigError naming the key, exit 2
+        device, dtype = resolve_device(a.device), DTYPES[a.dtype]
         for name in a.checks:
             t0 = time.perf_counter()
-            if name == "throughput":
-                figures[name] = run(a)
-            else:
-                device, dtype = resolve_device(a.device), DTYPES[a.dtype]
-                figures[name] = CHECKS[name](a, device, dtype) if name != "master_weights" else CHECKS[name](a, device)
+            figures[name] = run(a) if name == "throughput" else CHECKS[name](a, device, dtype)
             print(f"[{name}: {time.perf_counter() - t0:.1f}s]", flush=True)
-            if device_is_cuda(a):
+            if device.type == "cuda":
                 torch.cuda.empty_cache()
     except Exception as e:  # noqa: BLE001  (reported, then the exit status says what kind)
         traceback.print_exc()
@@ -413,10 +412,6 @@ def main(argv=None) -> int:
     print(f"peak GPU memory: GRPO {f['grpo_peak_memory']}, SFT {f['sft_peak_memory']}")
     print("GPU CHECK OK")
     return 0
-
-
-def device_is_cuda(a) -> bool:
-    return torch.cuda.is_available() and a.device != "cpu"
 
 
 CHECKS = {"throughput": run, "fast_path": fast_path_check, "memory_plan": plan_check,

@@ -236,12 +236,13 @@ def check_run(cfg: GRPOConfig, deepspeed: dict | None = None, generation: dict |
         raise ValueError(f"micro_batch_size must be 0 (the whole batch) or positive, got {cfg.micro_batch_size}")
     DeepSpeedSettings.from_dict(deepspeed)
     gen = generation or {}
-    if world_size > 1 and gen.get("backend") == "vllm" and not gen.get("vllm", {}).get("colocate"):
+    vllm = gen.get("vllm") or {}
+    if world_size > 1 and gen.get("backend") == "vllm" and not vllm.get("colocate"):
         # each rank samples its own groups, so each needs its own engine: colocated mode
         raise ValueError("the vllm generation backend with several DeepSpeed ranks needs generation.vllm.colocate: "
                          "true (one vLLM engine per rank, on its own GPU)")
-    tp = int((gen.get("vllm") or {}).get("tensor_parallel_size") or 1)
-    if gen.get("backend") == "vllm" and tp > 1 and (gen.get("vllm") or {}).get("colocate"):
+    tp = int(vllm.get("tensor_parallel_size") or 1)
+    if gen.get("backend") == "vllm" and tp > 1 and vllm.get("colocate"):
         # one engine per tp ranks: sampling is a collective of the group, which every rank must enter as often
         if world_size % tp:
             raise ValueError(f"generation.vllm.tensor_parallel_size {tp} does not divide the {world_size} training "
@@ -771,10 +772,10 @@ class GRPOTrainer:
         per = -(-len(idx) // self.world_size)
         mine = idx[self.rank * per: (self.rank + 1) * per]
         rates = torch.full((per,), float("nan"), dtype=torch.float64, device=self.device)
+        params = SamplingParams(c.pass_rate_samples, c.temperature, c.top_p, c.max_completion_length)
         if len(mine):
             problems = train.iloc[mine].assign(benchmark="train", problem_id=[str(i) for i in mine])
             prompts = [self._prompt(q) for q in problems["question"]]
-            params = SamplingParams(c.pass_rate_samples, c.temperature, c.top_p, c.max_completion_length)
             fmt = "format_readable" if c.template == "chat" else "format"
             with self._mixed_precision(not isinstance(self.generator, VLLMGenerator)):
                 seeded = _SeededGenerator(self.generator, [self._pass_rate_seed(int(i)) for i in mine])
@@ -783,8 +784,7 @@ class GRPOTrainer:
             correct = graded["correct"].to_numpy(dtype=float).reshape(len(mine), c.pass_rate_samples)
             rates[: len(mine)] = torch.tensor(correct.mean(1), dtype=torch.float64)
         elif getattr(self.generator, "collective", False):  # a tensor-parallel engine's rank takes part anyway
-            self.generator.generate([], SamplingParams(c.pass_rate_samples, c.temperature, c.top_p,
-                                                       c.max_completion_length), seeds=[])
+            self.generator.generate([], params, seeds=[])
         gathered = self.engine.all_gather(rates).cpu().numpy()[: len(idx)]
         out = np.full(len(train), np.nan)
         out[idx] = gathered
